@@ -1,0 +1,202 @@
+"""The ``savlt`` command: a thin layer over the library (every command has a Python API twin).
+
+Errors that are the user's to fix (bad data, bad options, missing weights) are printed as one
+clear line and exit with status 2; a traceback means a bug in SAVLT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from savlt.config import load_config
+from savlt.errors import SavltError
+
+
+def _config_from_args(args: argparse.Namespace, extra: list[str]) -> object:
+    """Defaults <- --config YAML <- the command's own flags <- --set key=value."""
+    return load_config(args.config, [*extra, *(args.set or [])])
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML configuration file")
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=5e-4",
+    )
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from savlt.data.synth import generate_dataset
+
+    centers = [c.strip() for c in args.centers.split(",") if c.strip()]
+    kwargs = {"size": tuple(args.size)} if args.size else {}
+    summary = generate_dataset(
+        args.out, seed=args.seed, per_class=args.per_class, centers=centers, preview=args.preview, **kwargs
+    )
+    total = sum(sum(c.values()) for c in summary.counts.values())
+    print(f"wrote {total} images in {len(summary.counts)} centers to {summary.out} ({summary.seconds:.1f} s)")
+    if summary.preview is not None:
+        print(f"contact sheet: {summary.preview}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from savlt.data.check import check_dataset
+    from savlt.data.classes import ClassMap
+
+    cfg = _config_from_args(args, [])
+    class_map = ClassMap(tuple(cfg.class_names), tuple(cfg.data.class_aliases.items()))
+    report = check_dataset(args.root, class_map, progress=not args.quiet)
+    print(report.render())
+    return 0 if report.clean else 1
+
+
+def _train_overrides(args: argparse.Namespace) -> list[str]:
+    pairs = [
+        ("data.root", args.data), ("train.shots", args.shots), ("train.seed", args.seed),
+        ("model.backbone", args.model), ("method", args.method), ("roi.segmenter", args.segmenter),
+    ]
+    return [f"{key}={value}" for key, value in pairs if value is not None]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from savlt.engine.run import train
+    from savlt.report.summary import results_table
+
+    cfg = _config_from_args(args, _train_overrides(args))
+    metrics = train(cfg, args.out, progress=not args.quiet)
+    print(results_table(metrics))
+    print(f"run folder: {args.out}   report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from savlt.engine.run import load_run
+    from savlt.report.summary import results_table
+
+    run = load_run(args.run)
+    centers = [c.strip() for c in args.centers.split(",")] if args.centers else None
+    out = args.out or Path(args.run) / "evaluation"
+    metrics = run.evaluate(args.data, centers, out=out, progress=not args.quiet)
+    print(results_table(metrics))
+    print(f"metrics: {Path(out) / 'metrics.json'}   report: {Path(out) / 'report.md'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from savlt.data.classes import short_name
+    from savlt.engine.run import load_run
+    from savlt.report.tables import text_table
+
+    run = load_run(args.run)
+    predictions = run.predict(args.images, heatmap_dir=args.heatmap)
+    if args.json:
+        print(json.dumps([p.to_json() for p in predictions], indent=1))
+        return 0
+    header = ["image", "predicted", "p(high-risk)", "ROI y0", *(short_name(n) for n in run.class_names)]
+    rows = [
+        [p.path, short_name(p.predicted), f"{p.high_risk_probability:.3f}",
+         f"{p.roi_box[1]:.3f}" + (" (whole image)" if p.roi_fallback else ""),
+         *(f"{p.probabilities[n]:.3f}" for n in run.class_names)]
+        for p in predictions
+    ]
+    print(text_table(header, rows))
+    if args.heatmap:
+        print(f"heat maps: {args.heatmap}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from savlt.seg.cli import register as register_seg_commands
+
+    parser = argparse.ArgumentParser(
+        prog="savlt",
+        description="Structure-aware CLIP tuning for few-shot, multi-center cervical OCT diagnosis",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write the synthetic multi-center OCT data set")
+    p.add_argument("out", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-class", type=int, default=40, help="images per class and center (default 40)")
+    p.add_argument("--centers", default="mixed,xiangya,huaxi", help="comma-separated center names")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="image height and width")
+    p.add_argument(
+        "--preview",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write OUT/preview.png (default on)",
+    )
+    p.set_defaults(func=cmd_synth)
+
+    data = sub.add_parser("data", help="inspect a data set").add_subparsers(
+        dest="data_command", required=True
+    )
+    p = data.add_parser("check", help="count images per center and class, and list every problem")
+    p.add_argument("root", type=Path)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_data_check)
+    p = sub.add_parser("train", help="train SAVLT (or a baseline) on K shots and evaluate every center")
+    p.add_argument("--data", type=Path, help="data root (data.root)")
+    p.add_argument("--shots", type=int, help="images per class (train.shots)")
+    p.add_argument("--seed", type=int, help="training seed (train.seed)")
+    p.add_argument("--out", type=Path, required=True, help="run folder")
+    p.add_argument("--model", help="backbone: tiny, a hub id or a local folder (model.backbone)")
+    p.add_argument("--method", help="savlt, clip_lora, zero_shot, linear_probe, savlt_no_roi, savlt_no_proto, savlt_proto_only")
+    p.add_argument("--segmenter", help="tissue-segmenter checkpoint folder (roi.segmenter)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="re-score a saved run on the internal test split and other centers")
+    p.add_argument("run", type=Path)
+    p.add_argument("--data", type=Path, help="data root (default: the one the run was trained on)")
+    p.add_argument("--centers", help="comma-separated centers (default: all of the run's)")
+    p.add_argument("--out", type=Path, help="output folder (default RUN/evaluation)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="diagnose scans with a saved run")
+    p.add_argument("run", type=Path)
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--heatmap", type=Path, metavar="DIR", help="write ROI attention heat maps to DIR")
+    p.set_defaults(func=cmd_predict)
+    register_seg_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.func(args) or 0)
+    except SavltError as exc:
+        if args.verbose:
+            raise
+        print(f"savlt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("savlt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,388 @@
+"""The one typed configuration object of a SAVLT run.
+
+Defaults live in the dataclasses below (the published method's values). A YAML file and
+``key=value`` overrides (dotted keys, YAML-typed values) are merged on top, every key and type is
+checked, and the resolved object is saved into each run folder so the run can be reproduced from
+that folder alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from savlt.data.classes import DEFAULT_CLASSES, DEFAULT_HIGH_RISK
+from savlt.errors import SavltError
+
+
+class ConfigError(SavltError):
+    """A configuration value, key or file that cannot be used; the message names it."""
+
+
+@dataclass
+class ClassSpec:
+    name: str
+    description: str
+
+
+def _default_classes() -> list[ClassSpec]:
+    return [ClassSpec(name, text) for name, text in DEFAULT_CLASSES.items()]
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None
+    train_center: str = "mixed"
+    # External test centers; None = every center under root other than train_center.
+    test_centers: list[str] | None = None
+    split_ratios: list[float] = field(default_factory=lambda: [0.45, 0.15, 0.40])
+    # The split is seeded separately from training so every training seed meets the same test set.
+    split_seed: int = 0
+    split_file: str | None = None
+    # Where splits and few-shot lists are cached; None = <root>/.savlt (skipped if not writable).
+    cache_dir: str | None = None
+    image_size: int = 224
+    num_workers: int = 2
+    class_aliases: dict[str, str] = field(default_factory=dict)
+    classes: list[ClassSpec] = field(default_factory=_default_classes)
+    high_risk: list[str] = field(default_factory=lambda: list(DEFAULT_HIGH_RISK))
+
+
+@dataclass
+class RoiConfig:
+    # auto = the segmenter when one is given, else the classical mask.
+    mask_source: Literal["auto", "classical", "segmenter", "files"] = "auto"
+    segmenter: str | None = None
+    # The ROI starts at the first all-tissue row at or below this fraction of the height.
+    top_fraction: float = 0.1
+
+
+@dataclass
+class PeftConfig:
+    type: Literal["lora", "dora", "adalora", "loha", "lokr"] = "lora"
+    r: int = 8
+    alpha: float = 4.0
+    dropout: float = 0.25
+    # Adapt the last `gradual_step` vision layers; None = all of them.
+    gradual_step: int | None = None
+    text: bool = False
+    text_r: int = 2
+    text_alpha: float = 16.0
+
+
+@dataclass
+class ModelConfig:
+    # "tiny" (built-in, random weights), a Hugging Face hub id, or a local folder.
+    backbone: str = "tiny"
+    pooling: Literal["roi", "attn", "cls"] = "roi"
+    heads: int = 4
+    # Weight of the prototype branch: 0 = text anchors only, 1 = prototypes only.
+    alpha: float = 0.5
+    inference_scale: float = 100.0
+    # Reading weights is offline-first; only with this set may a missing checkpoint be fetched.
+    allow_download: bool = False
+
+
+@dataclass
+class TrainConfig:
+    shots: int = 16
+    seed: int = 5
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    min_lr: float = 1e-6
+    # Total optimiser steps = n_iters * shots (the published schedule), unless max_steps is set.
+    n_iters: int = 10
+    max_steps: int | None = None
+    batch_size: int = 32
+    grad_accum: int = 1
+    val_every: int = 50
+    crop_scale: list[float] = field(default_factory=lambda: [0.75, 1.0])
+    hflip: bool = True
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 64
+    bootstrap: int = 1000
+    ci_level: float = 0.95
+
+
+@dataclass
+class SegConfig:
+    """Tissue-segmenter training (``savlt seg train``)."""
+
+    arch: Literal["unet", "pspnet", "deeplabv3plus", "linknet", "segformer"] = "unet"
+    encoder: str = "resnet18"
+    # None = train from scratch; "imagenet" needs the encoder weights in the local torch cache.
+    encoder_weights: str | None = None
+    centers: list[str] | None = None  # None = every center with masks
+    folds: int = 5
+    epochs: int = 30
+    batch_size: int = 8
+    lr: float = 1e-3
+    image_size: int = 256
+    threshold: float = 0.5
+    seed: int = 0
+    plateau_patience: int = 3
+
+
+METHODS = (
+    "savlt",
+    "clip_lora",
+    "zero_shot",
+    "linear_probe",
+    "savlt_no_roi",
+    "savlt_no_proto",
+    "savlt_proto_only",
+)
+
+# What each method fixes; every other value stays free (e.g. alpha is free for "savlt").
+METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    "savlt": {},
+    "clip_lora": {"model.pooling": "cls", "model.alpha": 0.0},
+    "zero_shot": {"model.pooling": "cls", "model.alpha": 0.0},
+    "linear_probe": {"model.pooling": "cls"},
+    "savlt_no_roi": {"model.pooling": "attn"},
+    "savlt_no_proto": {"model.alpha": 0.0},
+    "savlt_proto_only": {"model.alpha": 1.0},
+}
+
+
+@dataclass
+class Config:
+    method: str = "savlt"
+    data: DataConfig = field(default_factory=DataConfig)
+    roi: RoiConfig = field(default_factory=RoiConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seg: SegConfig = field(default_factory=SegConfig)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.data.classes]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def get(self, key: str) -> Any:
+        """Value at a dotted key, e.g. ``cfg.get("train.shots")``."""
+        value: Any = self
+        for part in key.split("."):
+            value = getattr(value, part)
+        return value
+
+
+# ---------------------------------------------------------------- loading and validation
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=5e-4"`` -> ("train.lr", 0.0005); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. train.lr=5e-4)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return key.strip(), value
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {key!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and key != "class_aliases":
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check/convert one YAML value against a type hint; errors name the key."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {_coerce(k, args[0], where): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "5e-4" as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported type {hint!r}")  # pragma: no cover - schema bug
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]}; valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _check_ranges(cfg: Config) -> None:
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(cfg.method in METHODS, f"method: {cfg.method!r} is not one of {', '.join(METHODS)}")
+    ratios = cfg.data.split_ratios
+    need(
+        len(ratios) == 3 and all(r >= 0 for r in ratios) and abs(sum(ratios) - 1) < 1e-6,
+        f"data.split_ratios: {ratios} must be three non-negative fractions (train, val, test) summing to 1",
+    )
+    names = cfg.class_names
+    need(len(names) >= 2, "data.classes: at least two classes are needed")
+    need(len(set(names)) == len(names), f"data.classes: duplicate class names in {names}")
+    for name in cfg.data.high_risk:
+        need(name in names, f"data.high_risk: {name!r} is not a configured class ({', '.join(names)})")
+    need(cfg.data.image_size >= 32, "data.image_size must be at least 32")
+    need(cfg.data.num_workers >= 0, "data.num_workers must be >= 0")
+    need(0 <= cfg.roi.top_fraction < 1, "roi.top_fraction must lie in [0, 1)")
+    need(
+        cfg.roi.mask_source != "segmenter" or cfg.roi.segmenter is not None,
+        "roi.mask_source=segmenter needs roi.segmenter (a segmenter checkpoint folder, e.g. --segmenter seg/fold0)",
+    )
+    need(0 <= cfg.model.alpha <= 1, f"model.alpha: {cfg.model.alpha} must lie in [0, 1]")
+    need(cfg.model.heads >= 1, "model.heads must be >= 1")
+    need(cfg.peft.r >= 1 and cfg.peft.text_r >= 1, "peft.r and peft.text_r must be >= 1")
+    need(0 <= cfg.peft.dropout < 1, "peft.dropout must lie in [0, 1)")
+    need(cfg.peft.gradual_step is None or cfg.peft.gradual_step >= 1, "peft.gradual_step must be >= 1")
+    t = cfg.train
+    need(t.shots >= 1, "train.shots must be >= 1")
+    need(t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")
+    need(t.lr > 0 and t.min_lr >= 0, "train.lr must be > 0 and train.min_lr >= 0")
+    need(t.n_iters >= 1, "train.n_iters must be >= 1")
+    need(t.max_steps is None or t.max_steps >= 1, "train.max_steps must be >= 1")
+    need(
+        len(t.crop_scale) == 2 and 0 < t.crop_scale[0] <= t.crop_scale[1] <= 1,
+        f"train.crop_scale: {t.crop_scale} must be [low, high] with 0 < low <= high <= 1",
+    )
+    seg = cfg.seg
+    need(seg.folds >= 2, "seg.folds must be >= 2 (k-fold cross-validation)")
+    need(seg.epochs >= 1 and seg.batch_size >= 1, "seg.epochs and seg.batch_size must be >= 1")
+    need(seg.image_size >= 32 and seg.image_size % 32 == 0, "seg.image_size must be a multiple of 32, at least 32")
+    need(0 < seg.threshold < 1, "seg.threshold must lie in (0, 1)")
+    need(seg.lr > 0, "seg.lr must be > 0")
+    need(cfg.eval.bootstrap >= 0, "eval.bootstrap must be >= 0")
+    need(0 < cfg.eval.ci_level < 1, "eval.ci_level must lie in (0, 1)")
+
+
+def _apply_method(tree: dict[str, Any], user_keys: dict[str, Any]) -> None:
+    """Fix the values a method defines; an explicit conflicting setting is an error."""
+    method = tree.get("method", Config.method)
+    if method not in METHOD_PRESETS:
+        raise ConfigError(f"method: {method!r} is not one of {', '.join(METHODS)}")
+    for key, value in METHOD_PRESETS[method].items():
+        if key in user_keys and user_keys[key] != value:
+            raise ConfigError(
+                f"method {method} fixes {key}={value!r}, but the configuration sets {key}={user_keys[key]!r}; "
+                "remove that setting or choose another method"
+            )
+        set_dotted(tree, key, value)
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Validate a (possibly partial) nested mapping into a Config."""
+    tree = dict(tree)
+    _apply_method(tree, _flatten(tree))
+    cfg = _build(Config, tree, "")
+    _check_ranges(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides, checked into a Config."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        tree = loaded or {}
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(tree, key, value)
+    try:
+        return config_from_dict(tree)
+    except ConfigError as exc:
+        where = f" (from {path})" if path is not None else ""
+        raise ConfigError(f"{exc}{where}") from None

@@ -1,0 +1,1 @@
+"""Data sets on disk: discovery, decoding, splits, few-shot draws, transforms, synthetic data."""

@@ -1,0 +1,124 @@
+"""Decoding scans and tissue masks into arrays, with errors that name the file.
+
+OCT frames come as 8-bit PNG/JPEG/BMP or as 16-bit / float TIFF. Everything is turned into an
+8-bit RGB array: deeper types are rescaled by the image's own range (scanners use only part of the
+16-bit range) and grayscale is replicated to three channels, which is what CLIP expects.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image, UnidentifiedImageError
+
+from savlt.errors import SavltError
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+MASK_EXTENSION = ".png"
+
+
+class ImageDecodeError(SavltError):
+    """A file that is not a usable image or mask; the message names the file and the reason."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"cannot read {path}: {reason}")
+        self.path = Path(path)
+        self.reason = reason
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _read_raw(path: Path) -> np.ndarray:
+    """The pixel array as stored (any dtype, 2-D or H×W×C)."""
+    if not path.is_file():
+        raise ImageDecodeError(path, "no such file")
+    if path.stat().st_size == 0:
+        raise ImageDecodeError(path, "the file is empty (0 bytes)")
+    if path.suffix.lower() in (".tif", ".tiff"):
+        try:
+            return np.asarray(tifffile.imread(path, key=0))
+        except Exception:  # noqa: BLE001 - fall back to Pillow, which reads some TIFFs tifffile rejects
+            pass
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()  # forces a full decode, so truncated files fail here
+                if img.mode == "P":
+                    img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+                elif img.mode == "CMYK":
+                    img = img.convert("RGB")
+                return np.asarray(img)
+    except UnidentifiedImageError:
+        raise ImageDecodeError(path, "not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(path, f"corrupt or truncated image ({exc})") from None
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Rescale non-8-bit pixels to 0..255 by their own min/max range."""
+    if pixels.dtype == np.uint8:
+        return pixels
+    if pixels.dtype == bool:
+        return pixels.astype(np.uint8) * 255
+    data = pixels.astype(np.float64)
+    finite = np.isfinite(data)
+    if not finite.any():
+        return np.zeros(pixels.shape, dtype=np.uint8)
+    low, high = data[finite].min(), data[finite].max()
+    data = np.where(finite, data, low)
+    if high <= low:
+        return np.zeros(pixels.shape, dtype=np.uint8)
+    return np.round((data - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def to_rgb(pixels: np.ndarray, path: Path) -> np.ndarray:
+    """H×W×3 from grayscale, gray+alpha, RGB or RGBA; anything else is an error."""
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[:, :, 0]
+    if pixels.ndim == 2:
+        return np.repeat(pixels[:, :, None], 3, axis=2)
+    if pixels.ndim == 3 and pixels.shape[2] == 2:  # gray + alpha
+        return np.repeat(pixels[:, :, :1], 3, axis=2)
+    if pixels.ndim == 3 and pixels.shape[2] in (3, 4):
+        return np.ascontiguousarray(pixels[:, :, :3])
+    raise ImageDecodeError(path, f"unsupported pixel layout {pixels.shape} (expected grayscale, RGB or RGBA)")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode a scan to an 8-bit RGB array of shape H×W×3."""
+    path = Path(path)
+    pixels = _read_raw(path)
+    if pixels.ndim == 3 and pixels.shape[0] in (1, 3, 4) and pixels.shape[2] > 4:
+        pixels = np.moveaxis(pixels, 0, -1)  # channel-first TIFF
+    rgb = to_rgb(to_uint8(pixels) if pixels.ndim == 2 else pixels, path)
+    if rgb.dtype != np.uint8:
+        rgb = to_uint8(rgb)
+    if min(rgb.shape[:2]) < 8:
+        raise ImageDecodeError(path, f"image is too small ({rgb.shape[1]}×{rgb.shape[0]} pixels)")
+    return rgb
+
+
+def read_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """A binary tissue mask (0/255 or 0/1 PNG) as a bool H×W array, checked against `shape`."""
+    path = Path(path)
+    pixels = _read_raw(path)
+    if pixels.ndim == 3:
+        if not (pixels[..., :1] == pixels[..., : min(3, pixels.shape[2])]).all():
+            raise ImageDecodeError(path, "mask is not single-channel (colour values differ)")
+        pixels = pixels[..., 0]
+    values = np.unique(pixels)
+    if not (set(values.tolist()) <= {0, 255} or set(values.tolist()) <= {0, 1}):
+        shown = ", ".join(str(v) for v in values[:6]) + (" …" if len(values) > 6 else "")
+        raise ImageDecodeError(path, f"mask is not binary (values {shown}; expected 0/255 or 0/1)")
+    if shape is not None and tuple(pixels.shape) != tuple(shape):
+        raise ImageDecodeError(
+            path,
+            f"mask size {pixels.shape[1]}×{pixels.shape[0]} differs from its image ({shape[1]}×{shape[0]})",
+        )
+    return pixels > 0

@@ -1,0 +1,88 @@
+"""The training center's split and few-shot draw for a configuration, cached as JSON.
+
+The cache (``<root>/.savlt`` by default) keeps the test set fixed even when images are added to
+the data later; it is skipped with a warning when the data root is read-only. Every run folder
+gets its own copy too, so a run never depends on the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from savlt.config import DataConfig
+from savlt.data.discover import CenterData, DataError
+from savlt.data.splits import (
+    FewShot,
+    Split,
+    load_few_shot,
+    load_split,
+    ratio_split,
+    sample_few_shot,
+    write_json,
+)
+
+log = logging.getLogger(__name__)
+
+
+def cache_folder(data: DataConfig) -> Path | None:
+    """The writable cache folder, or None (with a warning) when there is none."""
+    folder = Path(data.cache_dir) if data.cache_dir else Path(data.root or ".") / ".savlt"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError:
+        log.warning("cache folder %s is not writable: splits are not cached (set data.cache_dir)", folder)
+        return None
+    return folder
+
+
+def _digest(split: Split) -> str:
+    text = json.dumps([split.train, split.val, split.test])
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def resolve_split(data: DataConfig, center: CenterData, cache: Path | None) -> Split:
+    """The user's split file, else the cached ratio split, else a new ratio split (then cached)."""
+    if data.split_file:
+        return load_split(data.split_file, center)
+    ratios = "-".join(f"{round(r * 100)}" for r in data.split_ratios)
+    cached = cache / f"split_{center.name}_r{ratios}_seed{data.split_seed}.json" if cache else None
+    if cached is not None and cached.is_file():
+        try:
+            split = load_split(cached, center)
+        except DataError as exc:
+            raise DataError(
+                f"{exc}. The data changed since the split was cached: delete {cached} to re-split"
+            ) from None
+        listed = set(split.train) | set(split.val) | set(split.test)
+        new = [r.rel for r in center.records if r.rel not in listed]
+        if new:
+            log.warning(
+                "%d images of center %s (e.g. %s) are not in the cached split %s and are not used; "
+                "delete it to re-split",
+                len(new),
+                center.name,
+                new[0],
+                cached,
+            )
+        return split
+    split = ratio_split(center, data.split_ratios, data.split_seed)
+    if cached is not None:
+        write_json(cached, split.to_json())
+    return split
+
+
+def resolve_few_shot(split: Split, center: CenterData, shots: int, seed: int, cache: Path | None) -> FewShot:
+    """The seeded K-shot draw from `split`, read from the cache when it was drawn before."""
+    cached = cache / f"fewshot_{center.name}_{_digest(split)}_k{shots}_seed{seed}.json" if cache else None
+    if cached is not None and cached.is_file():
+        return load_few_shot(cached, center)
+    few = sample_few_shot(split, center, shots, seed)
+    if cached is not None:
+        write_json(cached, few.to_json())
+    return few

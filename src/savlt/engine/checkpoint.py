@@ -1,0 +1,86 @@
+"""Adapter-only checkpoints in safetensors: what was trained, never the frozen backbone.
+
+The file holds every trainable tensor (adapters, visual projection, pooling, prototypes or the
+linear head) and, as metadata, the backbone it was trained on with a fingerprint of its frozen
+weights, so loading onto another backbone is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from savlt.errors import SavltError
+from savlt.models.backbone import backbone_fingerprint
+from savlt.models.savlt import SavltModel
+
+FORMAT = "savlt-adapter-1"
+
+
+class CheckpointError(SavltError):
+    """A checkpoint that cannot be used with this model; the message names the file."""
+
+
+def trainable_state(model: SavltModel) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(model: SavltModel, path: str | Path, backbone_name: str) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    metadata = {
+        "format": FORMAT,
+        "backbone": backbone_name,
+        "fingerprint": backbone_fingerprint(model.clip_model),
+        "method": model.method,
+    }
+    save_file(trainable_state(model), str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a safetensors checkpoint ({exc})") from None
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a SAVLT adapter checkpoint (format {metadata.get('format')!r})")
+    return metadata
+
+
+def load_checkpoint(model: SavltModel, path: str | Path) -> None:
+    """Load trained tensors into `model`, after checking backbone, names and shapes."""
+    path = Path(path)
+    metadata = read_metadata(path)
+    fingerprint = backbone_fingerprint(model.clip_model)
+    if metadata.get("fingerprint") != fingerprint:
+        raise CheckpointError(
+            f"checkpoint {path} was trained on backbone {metadata.get('backbone')!r} "
+            f"(fingerprint {metadata.get('fingerprint')}), but the loaded backbone differs "
+            f"(fingerprint {fingerprint}): load it with the backbone it was trained on"
+        )
+    tensors = load_file(str(path))
+    expected = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [n for n in set(expected) & set(tensors) if tuple(expected[n].shape) != tuple(tensors[n].shape)]
+    if missing or unexpected or wrong:
+        details = "; ".join(
+            f"{label}: {', '.join(names[:3])}{' …' if len(names) > 3 else ''}"
+            for label, names in (("missing", missing), ("unexpected", unexpected), ("shape differs", sorted(wrong)))
+            if names
+        )
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model ({details}); was it saved with another "
+            "method, adapter type, class list or backbone?"
+        )
+    with torch.no_grad():
+        for name, param in expected.items():
+            param.copy_(tensors[name].to(param.device, param.dtype))

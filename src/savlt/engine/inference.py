@@ -1,0 +1,95 @@
+"""Batched, deterministic inference over a list of scans, sharded over processes.
+
+Each process scores a contiguous shard of the records and the results are gathered, so under
+``accelerate launch`` every scan is scored exactly once and ``n`` equals the set's size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from savlt.config import Config
+from savlt.data.dataset import OCTDataset
+from savlt.data.discover import ImageRecord
+from savlt.data.transforms import eval_transform
+from savlt.models.savlt import SavltModel
+from savlt.models.tissue import MaskStore
+
+
+@dataclass
+class Inference:
+    records: list[ImageRecord]
+    labels: np.ndarray  # (N,) label indices
+    logits: np.ndarray  # (N, C) prediction logits
+    features: np.ndarray  # (N, E) normalised image features
+    boxes: np.ndarray  # (N, 4) ROI boxes
+    fallback: np.ndarray  # (N,) bool
+
+    @property
+    def probs(self) -> np.ndarray:
+        shifted = self.logits - self.logits.max(axis=1, keepdims=True)
+        e = np.exp(shifted)
+        return e / e.sum(axis=1, keepdims=True)
+
+
+def loader_for(dataset: OCTDataset, cfg: Config, batch_size: int, device: torch.device, **kwargs) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size if "batch_sampler" not in kwargs else 1,
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        **kwargs,
+    )
+
+
+@torch.no_grad()
+def run_inference(
+    model: SavltModel,
+    records: Sequence[ImageRecord],
+    cfg: Config,
+    accelerator: Accelerator,
+    masks: MaskStore | None,
+    desc: str = "scoring",
+    progress: bool = True,
+) -> Inference:
+    records = list(records)
+    shards = np.array_split(np.arange(len(records)), accelerator.num_processes)
+    mine = shards[accelerator.process_index].tolist()
+    dataset = OCTDataset([records[i] for i in mine], cfg.class_names, eval_transform(cfg.data.image_size), masks)
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("logits", "features", "boxes", "fallback")}
+    show = progress and accelerator.is_main_process
+    loader = loader_for(dataset, cfg, cfg.eval.batch_size, accelerator.device, shuffle=False)
+    for pixels, mask, _, _ in tqdm(loader, desc=desc, unit="batch", disable=not show, leave=False):
+        pixels = pixels.to(accelerator.device, non_blocking=True)
+        mask = mask.to(accelerator.device, non_blocking=True) if model.uses_masks else None
+        with accelerator.autocast():
+            out = model(pixels, mask)
+            logits = model.logits(out)
+        parts["logits"].append(logits.float().cpu().numpy())
+        parts["features"].append(out.features.float().cpu().numpy())
+        parts["boxes"].append(out.boxes.cpu().numpy())
+        parts["fallback"].append(out.fallback.cpu().numpy())
+    model.train(was_training)
+    local = {k: (np.concatenate(v) if v else None) for k, v in parts.items()}
+    if accelerator.num_processes > 1:
+        shards_out = gather_object([(mine, local)])  # one entry per process, in rank order
+        order = [i for idx, _ in shards_out for i in idx]
+        merged = {
+            k: np.concatenate([part[k] for _, part in shards_out if part[k] is not None]) for k in parts
+        }
+        assert order == list(range(len(records))), "every record is scored exactly once"
+    else:
+        merged = local
+    labels = np.array([dataset.label_index[r.label] for r in records], dtype=np.int64)
+    return Inference(records, labels, merged["logits"], merged["features"], merged["boxes"], merged["fallback"])

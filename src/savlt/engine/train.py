@@ -1,0 +1,160 @@
+"""Training of SAVLT (and the baselines) on the few-shot draw, on ``accelerate``.
+
+One optimiser step = ``grad_accum`` micro-batches of ``batch_size`` scans. The global batches
+come from a seeded sampler and each process takes its share of every batch, with the loss
+summed and divided by the global batch size, so one process or several follow the same
+trajectory. AdamW with a cosine schedule to ``min_lr`` over ``n_iters × shots`` steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from peft import PeftModel
+from sklearn.linear_model import LogisticRegression
+from tqdm import tqdm
+
+from savlt.config import Config
+from savlt.data.dataset import OCTDataset
+from savlt.data.discover import ImageRecord
+from savlt.data.transforms import train_transform
+from savlt.engine.inference import loader_for, run_inference
+from savlt.engine.inputs import StepBatches
+from savlt.models.savlt import SavltModel
+from savlt.models.tissue import MaskStore
+
+log = logging.getLogger(__name__)
+
+
+def total_steps(cfg: Config) -> int:
+    return cfg.train.max_steps or cfg.train.n_iters * cfg.train.shots
+
+
+@dataclass
+class TrainState:
+    history: list[dict[str, Any]] = field(default_factory=list)
+    roi_fallbacks: int = 0
+    samples_seen: int = 0
+
+
+def _validate(model, records, cfg, accelerator, masks, step: int) -> dict[str, Any]:
+    result = run_inference(model, records, cfg, accelerator, masks, desc="validating", progress=False)
+    logits = torch.from_numpy(result.logits)
+    labels = torch.from_numpy(result.labels)
+    return {
+        "step": step,
+        "val_accuracy": float((logits.argmax(1) == labels).float().mean()),
+        "val_loss": float(torch.nn.functional.cross_entropy(logits, labels)),
+    }
+
+
+def fit(
+    model: SavltModel,
+    cfg: Config,
+    accelerator: Accelerator,
+    train_records: list[ImageRecord],
+    val_records: list[ImageRecord],
+    masks: MaskStore | None,
+    on_history: Callable[[dict[str, Any]], None] = lambda entry: None,
+    progress: bool = True,
+) -> TrainState:
+    """Train the adapters, pooling and prototypes; returns the loss/validation history."""
+    t = cfg.train
+    steps = total_steps(cfg)
+    dataset = OCTDataset(train_records, cfg.class_names, train_transform(cfg.data.image_size, t.crop_scale, t.hflip), masks)
+    sampler = StepBatches(
+        len(dataset), t.batch_size, steps * t.grad_accum, seed=t.seed,
+        rank=accelerator.process_index, world=accelerator.num_processes,
+    )
+    loader = loader_for(dataset, cfg, 1, accelerator.device, batch_sampler=sampler)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=t.min_lr)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    adalora = model.clip.base_model if isinstance(model.clip, PeftModel) and cfg.peft.type == "adalora" else None
+    state = TrainState()
+    # Each process holds batch/world scans; summing and dividing by the global batch makes the
+    # DDP-averaged gradient equal to the single-process mean.
+    loss_scale = accelerator.num_processes / (sampler.batch_size * t.grad_accum)
+    model.train()
+    bar = tqdm(total=steps, desc="training", unit="step", disable=not (progress and accelerator.is_main_process))
+    running = 0.0
+    for micro, (pixels, mask, labels, _) in enumerate(loader):
+        pixels = pixels.to(accelerator.device, non_blocking=True)
+        labels = labels.to(accelerator.device, non_blocking=True)
+        mask = mask.to(accelerator.device, non_blocking=True) if model.uses_masks else None
+        last_micro = (micro + 1) % t.grad_accum == 0
+        with accelerator.no_sync(wrapped) if not last_micro else nullcontext(), accelerator.autocast():
+            out = wrapped(pixels, mask)
+            loss = model.loss(out, labels) * loss_scale
+        accelerator.backward(loss)
+        running += float(loss.detach()) / accelerator.num_processes
+        state.roi_fallbacks += int(out.fallback.sum())
+        state.samples_seen += len(labels)
+        if not last_micro:
+            continue
+        optimizer.step()
+        step = (micro + 1) // t.grad_accum
+        if adalora is not None:
+            adalora.update_and_allocate(step)
+        optimizer.zero_grad(set_to_none=True)
+        lr = schedule.get_last_lr()[0]
+        schedule.step()
+        entry = {"step": step, "loss": running, "lr": lr}
+        running = 0.0
+        if val_records and (step % t.val_every == 0 or step == steps):
+            entry.update(_validate(model, val_records, cfg, accelerator, masks, step))
+            model.train()
+        if not math.isfinite(entry["loss"]):
+            raise FloatingPointError(f"training diverged at step {step} (loss {entry['loss']}); try a lower train.lr")
+        state.history.append(entry)
+        on_history(entry)
+        bar.set_postfix(loss=f"{entry['loss']:.3f}", **({"val_acc": f"{entry['val_accuracy']:.2f}"} if "val_accuracy" in entry else {}))
+        bar.update(1)
+    bar.close()
+    model.eval()
+    return state
+
+
+def fit_linear_probe(
+    model: SavltModel,
+    cfg: Config,
+    accelerator: Accelerator,
+    train_records: list[ImageRecord],
+    val_records: list[ImageRecord],
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Logistic regression on frozen, normalised CLIP image features; C picked on validation."""
+    train = run_inference(model, train_records, cfg, accelerator, None, desc="features (train)", progress=progress)
+    val = run_inference(model, val_records, cfg, accelerator, None, desc="features (val)", progress=progress) if val_records else None
+    best: tuple[float, float] | None = None
+    grid = [10.0**k for k in range(-2, 4)]
+    for c in grid if val is not None else [1.0]:
+        clf = LogisticRegression(C=c, max_iter=2000).fit(train.features, train.labels)
+        score = float((clf.predict(val.features) == val.labels).mean()) if val is not None else 0.0
+        if best is None or score > best[1]:
+            best = (c, score)
+    clf = LogisticRegression(C=best[0], max_iter=2000).fit(train.features, train.labels)
+    weight = np.zeros((len(cfg.class_names), train.features.shape[1]), dtype=np.float32)
+    bias = np.full(len(cfg.class_names), -1e4, dtype=np.float32)  # classes never seen stay impossible
+    rows = clf.classes_
+    if len(rows) == 2:  # sklearn keeps a single decision row for two classes
+        weight[rows[1]], bias[rows[1]] = clf.coef_[0], clf.intercept_[0]
+        bias[rows[0]] = 0.0
+    else:
+        weight[rows], bias[rows] = clf.coef_, clf.intercept_
+    with torch.no_grad():
+        model.head.weight.copy_(torch.from_numpy(weight))
+        model.head.bias.copy_(torch.from_numpy(bias))
+    entry = {"step": 0, "linear_probe_C": best[0]}
+    if val is not None:
+        entry["val_accuracy"] = best[1]
+    return entry

@@ -1,0 +1,1 @@
+"""Backbone, adapters, structure prior, ROI pooling and the SAVLT classifier."""

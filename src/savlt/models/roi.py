@@ -1,0 +1,48 @@
+"""The structure prior as tensors: ROI boxes from tissue masks, and the patches inside them.
+
+ROI rule (DESIGN.md §3.3): the ROI is the horizontal band from the first row at or below
+``top_fraction`` of the height whose pixels are all tissue, down to the bottom, i.e. the box
+(0, y/H, 1, 1) in normalised x0, y0, x1, y1. When no row qualifies the ROI is the whole image.
+Everything here works on whole batches; there is no loop over samples or rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+WHOLE_IMAGE = (0.0, 0.0, 1.0, 1.0)
+
+
+def roi_boxes(masks: torch.Tensor, top_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes (B, 4) in normalised x0, y0, x1, y1 from masks (B, H, W), and a fallback flag (B,).
+
+    A fallback box (no all-tissue row at or below the top fraction) is the whole image.
+    """
+    batch, height, _ = masks.shape
+    full_rows = masks.bool().all(dim=2)  # (B, H): rows that are tissue from edge to edge
+    start = math.ceil(top_fraction * height - 1e-9)
+    full_rows[:, :start] = False
+    found = full_rows.any(dim=1)  # (B,)
+    first = full_rows.to(torch.uint8).argmax(dim=1)  # index of the first True row (0 when none)
+    y0 = torch.where(found, first.to(torch.float32) / height, torch.zeros_like(first, dtype=torch.float32))
+    boxes = torch.zeros(batch, 4, dtype=torch.float32, device=masks.device)
+    boxes[:, 1] = y0
+    boxes[:, 2:] = 1.0
+    return boxes, ~found
+
+
+def patches_in_boxes(boxes: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, grid*grid) bool: patches lying wholly inside each box, row-major like ViT tokens.
+
+    A box that holds no whole patch falls back to all patches.
+    """
+    eps = 1e-6
+    edges = torch.arange(grid, device=boxes.device, dtype=torch.float32) / grid  # (g,) patch starts
+    x0, y0, x1, y1 = (boxes[:, i, None] for i in range(4))  # each (B, 1)
+    cols = (edges >= x0 - eps) & (edges + 1 / grid <= x1 + eps)  # (B, g)
+    rows = (edges >= y0 - eps) & (edges + 1 / grid <= y1 + eps)  # (B, g)
+    inside = (rows[:, :, None] & cols[:, None, :]).flatten(1)  # (B, g*g)
+    empty = ~inside.any(dim=1, keepdim=True)
+    return inside | empty

@@ -1,0 +1,92 @@
+"""The PNG figures of a report: confusion matrices, ROC curves, training curves, heat maps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from savlt.data.classes import short_name  # noqa: E402
+
+
+def confusion_png(confusion: Sequence[Sequence[int]], class_names: Sequence[str], title: str, path: Path) -> None:
+    matrix = np.asarray(confusion)
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    ax.imshow(matrix, cmap="Blues")
+    labels = [short_name(n) for n in class_names]
+    ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, str(value), ha="center", va="center", color="white" if value > threshold else "black")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def roc_curve_points(positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false-positive rates, true-positive rates) at every distinct threshold."""
+    order = np.argsort(-score, kind="stable")
+    positive, score = positive[order], score[order]
+    distinct = np.r_[np.nonzero(np.diff(score))[0], len(score) - 1]
+    tps = np.cumsum(positive)[distinct]
+    fps = (distinct + 1) - tps
+    return np.r_[0, fps / max(fps[-1], 1)], np.r_[0, tps / max(tps[-1], 1)]
+
+
+def roc_png(positive: np.ndarray, score: np.ndarray, auc: float | None, title: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(4.4, 4.2))
+    if auc is not None:
+        fpr, tpr = roc_curve_points(positive, score)
+        ax.plot(fpr, tpr, lw=2, label=f"AUC {auc:.3f}")
+        ax.legend(loc="lower right")
+    else:
+        ax.text(0.5, 0.5, "ROC undefined:\nonly one binary class present", ha="center", va="center")
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def training_curves_png(history: Sequence[dict[str, Any]], path: Path) -> None:
+    steps = [h["step"] for h in history if "loss" in h]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    axes[0].plot(steps, [h["loss"] for h in history if "loss" in h], lw=1, label="train loss")
+    val = [h for h in history if "val_loss" in h]
+    if val:
+        axes[0].plot([h["step"] for h in val], [h["val_loss"] for h in val], "o-", label="val loss")
+        axes[1].plot([h["step"] for h in val], [h["val_accuracy"] for h in val], "o-", color="C2")
+    axes[0].set_xlabel("step")
+    axes[0].legend()
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("val accuracy")
+    axes[1].set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def heatmap_png(image: np.ndarray, attention: np.ndarray, box: Sequence[float], path: Path) -> None:
+    """Overlay the pooling attention (g×g) on the scan and outline the ROI band."""
+    height, width = image.shape[:2]
+    heat = cv2.resize(attention.astype(np.float32), (width, height), interpolation=cv2.INTER_CUBIC)
+    heat = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-12)
+    colour = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[:, :, ::-1]
+    blended = (0.55 * image.astype(np.float32) + 0.45 * colour.astype(np.float32)).astype(np.uint8)
+    x0, y0, x1, y1 = (int(round(v * s)) for v, s in zip(box, (width, height, width, height), strict=True))
+    cv2.rectangle(blended, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), (255, 255, 255), 2)
+    Image.fromarray(blended).save(path)

@@ -1,0 +1,134 @@
+"""``savlt seg train | predict | evaluate``: thin wrappers over savlt.seg, registered by savlt.cli.
+
+Flags are turned into ``key=value`` config overrides, applied after ``--config`` and before
+``--set``, so the saved config.yaml says exactly what ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import typing
+from pathlib import Path
+from typing import Any
+
+from savlt.config import Config, SegConfig, load_config
+
+ARCHS = typing.get_args(typing.get_type_hints(SegConfig)["arch"])
+
+
+def _config(args: argparse.Namespace, flags: dict[str, Any]) -> Config:
+    """Defaults <- --config YAML <- the command's own flags <- --set key=value."""
+    own = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+    return load_config(args.config, [*own, *(args.set or [])])
+
+
+def _centers(text: str | None) -> list[str] | None:
+    return [c.strip() for c in text.split(",") if c.strip()] if text else None
+
+
+def _add_common(p: argparse.ArgumentParser, data_help: str) -> None:
+    p.add_argument("--data", type=Path, help=data_help)
+    p.add_argument("--centers", help="comma-separated center names (default: all)")
+    p.add_argument("--config", type=Path, help="YAML configuration file")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. seg.lr=3e-4"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from savlt.seg.train import train_segmenter
+
+    flags = {
+        "data.root": str(args.data) if args.data else None,
+        "seg.centers": _centers(args.centers),
+        "seg.arch": args.arch,
+        "seg.encoder": args.encoder,
+        "seg.encoder_weights": args.encoder_weights,
+        "seg.folds": args.folds,
+        "seg.epochs": args.epochs,
+        "seg.batch_size": args.batch_size,
+        "seg.image_size": args.image_size,
+        "seg.lr": args.lr,
+        "seg.seed": args.seed,
+    }
+    cfg = _config(args, flags)
+    summary = train_segmenter(cfg, args.out, progress=not args.quiet)
+    print(summary.table())
+    print(
+        f"checkpoints: {args.out}/fold0 … fold{cfg.seg.folds - 1} (best: fold{summary.best_fold}); "
+        f"report: {args.out / 'report.md'}"
+    )
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from savlt.seg.model import load_segmenter
+    from savlt.seg.predict import predict_dataset
+    from savlt.seg.samples import scan_for
+
+    cfg = _config(args, {"data.root": str(args.data) if args.data else None})
+    segmenter = load_segmenter(args.segdir)
+    scan = scan_for(cfg, cfg.data.root, _centers(args.centers))
+    summary = predict_dataset(
+        segmenter, scan, out=args.out, overwrite=args.overwrite, progress=not args.quiet
+    )
+    print(summary.describe())
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from savlt.seg.evaluate import evaluate_roi, write_roi_quality
+    from savlt.seg.model import load_segmenter, resolve_checkpoint
+    from savlt.seg.samples import scan_for
+
+    cfg = _config(args, {"data.root": str(args.data) if args.data else None})
+    folder = resolve_checkpoint(args.segdir) if args.segdir else None
+    segmenter = load_segmenter(folder) if folder else None
+    scan = scan_for(cfg, cfg.data.root, _centers(args.centers))
+    quality = evaluate_roi(scan, segmenter, top_fraction=cfg.roi.top_fraction, progress=not args.quiet)
+    out = args.out or args.segdir or Path("roi_quality")
+    print(quality.table())
+    written = write_roi_quality(quality, out, folder)
+    print("written: " + ", ".join(map(str, written)))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``seg train|predict|evaluate`` to the savlt command's subparsers."""
+    seg = sub.add_parser("seg", help="train, apply and evaluate the tissue segmenter (ROI structure prior)")
+    commands = seg.add_subparsers(dest="seg_command", required=True)
+
+    p = commands.add_parser("train", help="k-fold cross-validated training on every image with a mask")
+    _add_common(p, "data root (ROOT/<center>/images/<class>/…, masks under ROOT/<center>/masks/)")
+    p.add_argument("--arch", choices=ARCHS, help="network (default unet)")
+    p.add_argument("--encoder", help="segmentation_models_pytorch encoder (default resnet18)")
+    p.add_argument(
+        "--encoder-weights",
+        help="'imagenet' (read from the local Hugging Face cache, never downloaded) or an encoder weights "
+        "file; default: train from scratch",
+    )
+    p.add_argument("--folds", type=int, help="cross-validation folds (default 5)")
+    p.add_argument("--epochs", type=int, help="epochs per fold (default 30)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--image-size", type=int, help="square network input, a multiple of 32 (default 256)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", type=Path, default=Path("seg"), help="output folder (default ./seg)")
+    p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("predict", help="write a predicted mask for every image, in the masks layout")
+    p.add_argument(
+        "segdir", type=Path, help="checkpoint folder (SEGDIR/foldK) or training folder (best fold)"
+    )
+    _add_common(p, "data root whose images are segmented")
+    p.add_argument("--out", type=Path, help="mask root (default: the data root, beside the images)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing mask files (ground truth!)")
+    p.set_defaults(func=cmd_predict)
+
+    p = commands.add_parser("evaluate", help="mask and ROI-band quality against ground-truth masks")
+    p.add_argument("segdir", type=Path, nargs="?", help="segmenter checkpoint (omit: classical mask only)")
+    _add_common(p, "data root with ground-truth masks")
+    p.add_argument("--out", type=Path, help="report folder (default: SEGDIR, else ./roi_quality)")
+    p.set_defaults(func=cmd_evaluate)

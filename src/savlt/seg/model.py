@@ -1,0 +1,242 @@
+"""The tissue segmenter as a checkpoint folder, and the predictor the ROI pipeline calls.
+
+A checkpoint is a folder holding ``model.safetensors`` (the weights) and ``segmenter.json`` (what
+is needed to rebuild the network and to pre-process its input), so that ``load_segmenter(folder)``
+needs no other flag and never touches the network: the weights come from the folder, never from
+a download. Pre-processing lives here once and is shared with training, so what the model saw in
+training is exactly what it sees at prediction time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from savlt.config import SegConfig
+from savlt.errors import SavltError
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"
+SPEC_FILE = "segmenter.json"
+FORMAT = "savlt-tissue-segmenter"
+FORMAT_VERSION = 1
+ARCHS: tuple[str, ...] = typing.get_args(typing.get_type_hints(SegConfig)["arch"])
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class SegmenterError(SavltError):
+    """A segmenter checkpoint or set-up that cannot be used; the message names the folder or file."""
+
+
+@dataclass(frozen=True)
+class SegmenterSpec:
+    """Everything besides the weights that is needed to rebuild and run a segmenter."""
+
+    arch: str
+    encoder: str
+    input_size: tuple[int, int]  # (H, W) the network sees
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # per RGB channel, on the 0..1 scale
+    std: tuple[float, float, float] = IMAGENET_STD
+    threshold: float = 0.5  # on the sigmoid probability
+    encoder_weights: str | None = None  # how the encoder was initialised (for the record only)
+    trained: dict[str, Any] = field(default_factory=dict)  # fold, epoch, validation scores, data
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["input_size"] = list(self.input_size)
+        data["mean"], data["std"] = list(self.mean), list(self.std)
+        return {"format": FORMAT, "version": FORMAT_VERSION, **data, "smp_version": smp.__version__}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], where: Path) -> SegmenterSpec:
+        if data.get("format") != FORMAT or data.get("version") != FORMAT_VERSION:
+            raise SegmenterError(
+                f"{where} is not a SAVLT segmenter description (format {data.get('format')!r}, "
+                f"version {data.get('version')!r}; expected {FORMAT!r}, version {FORMAT_VERSION})"
+            )
+        try:
+            spec = cls(
+                arch=str(data["arch"]),
+                encoder=str(data["encoder"]),
+                input_size=(int(data["input_size"][0]), int(data["input_size"][1])),
+                mean=tuple(float(v) for v in data["mean"]),
+                std=tuple(float(v) for v in data["std"]),
+                threshold=float(data["threshold"]),
+                encoder_weights=data.get("encoder_weights"),
+                trained=dict(data.get("trained") or {}),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise SegmenterError(f"{where}: missing or malformed field ({exc!r})") from None
+        if spec.arch not in ARCHS:
+            raise SegmenterError(f"{where}: unknown architecture {spec.arch!r} (known: {', '.join(ARCHS)})")
+        if len(spec.mean) != 3 or len(spec.std) != 3 or min(spec.std) <= 0:
+            raise SegmenterError(f"{where}: mean and std must be three numbers each, std > 0")
+        return spec
+
+
+def build_model(arch: str, encoder: str) -> torch.nn.Module:
+    """A randomly initialised smp network with one logit channel (weights are loaded separately)."""
+    if arch not in ARCHS:
+        raise SegmenterError(f"unknown segmenter architecture {arch!r} (known: {', '.join(ARCHS)})")
+    try:
+        return smp.create_model(arch, encoder_name=encoder, encoder_weights=None, in_channels=3, classes=1)
+    except KeyError:
+        known = ", ".join(smp.encoders.get_encoder_names()[:12])
+        raise SegmenterError(
+            f"unknown encoder {encoder!r} for {arch} (segmentation_models_pytorch encoders include {known}, …)"
+        ) from None
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 H×W×3 (or H×W) -> uint8 size[0]×size[1]×3, the one resize used in training and prediction."""
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise SegmenterError(f"expected a uint8 H×W×3 image, got {image.dtype} array of shape {image.shape}")
+    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """bool H×W -> bool size[0]×size[1] (area-weighted, then majority), matching resize_image."""
+    area = cv2.resize(mask.astype(np.float32), (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    return area >= 0.5
+
+
+def normalise(images: torch.Tensor, spec: SegmenterSpec) -> torch.Tensor:
+    """(B, 3, H, W) float in 0..1 -> the network's input scale."""
+    mean = torch.tensor(spec.mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def to_unit_batch(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in 0..1 on `device`."""
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class TissueSegmenter:
+    """A trained network plus its pre-processing: uint8 images of any size in, bool masks out."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        spec: SegmenterSpec,
+        device: str | torch.device | None = None,
+        batch_size: int = 16,
+    ) -> None:
+        self.spec = spec
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = model.to(self.device).eval()
+        self.batch_size = batch_size
+
+    def probabilities(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Tissue probability (float32 H×W, each input's own size) for uint8 H×W×3 images."""
+        self.model.eval()
+        out: list[np.ndarray] = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            small = np.stack([resize_image(image, self.spec.input_size) for image in chunk])  # (b, h, w, 3)
+            with torch.inference_mode():
+                batch = normalise(to_unit_batch(small, self.device), self.spec)  # (b, 3, h, w)
+                probs = torch.sigmoid(self.model(batch))  # (b, 1, h, w)
+                for image, prob in zip(chunk, probs, strict=True):
+                    full = F.interpolate(
+                        prob[None], size=image.shape[:2], mode="bilinear", align_corners=False
+                    )
+                    out.append(full[0, 0].float().cpu().numpy())  # (H, W)
+        return out
+
+    def predict_masks(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Bool H×W tissue masks, one per input image, each of that image's own size."""
+        return [prob >= self.spec.threshold for prob in self.probabilities(images)]
+
+
+def save_segmenter(segmenter: TissueSegmenter, folder: str | Path) -> Path:
+    """Write the checkpoint folder; each file is replaced atomically so a crash never leaves half a file."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in segmenter.model.state_dict().items()}
+    tmp = folder / (WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp), metadata={"format": FORMAT})
+    os.replace(tmp, folder / WEIGHTS_FILE)
+    tmp = folder / (SPEC_FILE + ".tmp")
+    tmp.write_text(json.dumps(segmenter.spec.to_json(), indent=1))
+    os.replace(tmp, folder / SPEC_FILE)
+    return folder
+
+
+def resolve_checkpoint(folder: str | Path) -> Path:
+    """A checkpoint folder; a training folder (with summary.json) resolves to its best fold."""
+    folder = Path(folder)
+    if (folder / SPEC_FILE).is_file():
+        return folder
+    summary = folder / "summary.json"
+    if summary.is_file():
+        best = json.loads(summary.read_text()).get("best_fold")
+        if best is not None and (folder / f"fold{best}" / SPEC_FILE).is_file():
+            log.info("%s is a training folder; using its best fold, fold%s", folder, best)
+            return folder / f"fold{best}"
+    if not folder.is_dir():
+        raise SegmenterError(f"segmenter folder {folder} does not exist")
+    raise SegmenterError(
+        f"{folder} is not a segmenter checkpoint (no {SPEC_FILE}); "
+        "pass a fold folder written by `savlt seg train`, e.g. SEGDIR/fold0"
+    )
+
+
+def _check_state_fits(
+    model: torch.nn.Module, state: Mapping[str, torch.Tensor], folder: Path, spec: SegmenterSpec
+) -> None:
+    """Compare names and shapes first, so a mismatch is one clear line rather than a torch traceback."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
+    if missing or unexpected or wrong:
+        first = (missing or unexpected or wrong)[0]
+        raise SegmenterError(
+            f"segmenter checkpoint {folder}: the weights in {WEIGHTS_FILE} do not fit a {spec.arch} with encoder "
+            f"{spec.encoder} as {SPEC_FILE} says ({len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(wrong)} of another shape, e.g. {first!r}); the files come from different models"
+        )
+
+
+def load_segmenter(folder: str | Path, device: str | torch.device | None = None) -> TissueSegmenter:
+    """Rebuild a segmenter from its checkpoint folder (or a training folder: its best fold), offline."""
+    folder = resolve_checkpoint(folder)
+    try:
+        data = json.loads((folder / SPEC_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise SegmenterError(f"{folder / SPEC_FILE} is not valid JSON ({exc})") from None
+    spec = SegmenterSpec.from_json(data, folder / SPEC_FILE)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise SegmenterError(f"segmenter checkpoint {folder} has no {WEIGHTS_FILE}")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise SegmenterError(f"cannot read {weights}: {exc}") from None
+    model = build_model(spec.arch, spec.encoder)
+    _check_state_fits(model, state, folder, spec)
+    model.load_state_dict(state)
+    return TissueSegmenter(model, spec, device=device)

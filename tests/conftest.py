@@ -1,0 +1,67 @@
+"""Shared fixtures: small synthetic data sets made in-process, and fast training settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SMALL = (96, 128)
+
+# Overrides that make a tiny-backbone run take seconds: few steps, no loader workers, few resamples.
+FAST = [
+    "model.backbone=tiny",
+    "train.shots=4",
+    "train.max_steps=4",
+    "train.batch_size=8",
+    "train.val_every=2",
+    "data.num_workers=0",
+    "eval.batch_size=32",
+    "eval.bootstrap=20",
+]
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three centers × five classes × 8 small scans, with masks (read-only by convention)."""
+    from savlt.data.synth import generate_dataset
+
+    root = tmp_path_factory.mktemp("synth") / "data"
+    generate_dataset(root, seed=0, per_class=8, size=SMALL, preview=False, progress=False)
+    return root
+
+
+def write_png(path: Path, value: int = 128, size: tuple[int, int] = (40, 48)) -> Path:
+    """A small grayscale PNG with a dark band on top (so it has a tissue surface)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.full(size, value, dtype=np.uint8)
+    pixels[: size[0] // 4] = 5
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def write_mask(path: Path, size: tuple[int, int] = (40, 48), top: int = 10) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mask = np.zeros(size, dtype=np.uint8)
+    mask[top:] = 255
+    Image.fromarray(mask).save(path)
+    return path
+
+
+@pytest.fixture
+def small_tree(tmp_path: Path) -> Path:
+    """ROOT/mixed with two classes × 3 PNGs (+ masks) and ROOT/ext without the images/ level."""
+    root = tmp_path / "root"
+    for cls in ("cyst", "cancer"):
+        for i in range(3):
+            write_png(root / "mixed" / "images" / cls / f"{cls}_{i}.png", value=100 + 20 * i)
+            write_mask(root / "mixed" / "masks" / cls / f"{cls}_{i}.png")
+    for cls in ("Mild Inflammation", "CANCER"):
+        write_png(root / "ext" / cls / "a.png")
+    return root
