@@ -10,13 +10,13 @@ import torch
 
 from savlt.config import ConfigError, load_config
 from savlt.models.adapters import parameter_counts
-from savlt.models.backbone import BackboneError, backbone_fingerprint, build_tiny, load_backbone
+from savlt.models.backbone import BackboneError, backbone_fingerprint, build_random, load_backbone
 from savlt.models.savlt import SavltModel
 
 
 def model_for(*overrides: str, steps: int = 20) -> SavltModel:
     torch.manual_seed(0)
-    return SavltModel(load_config(overrides=list(overrides)), build_tiny(), steps)
+    return SavltModel(load_config(overrides=list(overrides)), build_random(), steps)
 
 
 def batch(size: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -30,14 +30,14 @@ def batch(size: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def test_tiny_backbone_is_the_same_every_time_and_leaves_the_global_rng_alone() -> None:
     state = torch.random.get_rng_state()
-    first, second = build_tiny(), build_tiny()
+    first, second = build_random(), build_random()
     assert torch.equal(torch.random.get_rng_state(), state)
     assert backbone_fingerprint(first.clip) == backbone_fingerprint(second.clip)
     assert first.patch_grid == 14 and first.image_size == 224
 
 
 def test_a_saved_backbone_folder_loads_back(tmp_path: Path) -> None:
-    tiny = build_tiny()
+    tiny = build_random()
     tiny.clip.save_pretrained(tmp_path / "clip")
     tiny.tokenizer.save_pretrained(tmp_path / "clip")
     loaded = load_backbone(str(tmp_path / "clip"))

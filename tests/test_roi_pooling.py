@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from savlt.models.pooling import RoiAttentionPool
+from savlt.models.pooling import RoiAttentionPool, roi_pool_reference
 from savlt.models.roi import patches_in_boxes, roi_boxes
 from savlt.models.tissue import MaskStore, classical_tissue_mask
 
@@ -21,23 +20,6 @@ def naive_roi_box(mask: np.ndarray, top_fraction: float) -> tuple[float, ...]:
         if row >= top_fraction * height and mask[row].all():
             return (0.0, row / height, 1.0, 1.0)
     return (0.0, 0.0, 1.0, 1.0)
-
-
-def naive_pool(pool: RoiAttentionPool, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """DESIGN.md §3.4 with a Python loop over samples, heads and patches."""
-    batch, n, dim = tokens.shape
-    heads, width = pool.heads, dim // pool.heads
-    outputs = []
-    for b in range(batch):
-        parts = []
-        for h in range(heads):
-            q = pool.queries[h]
-            inside = [i for i in range(n) if keep[b, i]]
-            scores = torch.stack([tokens[b, i, h * width : (h + 1) * width] @ q / math.sqrt(width) for i in inside])
-            weights = torch.softmax(scores, dim=0)
-            parts.append(sum(w * tokens[b, i, h * width : (h + 1) * width] for w, i in zip(weights, inside, strict=True)))
-        outputs.append(pool.proj(torch.cat(parts)))
-    return torch.stack(outputs)
 
 
 def test_roi_boxes_follow_the_rule_on_a_batch() -> None:
@@ -76,7 +58,7 @@ def test_batched_pooling_equals_the_naive_loop() -> None:
     boxes = torch.tensor([[0, y, 1, 1] for y in (0.0, 0.25, 0.5, 0.75, 0.9)], dtype=torch.float32)
     keep = patches_in_boxes(boxes, grid=4)
     fast, weights = pool(tokens, keep)
-    assert torch.allclose(fast, naive_pool(pool, tokens, keep), atol=1e-5)
+    assert torch.allclose(fast, roi_pool_reference(pool, tokens, keep), atol=1e-5)
     assert torch.allclose(weights.sum(-1), torch.ones(5, 4))
     assert (weights[~keep[:, None, :].expand_as(weights)] == 0).all()  # nothing outside the ROI
 

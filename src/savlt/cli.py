@@ -68,13 +68,16 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
     from savlt.engine.run import train
     from savlt.report.summary import results_table
 
     cfg = _config_from_args(args, _train_overrides(args))
     metrics = train(cfg, args.out, progress=not args.quiet)
-    print(results_table(metrics))
-    print(f"run folder: {args.out}   report: {Path(args.out) / 'report.md'}")
+    if PartialState().is_main_process:  # under `accelerate launch`, one process reports
+        print(results_table(metrics))
+        print(f"run folder: {args.out}   report: {Path(args.out) / 'report.md'}")
     return 0
 
 

@@ -79,8 +79,9 @@ class PeftConfig:
 
 @dataclass
 class ModelConfig:
-    # "tiny" (built-in, random weights), a Hugging Face hub id, or a local folder.
-    backbone: str = "tiny"
+    # A Hugging Face hub id (read from the local cache), a local folder, or "tiny" (built in,
+    # random weights, for demos and tests).
+    backbone: str = "openai/clip-vit-base-patch16"
     pooling: Literal["roi", "attn", "cls"] = "roi"
     heads: int = 4
     # Weight of the prototype branch: 0 = text anchors only, 1 = prototypes only.

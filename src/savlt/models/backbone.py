@@ -58,40 +58,47 @@ def tiny_tokenizer(max_length: int = 128) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
-def tiny_clip_config(vocab_size: int, max_length: int = 128) -> CLIPConfig:
-    """ViT with 16-pixel patches at 224 (the 14×14 token grid of ViT-B/16), narrow and shallow."""
+# Built-in CLIPs with random weights: "tiny" for demos and tests; "random-vit-b16" has the shapes of
+# openai/clip-vit-base-patch16, for speed and memory measurements without the weights.
+RANDOM_PRESETS: dict[str, dict[str, dict[str, int]]] = {
+    TINY: {
+        "vision": {"hidden_size": 96, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4},
+        "text": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4},
+        "projection": {"projection_dim": 64},
+    },
+    "random-vit-b16": {
+        "vision": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12},
+        "text": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8},
+        "projection": {"projection_dim": 512},
+    },
+}
+
+
+def random_clip_config(preset: str, vocab_size: int, max_length: int = 128) -> CLIPConfig:
+    """ViT with 16-pixel patches at 224 (the 14×14 token grid of ViT-B/16)."""
+    shapes = RANDOM_PRESETS[preset]
     return CLIPConfig(
         text_config={
+            **shapes["text"],
             "vocab_size": vocab_size,
-            "hidden_size": 64,
-            "intermediate_size": 256,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
             "max_position_embeddings": max_length,
             "bos_token_id": 0,
             "eos_token_id": 1,
             "pad_token_id": 1,
         },
-        vision_config={
-            "hidden_size": 96,
-            "intermediate_size": 384,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "image_size": 224,
-            "patch_size": 16,
-        },
-        projection_dim=64,
+        vision_config={**shapes["vision"], "image_size": 224, "patch_size": 16},
+        projection_dim=shapes["projection"]["projection_dim"],
         logit_scale_init_value=math.log(100.0),  # CLIP's trained scale, so train and test agree
     )
 
 
-def build_tiny() -> Backbone:
-    """The same random tiny CLIP every time (its own seed, the global RNG is left alone)."""
+def build_random(preset: str = TINY) -> Backbone:
+    """The same random CLIP every time (its own seed; the global RNG is left alone)."""
     tokenizer = tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        clip = CLIPModel(tiny_clip_config(len(tokenizer)))
-    return Backbone(clip.eval(), tokenizer, TINY)
+        clip = CLIPModel(random_clip_config(preset, len(tokenizer)))
+    return Backbone(clip.eval(), tokenizer, preset)
 
 
 def _how_to_provide(name: str) -> str:
@@ -122,9 +129,10 @@ def _from_pretrained(source: str, local_only: bool) -> Backbone:
 
 
 def load_backbone(spec: str = DEFAULT_BACKBONE, allow_download: bool = False) -> Backbone:
-    """`tiny`, a local folder saved with save_pretrained, or a hub id found in the local cache."""
-    if spec == TINY:
-        return build_tiny()
+    """`tiny` (or another random preset), a local folder saved with save_pretrained, or a hub id
+    found in the local cache."""
+    if spec in RANDOM_PRESETS:
+        return build_random(spec)
     folder = Path(spec).expanduser()
     if folder.exists() or spec.startswith((".", "/", "~")):
         if not (folder / "config.json").is_file():

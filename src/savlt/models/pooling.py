@@ -38,3 +38,23 @@ class RoiAttentionPool(nn.Module):
         weights = scores.softmax(dim=-1)  # (B, H, N)
         pooled = torch.einsum("bhn,bnhd->bhd", weights.to(tokens.dtype), per_head).reshape(batch, dim)
         return self.proj(pooled), weights
+
+
+def roi_pool_reference(pool: RoiAttentionPool, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The formula written as loops over samples, heads and patches (the published code's way).
+
+    Only for checking the batched version in tests and benchmarks: it is orders of magnitude slower.
+    """
+    batch, n, dim = tokens.shape
+    width = dim // pool.heads
+    outputs = []
+    for b in range(batch):
+        inside = [i for i in range(n) if keep[b, i]]
+        heads = []
+        for h in range(pool.heads):
+            part = slice(h * width, (h + 1) * width)
+            scores = torch.stack([tokens[b, i, part] @ pool.queries[h] / math.sqrt(width) for i in inside])
+            weights = torch.softmax(scores, dim=0)
+            heads.append(sum(w * tokens[b, i, part] for w, i in zip(weights, inside, strict=True)))
+        outputs.append(pool.proj(torch.cat(heads)))
+    return torch.stack(outputs)

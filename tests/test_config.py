@@ -1,0 +1,77 @@
+"""The typed configuration: YAML + overrides, validation with clear messages, round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from savlt.cli import main
+from savlt.config import METHODS, Config, ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_are_the_published_method() -> None:
+    cfg = load_config()
+    assert cfg.method == "savlt" and cfg.model.backbone == "openai/clip-vit-base-patch16"
+    assert (cfg.peft.r, cfg.peft.alpha, cfg.peft.dropout, cfg.peft.gradual_step) == (8, 4.0, 0.25, None)
+    assert (cfg.peft.text_r, cfg.peft.text_alpha) == (2, 16.0)
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.min_lr, cfg.train.n_iters, cfg.train.batch_size) == (
+        1e-3, 1e-4, 1e-6, 10, 32)
+    assert cfg.model.alpha == 0.5 and cfg.model.heads == 4 and cfg.roi.top_fraction == 0.1
+    assert cfg.data.split_ratios == [0.45, 0.15, 0.40] and cfg.train.crop_scale == [0.75, 1.0]
+    assert cfg.class_names[3] == "high-grade_squamous_intraepithelial_lesion"
+
+
+def test_yaml_then_overrides_and_round_trip(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("train:\n  shots: 8\n  lr: 5e-4\nmodel:\n  backbone: tiny\n")
+    cfg = load_config(tmp_path / "c.yaml", ["train.shots=32", "data.test_centers=[huaxi]", "peft.gradual_step=null"])
+    assert cfg.train.shots == 32 and cfg.train.lr == 5e-4 and cfg.data.test_centers == ["huaxi"]
+    cfg.save(tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+    assert cfg.get("train.shots") == 32
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.lrr=1"], "unknown config key train.lrr; valid keys here: batch_size"),
+        (["train.shots=abc"], "train.shots: expected an integer"),
+        (["model.pooling=mean"], "model.pooling: 'mean' is not one of roi, attn, cls"),
+        (["method=fancy"], "method: 'fancy' is not one of savlt"),
+        (["model.alpha=1.5"], r"model.alpha: 1.5 must lie in \[0, 1\]"),
+        (["data.split_ratios=[0.5,0.5,0.5]"], "summing to 1"),
+        (["data.high_risk=[tumour]"], "'tumour' is not a configured class"),
+        (["method=clip_lora", "model.pooling=roi"], "method clip_lora fixes model.pooling='cls'"),
+        (["roi.mask_source=segmenter"], "needs roi.segmenter"),
+        (["train"], "not of the form key=value"),
+    ],
+)
+def test_bad_values_are_named(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides)
+
+
+def test_methods_fix_their_parts() -> None:
+    assert load_config(overrides=["method=clip_lora"]).model.pooling == "cls"
+    assert load_config(overrides=["method=savlt_proto_only"]).model.alpha == 1.0
+    assert load_config(overrides=["method=savlt_no_roi"]).model.pooling == "attn"
+    assert load_config(overrides=["method=savlt", "model.alpha=0.3"]).model.alpha == 0.3  # alpha stays free
+    assert set(METHODS) >= {"zero_shot", "linear_probe"}
+
+
+def test_shipped_configs_load() -> None:
+    demo = load_config(CONFIGS / "demo.yaml")
+    assert demo.model.backbone == "tiny" and demo.train.shots == 16
+    paper = load_config(CONFIGS / "paper.yaml")
+    assert paper.train.shots == 32 and paper.model.backbone == "openai/clip-vit-base-patch16"
+    assert paper.train == Config().train.__class__(shots=32, seed=5)
+
+
+def test_a_missing_or_broken_config_file_is_a_one_line_error(tmp_path: Path, capsys) -> None:
+    assert main(["data", "check", str(tmp_path), "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
