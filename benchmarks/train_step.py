@@ -34,8 +34,10 @@ def step_fn(method: str, args):
 def main() -> None:
     args = parse(__doc__, batch=32)
     times = {m: timed(step_fn(m, args), args.repeats, args.device) for m in ("clip_lora", "savlt")}
-    print(f"training step, B={args.batch}, {args.preset}, LoRA r=8 on all vision layers, {args.device}"
-          f"{' bf16' if args.bf16 else ''}")
+    print(
+        f"training step, B={args.batch}, {args.preset}, LoRA r=8 on all vision layers, {args.device}"
+        f"{' bf16' if args.bf16 else ''}"
+    )
     print(f"  CLS pooling (clip_lora): {times['clip_lora'] * 1e3:9.1f} ms")
     print(f"  ROI pooling (savlt)    : {times['savlt'] * 1e3:9.1f} ms")
     print(f"  ratio ROI / CLS        : {times['savlt'] / times['clip_lora']:9.3f}")

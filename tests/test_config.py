@@ -17,8 +17,13 @@ def test_defaults_are_the_published_method() -> None:
     assert cfg.method == "savlt" and cfg.model.backbone == "openai/clip-vit-base-patch16"
     assert (cfg.peft.r, cfg.peft.alpha, cfg.peft.dropout, cfg.peft.gradual_step) == (8, 4.0, 0.25, None)
     assert (cfg.peft.text_r, cfg.peft.text_alpha) == (2, 16.0)
-    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.min_lr, cfg.train.n_iters, cfg.train.batch_size) == (
-        1e-3, 1e-4, 1e-6, 10, 32)
+    assert (
+        cfg.train.lr,
+        cfg.train.weight_decay,
+        cfg.train.min_lr,
+        cfg.train.n_iters,
+        cfg.train.batch_size,
+    ) == (1e-3, 1e-4, 1e-6, 10, 32)
     assert cfg.model.alpha == 0.5 and cfg.model.heads == 4 and cfg.roi.top_fraction == 0.1
     assert cfg.data.split_ratios == [0.45, 0.15, 0.40] and cfg.train.crop_scale == [0.75, 1.0]
     assert cfg.class_names[3] == "high-grade_squamous_intraepithelial_lesion"
@@ -26,7 +31,9 @@ def test_defaults_are_the_published_method() -> None:
 
 def test_yaml_then_overrides_and_round_trip(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("train:\n  shots: 8\n  lr: 5e-4\nmodel:\n  backbone: tiny\n")
-    cfg = load_config(tmp_path / "c.yaml", ["train.shots=32", "data.test_centers=[huaxi]", "peft.gradual_step=null"])
+    cfg = load_config(
+        tmp_path / "c.yaml", ["train.shots=32", "data.test_centers=[huaxi]", "peft.gradual_step=null"]
+    )
     assert cfg.train.shots == 32 and cfg.train.lr == 5e-4 and cfg.data.test_centers == ["huaxi"]
     cfg.save(tmp_path / "saved.yaml")
     assert load_config(tmp_path / "saved.yaml") == cfg

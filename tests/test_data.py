@@ -55,7 +55,9 @@ def test_scan_finds_both_layouts_and_ignores_hidden(small_tree: Path) -> None:
     mixed = scan.center("mixed")
     assert mixed.counts() == {"cyst": 3, "cancer": 3}
     assert all(r.mask_path is not None for r in mixed.records)
-    assert {r.rel for r in mixed.records if r.label == "cyst"} == {f"images/cyst/cyst_{i}.png" for i in range(3)}
+    assert {r.rel for r in mixed.records if r.label == "cyst"} == {
+        f"images/cyst/cyst_{i}.png" for i in range(3)
+    }
     ext = scan.center("ext")
     assert ext.class_folders == {"CANCER": "cancer", "Mild Inflammation": "mild_inflammation"}
     assert "ectropion" in ext.missing_classes
@@ -131,7 +133,12 @@ def test_bad_files_give_an_error_naming_the_file(tmp_path: Path, writer, message
 
 
 def test_unsupported_pixel_layout_is_an_error(tmp_path: Path) -> None:
-    tifffile.imwrite(tmp_path / "five.tif", np.zeros((16, 16, 5), np.uint8), photometric="minisblack", planarconfig="contig")
+    tifffile.imwrite(
+        tmp_path / "five.tif",
+        np.zeros((16, 16, 5), np.uint8),
+        photometric="minisblack",
+        planarconfig="contig",
+    )
     with pytest.raises(ImageDecodeError, match="unsupported pixel layout"):
         read_image(tmp_path / "five.tif")
 
@@ -199,8 +206,11 @@ def test_few_shot_with_too_few_images_draws_with_replacement_and_warns(synth_roo
 
 def test_user_split_file_paths_are_checked(small_tree: Path, tmp_path: Path) -> None:
     center = scan_dataset(small_tree, CLASSES, ["mixed"]).center("mixed")
-    good = {"train": ["images/cyst/cyst_0.png", ["images/cancer/cancer_0.png", 4, "cancer"]],
-            "val": [], "test": ["images/cyst/cyst_1.png"]}
+    good = {
+        "train": ["images/cyst/cyst_0.png", ["images/cancer/cancer_0.png", 4, "cancer"]],
+        "val": [],
+        "test": ["images/cyst/cyst_1.png"],
+    }
     (tmp_path / "good.json").write_text(json.dumps(good))
     split = load_split(tmp_path / "good.json", center)
     assert split.train == ["images/cyst/cyst_0.png", "images/cancer/cancer_0.png"]
@@ -263,8 +273,15 @@ def test_data_check_reports_every_problem_by_path(small_tree: Path, capsys) -> N
     write_mask(small_tree / "mixed" / "masks" / "cyst" / "cyst_2.png", size=(20, 20))
     report = check_dataset(small_tree, CLASSES, progress=False)
     kinds = sorted(p.kind for p in report.problems)
-    assert kinds == ["bad_mask", "empty_class", "empty_file", "mask_without_image", "unknown_class",
-                     "unreadable_image", "unreadable_image"]
+    assert kinds == [
+        "bad_mask",
+        "empty_class",
+        "empty_file",
+        "mask_without_image",
+        "unknown_class",
+        "unreadable_image",
+        "unreadable_image",
+    ]
     named = " ".join(p.message for p in report.problems)
     for name in ("zero.png", "text.png", "cut.png", "tumour", "ectropion", "orphan.png", "cyst_2.png"):
         assert name in named

@@ -81,7 +81,9 @@ def test_only_adapters_projection_pooling_and_prototypes_train(kind: str) -> Non
 def test_gradual_step_and_text_adapters_choose_the_layers_and_ranks() -> None:
     model = model_for("peft.gradual_step=2", "peft.text=true")
     names = [n for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n]
-    layers = {int(m.group(1)) for n in names if (m := re.search(r"vision_model\.encoder\.layers\.(\d+)\.", n))}
+    layers = {
+        int(m.group(1)) for n in names if (m := re.search(r"vision_model\.encoder\.layers\.(\d+)\.", n))
+    }
     assert layers == {2, 3}  # the last two of four vision layers
     for suffix in ("q_proj", "k_proj", "v_proj", "out_proj"):
         assert any(f"layers.3.self_attn.{suffix}" in n for n in names)

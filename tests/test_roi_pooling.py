@@ -36,11 +36,15 @@ def test_roi_boxes_follow_the_rule_on_a_batch() -> None:
     expected = [naive_roi_box(m, 0.1) for m in masks]
     assert torch.allclose(boxes, torch.tensor(expected))
     assert fallback.tolist() == [False, False, False, True, False, False]
-    assert float(boxes[0, 1]) == pytest.approx(5 / 50, abs=1e-6) and float(boxes[5, 1]) == pytest.approx(21 / 50, abs=1e-6)
+    assert float(boxes[0, 1]) == pytest.approx(5 / 50, abs=1e-6) and float(boxes[5, 1]) == pytest.approx(
+        21 / 50, abs=1e-6
+    )
 
 
 def test_patches_inside_a_box_are_the_whole_ones() -> None:
-    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.5, 1.0, 1.0], [0.0, 0.51, 1.0, 1.0], [0.0, 0.99, 1.0, 1.0]])
+    boxes = torch.tensor(
+        [[0.0, 0.0, 1.0, 1.0], [0.0, 0.5, 1.0, 1.0], [0.0, 0.51, 1.0, 1.0], [0.0, 0.99, 1.0, 1.0]]
+    )
     keep = patches_in_boxes(boxes, grid=4).reshape(4, 4, 4)
     assert keep[0].all()
     assert keep[1, 2:].all() and not keep[1, :2].any()  # rows 2 and 3 lie wholly below y = 0.5

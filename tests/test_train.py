@@ -33,7 +33,9 @@ def one_thread():
 
 
 def fast_config(root: Path, *extra: str):
-    return load_config(overrides=[f"data.root={root}", f"data.cache_dir={root.parent / 'cache'}", *FAST, *extra])
+    return load_config(
+        overrides=[f"data.root={root}", f"data.cache_dir={root.parent / 'cache'}", *FAST, *extra]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +47,17 @@ def fast_run(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
 
 def test_run_folder_holds_everything_needed(fast_run, synth_root: Path) -> None:
     out, _ = fast_run
-    for name in ("config.yaml", "split.json", "fewshot.json", "train.log", "history.jsonl", "adapter.safetensors",
-                 "metrics.json", "report.md", "training_curves.png"):
+    for name in (
+        "config.yaml",
+        "split.json",
+        "fewshot.json",
+        "train.log",
+        "history.jsonl",
+        "adapter.safetensors",
+        "metrics.json",
+        "report.md",
+        "training_curves.png",
+    ):
         assert (out / name).is_file(), name
     for center in CENTER_SIZES:
         assert (out / f"confusion_{center}.png").is_file() and (out / f"roc_{center}.png").is_file()
@@ -76,7 +87,9 @@ def test_metrics_json_layout(fast_run) -> None:
 def test_checkpoint_holds_only_what_was_trained(fast_run) -> None:
     out, _ = fast_run
     tensors = load_file(str(out / "adapter.safetensors"))
-    assert all(("lora_" in n) or n.startswith(("pool.", "prototypes")) or "visual_projection" in n for n in tensors)
+    assert all(
+        ("lora_" in n) or n.startswith(("pool.", "prototypes")) or "visual_projection" in n for n in tensors
+    )
     assert sum(t.numel() for t in tensors.values()) < 100_000  # the tiny backbone alone has ~700k
 
 
@@ -108,12 +121,17 @@ def test_evaluate_reproduces_the_training_metrics(fast_run, capsys) -> None:
 def test_training_is_deterministic_for_a_seed(fast_run, synth_root: Path, tmp_path: Path) -> None:
     out, metrics = fast_run
     again = train(fast_config(synth_root), tmp_path / "again", progress=False)
-    first, second = load_file(str(out / "adapter.safetensors")), load_file(str(tmp_path / "again" / "adapter.safetensors"))
+    first, second = (
+        load_file(str(out / "adapter.safetensors")),
+        load_file(str(tmp_path / "again" / "adapter.safetensors")),
+    )
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     assert again["centers"] == metrics["centers"]
     other = train(fast_config(synth_root, "train.seed=6"), tmp_path / "other", progress=False)
-    assert json.loads((tmp_path / "other" / "fewshot.json").read_text())["train"] != json.loads(
-        (out / "fewshot.json").read_text())["train"]
+    assert (
+        json.loads((tmp_path / "other" / "fewshot.json").read_text())["train"]
+        != json.loads((out / "fewshot.json").read_text())["train"]
+    )
     assert other["centers"]["mixed"]["n"] == metrics["centers"]["mixed"]["n"]  # same test split, any seed
 
 
@@ -126,7 +144,9 @@ def test_predict_cli_table_json_and_heatmaps(fast_run, synth_root: Path, tmp_pat
     for r in result:
         assert r["predicted"] in r["probabilities"] and abs(sum(r["probabilities"].values()) - 1) < 1e-5
         assert r["high_risk_probability"] == pytest.approx(
-            r["probabilities"]["high-grade_squamous_intraepithelial_lesion"] + r["probabilities"]["cancer"], abs=1e-6)
+            r["probabilities"]["high-grade_squamous_intraepithelial_lesion"] + r["probabilities"]["cancer"],
+            abs=1e-6,
+        )
         assert len(r["roi_box"]) == 4 and 0 < r["roi_box"][1] < 1
         heat = Path(r["heatmap"])
         assert heat.is_file() and heat.parent == tmp_path / "maps"
@@ -139,7 +159,12 @@ def test_wrong_image_mode_is_a_clear_error(fast_run, tmp_path: Path, capsys) -> 
     run = load_run(out)
     with pytest.raises(SavltError, match="expected a uint8"):
         run.predict([np.zeros((64, 64), dtype=np.float32)])
-    tifffile.imwrite(tmp_path / "five.tif", np.zeros((32, 32, 5), np.uint8), photometric="minisblack", planarconfig="contig")
+    tifffile.imwrite(
+        tmp_path / "five.tif",
+        np.zeros((32, 32, 5), np.uint8),
+        photometric="minisblack",
+        planarconfig="contig",
+    )
     assert main(["predict", str(out), str(tmp_path / "five.tif")]) == 2
     err = capsys.readouterr().err
     assert "five.tif" in err and "unsupported pixel layout" in err and "Traceback" not in err
@@ -154,7 +179,9 @@ def test_a_checkpoint_from_another_backbone_is_refused(fast_run, tmp_path: Path)
     other.tokenizer.save_pretrained(tmp_path / "other-clip")
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
-    text = (copy / "config.yaml").read_text().replace("backbone: tiny", f"backbone: {tmp_path / 'other-clip'}")
+    text = (
+        (copy / "config.yaml").read_text().replace("backbone: tiny", f"backbone: {tmp_path / 'other-clip'}")
+    )
     (copy / "config.yaml").write_text(text)
     with pytest.raises(CheckpointError, match="was trained on backbone 'tiny'.*loaded backbone differs"):
         load_run(copy)
@@ -170,8 +197,19 @@ def test_a_checkpoint_of_another_method_is_refused(fast_run, tmp_path: Path) -> 
 
 
 def test_missing_segmenter_folder_is_a_clear_error(synth_root: Path, tmp_path: Path, capsys) -> None:
-    code = main(["train", "--data", str(synth_root), "--out", str(tmp_path / "r"), "-q",
-                 "--segmenter", str(tmp_path / "no-such-segmenter"), *[f"--set={o}" for o in FAST]])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(synth_root),
+            "--out",
+            str(tmp_path / "r"),
+            "-q",
+            "--segmenter",
+            str(tmp_path / "no-such-segmenter"),
+            *[f"--set={o}" for o in FAST],
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "no-such-segmenter" in err and "Traceback" not in err
 
@@ -183,8 +221,11 @@ def test_a_saved_segmenter_provides_the_roi_masks(synth_root: Path, tmp_path: Pa
     torch.manual_seed(0)
     segmenter = TissueSegmenter(build_model("unet", "resnet18"), SegmenterSpec("unet", "resnet18", (64, 64)))
     save_segmenter(segmenter, tmp_path / "seg")
-    metrics = train(fast_config(synth_root, f"roi.segmenter={tmp_path / 'seg'}", "data.test_centers=[]"),
-                    tmp_path / "run", progress=False)
+    metrics = train(
+        fast_config(synth_root, f"roi.segmenter={tmp_path / 'seg'}", "data.test_centers=[]"),
+        tmp_path / "run",
+        progress=False,
+    )
     assert list(metrics["centers"]) == ["mixed"] and metrics["centers"]["mixed"]["n"] == 15
     assert "segmenter" in (tmp_path / "run" / "config.yaml").read_text()
     run = load_run(tmp_path / "run")
@@ -193,7 +234,9 @@ def test_a_saved_segmenter_provides_the_roi_masks(synth_root: Path, tmp_path: Pa
 
 @pytest.mark.parametrize("method", ["zero_shot", "linear_probe", "clip_lora", "savlt_no_roi"])
 def test_baselines_train_save_and_reload(method: str, synth_root: Path, tmp_path: Path) -> None:
-    metrics = train(fast_config(synth_root, f"method={method}", "data.test_centers=[xiangya]"), tmp_path, progress=False)
+    metrics = train(
+        fast_config(synth_root, f"method={method}", "data.test_centers=[xiangya]"), tmp_path, progress=False
+    )
     assert metrics["method"] == method and set(metrics["centers"]) == {"mixed", "xiangya"}
     reloaded = load_run(tmp_path).evaluate(progress=False)
     assert reloaded["centers"] == metrics["centers"]
@@ -220,10 +263,19 @@ def learnable_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_training_beats_chance_clearly(learnable_root: Path, tmp_path: Path) -> None:
-    cfg = load_config(overrides=[
-        f"data.root={learnable_root}", "model.backbone=tiny", "data.num_workers=0", "train.shots=10", "train.max_steps=120",
-        "train.batch_size=25", "train.lr=1e-2", "train.val_every=1000", "eval.bootstrap=200",
-    ])
+    cfg = load_config(
+        overrides=[
+            f"data.root={learnable_root}",
+            "model.backbone=tiny",
+            "data.num_workers=0",
+            "train.shots=10",
+            "train.max_steps=120",
+            "train.batch_size=25",
+            "train.lr=1e-2",
+            "train.val_every=1000",
+            "eval.bootstrap=200",
+        ]
+    )
     metrics = train(cfg, tmp_path, progress=False)
     internal = metrics["centers"]["mixed"]
     assert internal["n"] == 45  # 24 per class: 9 in the test split

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -50,10 +51,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_data_check(args: argparse.Namespace) -> int:
     from savlt.data.check import check_dataset
-    from savlt.data.classes import ClassMap
 
     cfg = _config_from_args(args, [])
-    class_map = ClassMap(tuple(cfg.class_names), tuple(cfg.data.class_aliases.items()))
+    class_map = cfg.class_map()
     report = check_dataset(args.root, class_map, progress=not args.quiet)
     print(report.render())
     return 0 if report.clean else 1
@@ -61,8 +61,12 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 def _train_overrides(args: argparse.Namespace) -> list[str]:
     pairs = [
-        ("data.root", args.data), ("train.shots", args.shots), ("train.seed", args.seed),
-        ("model.backbone", args.model), ("method", args.method), ("roi.segmenter", args.segmenter),
+        ("data.root", args.data),
+        ("train.shots", args.shots),
+        ("train.seed", args.seed),
+        ("model.backbone", args.model),
+        ("method", args.method),
+        ("roi.segmenter", args.segmenter),
     ]
     return [f"{key}={value}" for key, value in pairs if value is not None]
 
@@ -108,9 +112,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return 0
     header = ["image", "predicted", "p(high-risk)", "ROI y0", *(short_name(n) for n in run.class_names)]
     rows = [
-        [p.path, short_name(p.predicted), f"{p.high_risk_probability:.3f}",
-         f"{p.roi_box[1]:.3f}" + (" (whole image)" if p.roi_fallback else ""),
-         *(f"{p.probabilities[n]:.3f}" for n in run.class_names)]
+        [
+            p.path,
+            short_name(p.predicted),
+            f"{p.high_risk_probability:.3f}",
+            f"{p.roi_box[1]:.3f}" + (" (whole image)" if p.roi_fallback else ""),
+            *(f"{p.probabilities[n]:.3f}" for n in run.class_names),
+        ]
         for p in predictions
     ]
     print(text_table(header, rows))
@@ -124,6 +132,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from savlt.seg.cli import register as register_seg_commands
+    from savlt.sweep.cli import register as register_sweep_commands
 
     parser = argparse.ArgumentParser(
         prog="savlt",
@@ -160,7 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="training seed (train.seed)")
     p.add_argument("--out", type=Path, required=True, help="run folder")
     p.add_argument("--model", help="backbone: tiny, a hub id or a local folder (model.backbone)")
-    p.add_argument("--method", help="savlt, clip_lora, zero_shot, linear_probe, savlt_no_roi, savlt_no_proto, savlt_proto_only")
+    p.add_argument(
+        "--method",
+        help="savlt, clip_lora, zero_shot, linear_probe, savlt_no_roi, savlt_no_proto, savlt_proto_only",
+    )
     p.add_argument("--segmenter", help="tissue-segmenter checkpoint folder (roi.segmenter)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _add_config_flags(p)
@@ -181,14 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmap", type=Path, metavar="DIR", help="write ROI attention heat maps to DIR")
     p.set_defaults(func=cmd_predict)
     register_seg_commands(sub)
+    register_sweep_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    level = logging.DEBUG if args.verbose else logging.INFO
+    console = logging.StreamHandler()
+    rank = os.environ.get("RANK", "0")  # set by `accelerate launch`: only rank 0 reports progress
+    if rank not in ("", "0"):
+        console.setLevel(max(level, logging.WARNING))
+        console.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(name)s: %(message)s"))
+    else:
+        console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[console])
     try:
         return int(args.func(args) or 0)
     except SavltError as exc:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from savlt.data.classes import DEFAULT_CLASSES, DEFAULT_HIGH_RISK
+from savlt.data.classes import DEFAULT_CLASSES, DEFAULT_HIGH_RISK, ClassMap
 from savlt.errors import SavltError
 
 
@@ -171,6 +171,10 @@ class Config:
     @property
     def class_names(self) -> list[str]:
         return [c.name for c in self.data.classes]
+
+    def class_map(self) -> ClassMap:
+        """How class folders map onto the configured classes (names plus user aliases)."""
+        return ClassMap(tuple(self.class_names), tuple(self.data.class_aliases.items()))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -335,7 +339,10 @@ def _check_ranges(cfg: Config) -> None:
     seg = cfg.seg
     need(seg.folds >= 2, "seg.folds must be >= 2 (k-fold cross-validation)")
     need(seg.epochs >= 1 and seg.batch_size >= 1, "seg.epochs and seg.batch_size must be >= 1")
-    need(seg.image_size >= 32 and seg.image_size % 32 == 0, "seg.image_size must be a multiple of 32, at least 32")
+    need(
+        seg.image_size >= 32 and seg.image_size % 32 == 0,
+        "seg.image_size must be a multiple of 32, at least 32",
+    )
     need(0 < seg.threshold < 1, "seg.threshold must lie in (0, 1)")
     need(seg.lr > 0, "seg.lr must be > 0")
     need(cfg.eval.bootstrap >= 0, "eval.bootstrap must be >= 0")
@@ -365,17 +372,22 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     return cfg
 
 
+def read_yaml(path: str | Path, what: str) -> Any:
+    """The parsed YAML of `path`; a missing file or bad YAML is a ConfigError naming `what` and the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- YAML file <- ``key=value`` overrides, checked into a Config."""
     tree: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        loaded = read_yaml(path, "config file")
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         tree = loaded or {}

@@ -146,8 +146,7 @@ def sample_few_shot(split: Split, center: CenterData, shots: int, seed: int) -> 
     train: list[str] = []
     val: list[str] = []
     for label, rels in _by_class([records[r] for r in split.train]).items():
-        replace = len(rels) < shots
-        if replace:
+        if len(rels) < shots:
             log.warning(
                 "class %s of center %s has %d training images, fewer than %d shots: drawing with replacement",
                 label,
@@ -169,7 +168,7 @@ def sample_few_shot(split: Split, center: CenterData, shots: int, seed: int) -> 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write atomically, so an interrupted run never leaves half a file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # private to this process: no race
     tmp.write_text(json.dumps(data, indent=1))
     tmp.replace(path)
 

@@ -74,7 +74,11 @@ def load_checkpoint(model: SavltModel, path: str | Path) -> None:
     if missing or unexpected or wrong:
         details = "; ".join(
             f"{label}: {', '.join(names[:3])}{' …' if len(names) > 3 else ''}"
-            for label, names in (("missing", missing), ("unexpected", unexpected), ("shape differs", sorted(wrong)))
+            for label, names in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("shape differs", sorted(wrong)),
+            )
             if names
         )
         raise CheckpointError(

@@ -40,7 +40,9 @@ class Inference:
         return e / e.sum(axis=1, keepdims=True)
 
 
-def loader_for(dataset: OCTDataset, cfg: Config, batch_size: int, device: torch.device, **kwargs) -> DataLoader:
+def loader_for(
+    dataset: OCTDataset, cfg: Config, batch_size: int, device: torch.device, **kwargs
+) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=batch_size if "batch_sampler" not in kwargs else 1,
@@ -64,7 +66,9 @@ def run_inference(
     records = list(records)
     shards = np.array_split(np.arange(len(records)), accelerator.num_processes)
     mine = shards[accelerator.process_index].tolist()
-    dataset = OCTDataset([records[i] for i in mine], cfg.class_names, eval_transform(cfg.data.image_size), masks)
+    dataset = OCTDataset(
+        [records[i] for i in mine], cfg.class_names, eval_transform(cfg.data.image_size), masks
+    )
     was_training = model.training
     model.eval()
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("logits", "features", "boxes", "fallback")}
@@ -84,12 +88,18 @@ def run_inference(
     local = {k: (np.concatenate(v) if v else None) for k, v in parts.items()}
     if accelerator.num_processes > 1:
         shards_out = gather_object([(mine, local)])  # one entry per process, in rank order
-        order = [i for idx, _ in shards_out for i in idx]
+        order = np.array([i for idx, _ in shards_out for i in idx], dtype=np.int64)
+        if sorted(order.tolist()) != list(range(len(records))):
+            raise RuntimeError(
+                f"the {accelerator.num_processes} processes did not score every image exactly once"
+            )
+        back = np.argsort(order)  # rank-ordered rows -> record order
         merged = {
-            k: np.concatenate([part[k] for _, part in shards_out if part[k] is not None]) for k in parts
+            k: np.concatenate([part[k] for _, part in shards_out if part[k] is not None])[back] for k in parts
         }
-        assert order == list(range(len(records))), "every record is scored exactly once"
     else:
         merged = local
     labels = np.array([dataset.label_index[r.label] for r in records], dtype=np.int64)
-    return Inference(records, labels, merged["logits"], merged["features"], merged["boxes"], merged["fallback"])
+    return Inference(
+        records, labels, merged["logits"], merged["features"], merged["boxes"], merged["fallback"]
+    )

@@ -13,7 +13,6 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from savlt.config import Config, ConfigError
-from savlt.data.classes import ClassMap
 from savlt.data.discover import DataError, DatasetScan, ImageRecord, scan_dataset
 from savlt.data.prepare import cache_folder, resolve_few_shot, resolve_split
 from savlt.data.splits import FewShot, Split, load_few_shot, load_split
@@ -51,10 +50,6 @@ class RunInputs:
         return sets
 
 
-def class_map_of(cfg: Config) -> ClassMap:
-    return ClassMap(tuple(cfg.class_names), tuple(cfg.data.class_aliases.items()))
-
-
 def _test_centers(cfg: Config, scan: DatasetScan) -> list[str]:
     if cfg.data.test_centers is not None:
         return list(cfg.data.test_centers)
@@ -64,7 +59,7 @@ def _test_centers(cfg: Config, scan: DatasetScan) -> list[str]:
 def scan_for(cfg: Config, centers: list[str] | None = None) -> DatasetScan:
     if not cfg.data.root:
         raise ConfigError("no data root: pass --data ROOT (or set data.root)")
-    scan = scan_dataset(cfg.data.root, class_map_of(cfg), centers)
+    scan = scan_dataset(cfg.data.root, cfg.class_map(), centers)
     for center in scan.centers.values():
         if center.missing_classes:
             log.warning("center %s has no images of: %s", center.name, ", ".join(center.missing_classes))
@@ -100,7 +95,9 @@ class StepBatches(Sampler[list[tuple[int, int]]]):
     epoch permutations; every batch is full. Rank r of `world` processes gets items r::world
     of each global batch, so any number of processes trains on the same global batches."""
 
-    def __init__(self, size: int, batch_size: int, steps: int, seed: int, rank: int = 0, world: int = 1) -> None:
+    def __init__(
+        self, size: int, batch_size: int, steps: int, seed: int, rank: int = 0, world: int = 1
+    ) -> None:
         if size < 1:
             raise DataError("no training images")
         self.size, self.steps, self.seed = size, steps, seed

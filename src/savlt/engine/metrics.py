@@ -35,15 +35,15 @@ def auc_score(positive: np.ndarray, score: np.ndarray) -> float | None:
 
 def macro_f1(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> float:
     present = np.unique(labels)
-    confusion = np.bincount(labels * n_classes + preds, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    confusion = np.bincount(labels * n_classes + preds, minlength=n_classes * n_classes).reshape(
+        n_classes, n_classes
+    )
     tp = np.diag(confusion)[present]
     denom = confusion.sum(axis=0)[present] + confusion.sum(axis=1)[present]
     return float(np.mean(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)))
 
 
-def point_metrics(
-    labels: np.ndarray, probs: np.ndarray, high_risk: np.ndarray
-) -> dict[str, Any]:
+def point_metrics(labels: np.ndarray, probs: np.ndarray, high_risk: np.ndarray) -> dict[str, Any]:
     """The metrics of one set of predictions (labels (N,), probs (N, C), high_risk (C,) bool)."""
     n_classes = probs.shape[1]
     preds = probs.argmax(axis=1)
@@ -80,8 +80,10 @@ def bootstrap_intervals(
     labels: np.ndarray, probs: np.ndarray, high_risk: np.ndarray, resamples: int, level: float, seed: int
 ) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
-    draws = [point_metrics(labels[idx], probs[idx], high_risk)
-             for idx in rng.integers(0, len(labels), size=(resamples, len(labels)))]
+    draws = [
+        point_metrics(labels[idx], probs[idx], high_risk)
+        for idx in rng.integers(0, len(labels), size=(resamples, len(labels)))
+    ]
     out: dict[str, Any] = {key: _interval([d[key] for d in draws], level) for key in ("accuracy", "macro_f1")}
     out["binary"] = {key: _interval([d["binary"][key] for d in draws], level) for key in BINARY_KEYS}
     return out
@@ -103,7 +105,9 @@ def center_metrics(
         raise ValueError("no predictions to score")
     n_classes = len(class_names)
     risk = np.array([name in high_risk for name in class_names])
-    confusion = np.bincount(labels * n_classes + probs.argmax(1), minlength=n_classes**2).reshape(n_classes, n_classes)
+    confusion = np.bincount(labels * n_classes + probs.argmax(1), minlength=n_classes**2).reshape(
+        n_classes, n_classes
+    )
     result = {"n": int(len(labels)), **point_metrics(labels, probs, risk), "confusion": confusion.tolist()}
     result["ci95" if abs(level - 0.95) < 1e-9 else f"ci{round(level * 100)}"] = (
         bootstrap_intervals(labels, probs, risk, resamples, level, seed) if resamples > 0 else None

@@ -127,12 +127,23 @@ def _score_sets(
         if not records:
             log.warning("center %s has no test images: skipped", center)
             continue
-        store = masks.masks_for(records, progress=progress and accelerator.is_main_process) if model.uses_masks else None
-        result = run_inference(model, records, cfg, accelerator, store, desc=f"evaluating {center}", progress=progress)
+        store = (
+            masks.masks_for(records, progress=progress and accelerator.is_main_process)
+            if model.uses_masks
+            else None
+        )
+        result = run_inference(
+            model, records, cfg, accelerator, store, desc=f"evaluating {center}", progress=progress
+        )
         del store
         scored = center_metrics(
-            result.labels, result.probs, cfg.class_names, cfg.data.high_risk,
-            resamples=cfg.eval.bootstrap, level=cfg.eval.ci_level, seed=cfg.train.seed,
+            result.labels,
+            result.probs,
+            cfg.class_names,
+            cfg.data.high_risk,
+            resamples=cfg.eval.bootstrap,
+            level=cfg.eval.ci_level,
+            seed=cfg.train.seed,
         )
         if model.uses_masks:
             scored["roi_fallback"] = int(result.fallback.sum())
@@ -150,16 +161,30 @@ def _write_predictions(path: Path, result: Inference, class_names: Sequence[str]
     probs = result.probs
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", "predicted", *[f"p_{n}" for n in class_names], "roi_y0", "roi_fallback"])
+        writer.writerow(
+            ["path", "label", "predicted", *[f"p_{n}" for n in class_names], "roi_y0", "roi_fallback"]
+        )
         for i, record in enumerate(result.records):
-            writer.writerow([
-                str(record.path), record.label, class_names[int(probs[i].argmax())],
-                *(f"{p:.6f}" for p in probs[i]), f"{result.boxes[i, 1]:.4f}", int(result.fallback[i]),
-            ])
+            writer.writerow(
+                [
+                    str(record.path),
+                    record.label,
+                    class_names[int(probs[i].argmax())],
+                    *(f"{p:.6f}" for p in probs[i]),
+                    f"{result.boxes[i, 1]:.4f}",
+                    int(result.fallback[i]),
+                ]
+            )
 
 
-def _write_report(folder: Path, metrics: dict[str, Any], results: dict[str, Inference], cfg: Config,
-                  history: Sequence[dict[str, Any]], title: str) -> Path:
+def _write_report(
+    folder: Path,
+    metrics: dict[str, Any],
+    results: dict[str, Inference],
+    cfg: Config,
+    history: Sequence[dict[str, Any]],
+    title: str,
+) -> Path:
     risk = np.array([n in cfg.data.high_risk for n in cfg.class_names])
     scores = {c: (risk[r.labels], r.probs[:, risk].sum(axis=1)) for c, r in results.items()}
     return write_report(folder, metrics, cfg.class_names, scores, history, title=title)
@@ -167,8 +192,12 @@ def _write_report(folder: Path, metrics: dict[str, Any], results: dict[str, Infe
 
 def _header(cfg: Config, backbone: str, inputs: RunInputs) -> dict[str, Any]:
     return {
-        "method": cfg.method, "backbone": backbone, "shots": cfg.train.shots, "seed": cfg.train.seed,
-        "train_center": inputs.train_center, "high_risk": list(cfg.data.high_risk),
+        "method": cfg.method,
+        "backbone": backbone,
+        "shots": cfg.train.shots,
+        "seed": cfg.train.seed,
+        "train_center": inputs.train_center,
+        "high_risk": list(cfg.data.high_risk),
     }
 
 
@@ -194,12 +223,24 @@ def train(cfg: Config, out: str | Path, progress: bool = True) -> dict[str, Any]
         if main:
             write_json(paths.split, inputs.split.to_json())
             write_json(paths.few_shot, inputs.few_shot.to_json())
-        log.info("method %s, %d-shot, seed %d, training center %s (%d train / %d val images), test centers %s",
-                 cfg.method, cfg.train.shots, cfg.train.seed, inputs.train_center, len(inputs.few_shot.train),
-                 len(inputs.few_shot.val), ", ".join(inputs.eval_sets()))
+        log.info(
+            "method %s, %d-shot, seed %d, training center %s (%d train / %d val images), test centers %s",
+            cfg.method,
+            cfg.train.shots,
+            cfg.train.seed,
+            inputs.train_center,
+            len(inputs.few_shot.train),
+            len(inputs.few_shot.val),
+            ", ".join(inputs.eval_sets()),
+        )
         model, backbone_name = _build_model(cfg, accelerator)
         trainable, total = parameter_counts(model)
-        log.info("parameters: %s trainable of %s (%.2f %%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+        log.info(
+            "parameters: %s trainable of %s (%.2f %%)",
+            f"{trainable:,}",
+            f"{total:,}",
+            100 * trainable / total,
+        )
         masks = MaskSource(cfg.roi.mask_source, cfg.roi.segmenter, device=str(accelerator.device))
         train_records, val_records = inputs.train_records(), inputs.val_records()
         history: list[dict[str, Any]] = []
@@ -215,18 +256,35 @@ def train(cfg: Config, out: str | Path, progress: bool = True) -> dict[str, Any]
         elif cfg.method == "linear_probe":
             record(fit_linear_probe(model, cfg, accelerator, train_records, val_records, progress))
         else:
-            store = masks.masks_for(train_records + val_records, progress=progress and main) if model.uses_masks else None
+            store = (
+                masks.masks_for(train_records + val_records, progress=progress and main)
+                if model.uses_masks
+                else None
+            )
             state = fit(model, cfg, accelerator, train_records, val_records, store, record, progress)
             if model.uses_masks:
-                log.info("ROI fell back to the whole image for %d of %d training crops", state.roi_fallbacks, state.samples_seen)
+                log.info(
+                    "ROI fell back to the whole image for %d of %d training crops",
+                    state.roi_fallbacks,
+                    state.samples_seen,
+                )
         if main:
             save_checkpoint(model, paths.checkpoint, backbone_name)
         log.info("training took %.1f s", time.time() - started)
         metrics, results = _score_sets(
-            model, inputs.eval_sets(), cfg, accelerator, masks, paths, _header(cfg, backbone_name, inputs), progress
+            model,
+            inputs.eval_sets(),
+            cfg,
+            accelerator,
+            masks,
+            paths,
+            _header(cfg, backbone_name, inputs),
+            progress,
         )
         if main:
-            report = _write_report(paths.root, metrics, results, cfg, history, f"SAVLT run: {paths.root.name}")
+            report = _write_report(
+                paths.root, metrics, results, cfg, history, f"SAVLT run: {paths.root.name}"
+            )
             log.info("report: %s", report)
             metrics["complete"] = True  # the marker a sweep uses to skip a finished point
             write_json(paths.metrics, metrics)
@@ -260,7 +318,9 @@ class Run:
         self.model, self.backbone_name = _build_model(self.cfg, self.accelerator)
         load_checkpoint(self.model, self.paths.checkpoint)
         self.model.eval()
-        self.masks = MaskSource(self.cfg.roi.mask_source, self.cfg.roi.segmenter, device=str(self.accelerator.device))
+        self.masks = MaskSource(
+            self.cfg.roi.mask_source, self.cfg.roi.segmenter, device=str(self.accelerator.device)
+        )
         self.transform = eval_transform(self.cfg.data.image_size)
 
     @property
@@ -268,8 +328,11 @@ class Run:
         return self.cfg.class_names
 
     def evaluate(
-        self, data_root: str | Path | None = None, centers: list[str] | None = None,
-        out: str | Path | None = None, progress: bool = True,
+        self,
+        data_root: str | Path | None = None,
+        centers: list[str] | None = None,
+        out: str | Path | None = None,
+        progress: bool = True,
     ) -> dict[str, Any]:
         """Re-score the run (internal test split + external centers) on a data root."""
         cfg = self.cfg
@@ -283,14 +346,21 @@ class Run:
         target.root.mkdir(parents=True, exist_ok=True)
         header = _header(cfg, self.backbone_name, inputs)
         with log_to(target.root / "evaluate.log", self.accelerator.is_main_process):
-            metrics, results = _score_sets(self.model, sets, cfg, self.accelerator, self.masks, target, header, progress)
+            metrics, results = _score_sets(
+                self.model, sets, cfg, self.accelerator, self.masks, target, header, progress
+            )
             if self.accelerator.is_main_process:
-                _write_report(target.root, metrics, results, cfg, [], f"SAVLT evaluation: {self.paths.root.name}")
+                _write_report(
+                    target.root, metrics, results, cfg, [], f"SAVLT evaluation: {self.paths.root.name}"
+                )
         return metrics
 
     @torch.no_grad()
     def predict(
-        self, images: Sequence[str | Path | np.ndarray], heatmap_dir: str | Path | None = None, batch_size: int = 16
+        self,
+        images: Sequence[str | Path | np.ndarray],
+        heatmap_dir: str | Path | None = None,
+        batch_size: int = 16,
     ) -> list[Prediction]:
         """Class, probabilities, high-risk probability and ROI of each scan (path or H×W[×3] array)."""
         if heatmap_dir is not None and self.model.pool is None:
@@ -300,8 +370,14 @@ class Run:
         for start in range(0, len(images), batch_size):
             chunk = list(images[start : start + batch_size])
             arrays = [_as_rgb(item, start + i) for i, item in enumerate(chunk)]
-            masks = self.masks.masks_for_images(arrays) if self.model.uses_masks else [np.ones(a.shape[:2], bool) for a in arrays]
-            batch = [self.transform(image=a, mask=m.astype(np.uint8)) for a, m in zip(arrays, masks, strict=True)]
+            masks = (
+                self.masks.masks_for_images(arrays)
+                if self.model.uses_masks
+                else [np.ones(a.shape[:2], bool) for a in arrays]
+            )
+            batch = [
+                self.transform(image=a, mask=m.astype(np.uint8)) for a, m in zip(arrays, masks, strict=True)
+            ]
             pixels = torch.stack([b["image"] for b in batch]).to(self.accelerator.device)
             mask = torch.stack([b["mask"] for b in batch]).to(self.accelerator.device)
             with self.accelerator.autocast():
@@ -318,15 +394,17 @@ class Run:
                     stem = Path(name).stem if isinstance(item, str | Path) else name
                     heatmap = str(Path(heatmap_dir) / f"{start + i:04d}_{stem}_heatmap.png")
                     heatmap_png(arrays[i], attention, box, Path(heatmap))
-                predictions.append(Prediction(
-                    path=name,
-                    predicted=self.class_names[int(probs[i].argmax())],
-                    probabilities={n: float(p) for n, p in zip(self.class_names, probs[i], strict=True)},
-                    high_risk_probability=float(probs[i][risk].sum()),
-                    roi_box=box,  # type: ignore[arg-type]
-                    roi_fallback=bool(out.fallback[i]),
-                    heatmap=heatmap,
-                ))
+                predictions.append(
+                    Prediction(
+                        path=name,
+                        predicted=self.class_names[int(probs[i].argmax())],
+                        probabilities={n: float(p) for n, p in zip(self.class_names, probs[i], strict=True)},
+                        high_risk_probability=float(probs[i][risk].sum()),
+                        roi_box=box,  # type: ignore[arg-type]
+                        roi_fallback=bool(out.fallback[i]),
+                        heatmap=heatmap,
+                    )
+                )
         return predictions
 
 

@@ -69,23 +69,33 @@ def fit(
     """Train the adapters, pooling and prototypes; returns the loss/validation history."""
     t = cfg.train
     steps = total_steps(cfg)
-    dataset = OCTDataset(train_records, cfg.class_names, train_transform(cfg.data.image_size, t.crop_scale, t.hflip), masks)
+    dataset = OCTDataset(
+        train_records, cfg.class_names, train_transform(cfg.data.image_size, t.crop_scale, t.hflip), masks
+    )
     sampler = StepBatches(
-        len(dataset), t.batch_size, steps * t.grad_accum, seed=t.seed,
-        rank=accelerator.process_index, world=accelerator.num_processes,
+        len(dataset),
+        t.batch_size,
+        steps * t.grad_accum,
+        seed=t.seed,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
     )
     loader = loader_for(dataset, cfg, 1, accelerator.device, batch_sampler=sampler)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=t.min_lr)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
-    adalora = model.clip.base_model if isinstance(model.clip, PeftModel) and cfg.peft.type == "adalora" else None
+    adalora = (
+        model.clip.base_model if isinstance(model.clip, PeftModel) and cfg.peft.type == "adalora" else None
+    )
     state = TrainState()
     # Each process holds batch/world scans; summing and dividing by the global batch makes the
     # DDP-averaged gradient equal to the single-process mean.
     loss_scale = accelerator.num_processes / (sampler.batch_size * t.grad_accum)
     model.train()
-    bar = tqdm(total=steps, desc="training", unit="step", disable=not (progress and accelerator.is_main_process))
+    bar = tqdm(
+        total=steps, desc="training", unit="step", disable=not (progress and accelerator.is_main_process)
+    )
     running = 0.0
     for micro, (pixels, mask, labels, _) in enumerate(loader):
         pixels = pixels.to(accelerator.device, non_blocking=True)
@@ -106,6 +116,8 @@ def fit(
         if adalora is not None:
             adalora.update_and_allocate(step)
         optimizer.zero_grad(set_to_none=True)
+        if accelerator.num_processes > 1:  # each rank holds only its shard's part of the batch loss
+            running = float(accelerator.reduce(torch.tensor(running, device=accelerator.device), "sum"))
         lr = schedule.get_last_lr()[0]
         schedule.step()
         entry = {"step": step, "loss": running, "lr": lr}
@@ -114,10 +126,15 @@ def fit(
             entry.update(_validate(model, val_records, cfg, accelerator, masks, step))
             model.train()
         if not math.isfinite(entry["loss"]):
-            raise FloatingPointError(f"training diverged at step {step} (loss {entry['loss']}); try a lower train.lr")
+            raise FloatingPointError(
+                f"training diverged at step {step} (loss {entry['loss']}); try a lower train.lr"
+            )
         state.history.append(entry)
         on_history(entry)
-        bar.set_postfix(loss=f"{entry['loss']:.3f}", **({"val_acc": f"{entry['val_accuracy']:.2f}"} if "val_accuracy" in entry else {}))
+        bar.set_postfix(
+            loss=f"{entry['loss']:.3f}",
+            **({"val_acc": f"{entry['val_accuracy']:.2f}"} if "val_accuracy" in entry else {}),
+        )
         bar.update(1)
     bar.close()
     model.eval()
@@ -133,8 +150,14 @@ def fit_linear_probe(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Logistic regression on frozen, normalised CLIP image features; C picked on validation."""
-    train = run_inference(model, train_records, cfg, accelerator, None, desc="features (train)", progress=progress)
-    val = run_inference(model, val_records, cfg, accelerator, None, desc="features (val)", progress=progress) if val_records else None
+    train = run_inference(
+        model, train_records, cfg, accelerator, None, desc="features (train)", progress=progress
+    )
+    val = (
+        run_inference(model, val_records, cfg, accelerator, None, desc="features (val)", progress=progress)
+        if val_records
+        else None
+    )
     best: tuple[float, float] | None = None
     grid = [10.0**k for k in range(-2, 4)]
     for c in grid if val is not None else [1.0]:

@@ -34,22 +34,37 @@ def adapter_config(cfg: PeftConfig, num_vision_layers: int, total_steps: int):
     alphas = {text: cfg.text_alpha} if text else {}
     if cfg.type in ("lora", "dora"):
         return LoraConfig(
-            r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-            rank_pattern=ranks, alpha_pattern=alphas, use_dora=cfg.type == "dora",
+            r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=targets,
+            rank_pattern=ranks,
+            alpha_pattern=alphas,
+            use_dora=cfg.type == "dora",
         )
     if cfg.type == "adalora":
         if text:
             raise ConfigError("peft.type=adalora does not support text adapters (peft.text=true): use lora")
         # AdaLoRA starts at 1.5x the rank and prunes to peft.r between 10 % and 70 % of training.
         return AdaLoraConfig(
-            init_r=max(cfg.r + 1, round(cfg.r * 1.5)), target_r=cfg.r, lora_alpha=cfg.alpha,
-            lora_dropout=cfg.dropout, target_modules=targets, total_step=total_steps,
-            tinit=int(0.1 * total_steps), tfinal=int(0.3 * total_steps), deltaT=max(1, total_steps // 20),
+            init_r=max(cfg.r + 1, round(cfg.r * 1.5)),
+            target_r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=targets,
+            total_step=total_steps,
+            tinit=int(0.1 * total_steps),
+            tfinal=int(0.3 * total_steps),
+            deltaT=max(1, total_steps // 20),
         )
     lycoris = LoHaConfig if cfg.type == "loha" else LoKrConfig
     return lycoris(
-        r=cfg.r, alpha=cfg.alpha, rank_dropout=cfg.dropout, target_modules=targets,
-        rank_pattern=ranks, alpha_pattern=alphas,
+        r=cfg.r,
+        alpha=cfg.alpha,
+        rank_dropout=cfg.dropout,
+        target_modules=targets,
+        rank_pattern=ranks,
+        alpha_pattern=alphas,
     )
 
 
@@ -57,7 +72,9 @@ def add_adapters(clip: CLIPModel, cfg: PeftConfig, total_steps: int) -> PeftMode
     """Wrap `clip` with adapters; only the adapters and the visual projection are trainable."""
     num_layers = int(clip.config.vision_config.num_hidden_layers)
     if cfg.gradual_step is not None and cfg.gradual_step > num_layers:
-        raise ConfigError(f"peft.gradual_step={cfg.gradual_step} exceeds the backbone's {num_layers} vision layers")
+        raise ConfigError(
+            f"peft.gradual_step={cfg.gradual_step} exceeds the backbone's {num_layers} vision layers"
+        )
     if cfg.type == "adalora" and total_steps < 10:
         raise ConfigError(f"peft.type=adalora needs at least 10 training steps (this run has {total_steps})")
     with warnings.catch_warnings():  # peft calls a transformers method deprecated in 5.x

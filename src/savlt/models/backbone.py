@@ -62,13 +62,33 @@ def tiny_tokenizer(max_length: int = 128) -> CLIPTokenizer:
 # openai/clip-vit-base-patch16, for speed and memory measurements without the weights.
 RANDOM_PRESETS: dict[str, dict[str, dict[str, int]]] = {
     TINY: {
-        "vision": {"hidden_size": 96, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4},
-        "text": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4},
+        "vision": {
+            "hidden_size": 96,
+            "intermediate_size": 384,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+        },
+        "text": {
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        },
         "projection": {"projection_dim": 64},
     },
     "random-vit-b16": {
-        "vision": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12},
-        "text": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8},
+        "vision": {
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+        },
+        "text": {
+            "hidden_size": 512,
+            "intermediate_size": 2048,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 8,
+        },
         "projection": {"projection_dim": 512},
     },
 }
@@ -159,8 +179,15 @@ def backbone_fingerprint(clip: CLIPModel) -> str:
     """A short hash of the frozen weights, to refuse a checkpoint trained on another backbone."""
     digest = hashlib.sha256()
     vision, text = clip.config.vision_config, clip.config.text_config
-    shape = (vision.hidden_size, vision.num_hidden_layers, vision.patch_size, vision.image_size,
-             text.hidden_size, text.num_hidden_layers, clip.config.projection_dim)
+    shape = (
+        vision.hidden_size,
+        vision.num_hidden_layers,
+        vision.patch_size,
+        vision.image_size,
+        text.hidden_size,
+        text.num_hidden_layers,
+        clip.config.projection_dim,
+    )
     digest.update(repr(shape).encode())
     for tensor in (
         clip.vision_model.embeddings.patch_embedding.weight,

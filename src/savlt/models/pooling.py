@@ -27,7 +27,9 @@ class RoiAttentionPool(nn.Module):
         nn.init.eye_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, tokens: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens (B, N, D), keep (B, N) bool or None (all) -> pooled (B, D), weights (B, H, N)."""
         batch, n, dim = tokens.shape
         per_head = tokens.reshape(batch, n, self.heads, dim // self.heads)  # (B, N, H, D/H)

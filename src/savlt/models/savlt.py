@@ -52,7 +52,9 @@ class SavltModel(nn.Module):
         clip = backbone.clip
         clip.requires_grad_(False)
         self.text_trainable = cfg.peft.text and self.method not in FROZEN_METHODS
-        self.clip: nn.Module = clip if self.method in FROZEN_METHODS else add_adapters(clip, cfg.peft, total_steps)
+        self.clip: nn.Module = (
+            clip if self.method in FROZEN_METHODS else add_adapters(clip, cfg.peft, total_steps)
+        )
 
         width = int(clip.config.vision_config.hidden_size)
         embed = int(clip.config.projection_dim)
@@ -126,7 +128,9 @@ class SavltModel(nn.Module):
             pooled, attention = self.pool(tokens, keep)
         features = F.normalize(clip.visual_projection(pooled).float(), dim=-1)  # (B, E)
         text_sim = features @ self.text_features().T if self.alpha < 1 and self.head is None else None
-        proto_sim = features @ F.normalize(self.prototypes.float(), dim=-1).T if self.prototypes is not None else None
+        proto_sim = (
+            features @ F.normalize(self.prototypes.float(), dim=-1).T if self.prototypes is not None else None
+        )
         linear = self.head(features) if self.head is not None else None
         return Output(features, text_sim, proto_sim, linear, attention, boxes, fallback)
 

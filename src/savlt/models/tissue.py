@@ -112,7 +112,9 @@ class MaskSource:
 
             self.segmenter = load_segmenter(segmenter_dir, device=device)
 
-    def masks_for(self, records: Iterable[ImageRecord], store: MaskStore | None = None, progress: bool = True) -> MaskStore:
+    def masks_for(
+        self, records: Iterable[ImageRecord], store: MaskStore | None = None, progress: bool = True
+    ) -> MaskStore:
         return compute_masks(records, self.kind, self.segmenter, store=store, progress=progress)
 
     def masks_for_images(self, images: list[np.ndarray]) -> list[np.ndarray]:

@@ -17,7 +17,9 @@ from PIL import Image  # noqa: E402
 from savlt.data.classes import short_name  # noqa: E402
 
 
-def confusion_png(confusion: Sequence[Sequence[int]], class_names: Sequence[str], title: str, path: Path) -> None:
+def confusion_png(
+    confusion: Sequence[Sequence[int]], class_names: Sequence[str], title: str, path: Path
+) -> None:
     matrix = np.asarray(confusion)
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
     ax.imshow(matrix, cmap="Blues")

@@ -23,16 +23,35 @@ def fmt_ci(value: float | None, ci: Sequence[float] | None) -> str:
 
 
 def results_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["center", "n", "accuracy [95% CI]", "macro-F1", "AUC [95% CI]", "sensitivity", "specificity", "PPV", "NPV"]
+    header = [
+        "center",
+        "n",
+        "accuracy [95% CI]",
+        "macro-F1",
+        "AUC [95% CI]",
+        "sensitivity",
+        "specificity",
+        "PPV",
+        "NPV",
+    ]
     rows = []
     for center, m in metrics["centers"].items():
         ci = m.get("ci95") or {}
         b, bci = m["binary"], ci.get("binary") or {}
         role = " (internal test)" if center == metrics.get("train_center") else ""
-        rows.append([
-            center + role, str(m["n"]), fmt_ci(m["accuracy"], ci.get("accuracy")), fmt(m["macro_f1"]),
-            fmt_ci(b["auc"], bci.get("auc")), fmt(b["sensitivity"]), fmt(b["specificity"]), fmt(b["ppv"]), fmt(b["npv"]),
-        ])
+        rows.append(
+            [
+                center + role,
+                str(m["n"]),
+                fmt_ci(m["accuracy"], ci.get("accuracy")),
+                fmt(m["macro_f1"]),
+                fmt_ci(b["auc"], bci.get("auc")),
+                fmt(b["sensitivity"]),
+                fmt(b["specificity"]),
+                fmt(b["ppv"]),
+                fmt(b["npv"]),
+            ]
+        )
     return header, rows
 
 
@@ -68,9 +87,13 @@ def write_report(
         training_curves_png(history, folder / "training_curves.png")
         lines += ["## Training", "", "![training curves](training_curves.png)", ""]
     for center, m in metrics["centers"].items():
-        confusion_png(m["confusion"], class_names, f"{center} (n={m['n']})", folder / f"confusion_{center}.png")
+        confusion_png(
+            m["confusion"], class_names, f"{center} (n={m['n']})", folder / f"confusion_{center}.png"
+        )
         positive, score = scores[center]
-        roc_png(positive, score, m["binary"]["auc"], f"{center}: high-risk screen", folder / f"roc_{center}.png")
+        roc_png(
+            positive, score, m["binary"]["auc"], f"{center}: high-risk screen", folder / f"roc_{center}.png"
+        )
         fallback = m.get("roi_fallback")
         lines += [f"## {center}", ""]
         if fallback is not None:

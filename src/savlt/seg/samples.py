@@ -14,7 +14,6 @@ import numpy as np
 from tqdm import tqdm
 
 from savlt.config import Config
-from savlt.data.classes import ClassMap
 from savlt.data.discover import DataError, DatasetScan, ImageRecord, scan_dataset
 from savlt.data.imageio import read_image, read_mask
 from savlt.seg.model import resize_image, resize_mask
@@ -22,15 +21,11 @@ from savlt.seg.model import resize_image, resize_mask
 log = logging.getLogger(__name__)
 
 
-def class_map_of(cfg: Config) -> ClassMap:
-    return ClassMap(tuple(cfg.class_names), tuple(cfg.data.class_aliases.items()))
-
-
 def scan_for(cfg: Config, root: str | Path | None, centers: list[str] | None) -> DatasetScan:
     """Scan the data root (the named centers, or all); scan problems are logged, not fatal."""
     if root is None:
         raise DataError("no data root given (--data ROOT or data.root in the config)")
-    scan = scan_dataset(root, class_map_of(cfg), centers)
+    scan = scan_dataset(root, cfg.class_map(), centers)
     if scan.problems:
         log.warning(
             "%d data problem(s) under %s, e.g. %s (run `savlt data check %s` for all)",

@@ -1,0 +1,333 @@
+"""Mean ± std over seeds of every finished point of a sweep: summary.csv, summary.md, summary.png.
+
+``aggregate(DIR)`` reads ``DIR/sweep.yaml`` (the resolved sweep written by ``savlt sweep``) and
+the ``metrics.json`` of every *complete* point under ``DIR/runs/`` (unfinished points are listed,
+not used), so it works on a partially finished sweep; ``savlt sweep`` calls it at the end of every
+invocation. Without a ``sweep.yaml`` every complete run folder under ``DIR/runs/`` is used.
+
+Groups are method × shots × every other grid key with more than one value (except the seed,
+which is what the statistics run over) × center. For each group and metric (accuracy, macro-F1
+and the binary high-risk screen's accuracy, AUC, sensitivity, specificity, PPV, NPV):
+
+- ``mean``: the mean over the seeds with a value (a null metric, e.g. an undefined AUC, is left
+  out, not counted as 0);
+- ``std``: the sample standard deviation (ddof = 1); empty when fewer than two seeds have a value;
+- ``n``: the number of seeds with a value; ``runs``: complete runs in the group;
+- ``values``: the per-seed values, ``seed:value`` separated by ``;`` (``null`` when undefined).
+
+summary.csv has one row per group × center × metric (full precision); summary.md one table per
+center (rows = method × shots, cells = "mean ± std"), the layout of the paper's tables;
+summary.png plots accuracy and AUC against shots per center, one line per method, std error bars.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from savlt.report.tables import markdown_table, text_table
+from savlt.sweep.grid import display_key, format_value
+from savlt.sweep.runner import SweepLayout, is_complete
+
+# (csv name, table heading, path inside a center's metrics)
+METRICS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("accuracy", "accuracy", ("accuracy",)),
+    ("macro_f1", "macro-F1", ("macro_f1",)),
+    ("binary_accuracy", "bin. accuracy", ("binary", "accuracy")),
+    ("auc", "AUC", ("binary", "auc")),
+    ("sensitivity", "sensitivity", ("binary", "sensitivity")),
+    ("specificity", "specificity", ("binary", "specificity")),
+    ("ppv", "PPV", ("binary", "ppv")),
+    ("npv", "NPV", ("binary", "npv")),
+]
+FIXED_KEYS = ("method", "train.shots", "train.seed")  # method and shots always group; seeds are averaged
+
+
+@dataclass
+class Stat:
+    mean: float | None
+    std: float | None
+    n: int
+    values: list[tuple[int, float | None]]  # (seed, value)
+
+
+@dataclass
+class Group:
+    method: str
+    shots: int
+    extras: tuple[Any, ...]  # values of Summary.extra_keys
+    runs: list[dict[str, Any]] = field(default_factory=list)  # metrics.json of each seed
+    train_center: str | None = None
+
+    def stat(self, center: str, path: tuple[str, ...]) -> Stat:
+        values: list[tuple[int, float | None]] = []
+        for metrics in self.runs:
+            value: Any = metrics.get("centers", {}).get(center)
+            for part in path:
+                value = value.get(part) if isinstance(value, dict) else None
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            values.append((int(metrics.get("seed", -1)), float(value) if ok else None))
+        present = np.array([v for _, v in values if v is not None], dtype=np.float64)
+        mean = float(present.mean()) if len(present) else None
+        std = float(present.std(ddof=1)) if len(present) > 1 else None
+        return Stat(mean, std, len(present), values)
+
+
+@dataclass
+class Summary:
+    out: Path
+    extra_keys: list[str]  # dotted grid keys (besides method, shots, seed) that vary
+    groups: list[Group]
+    centers: list[str]
+    complete: list[str]
+    incomplete: list[str]
+    labels: dict[str, str] = field(default_factory=dict)  # dotted key -> the key as the grid wrote it
+    csv: Path | None = None
+    markdown: Path | None = None
+    plot: Path | None = None
+
+    def label(self, key: str) -> str:
+        return self.labels.get(key) or display_key(key)
+
+    @property
+    def key_header(self) -> list[str]:
+        return ["method", "shots", *(self.label(k) for k in self.extra_keys)]
+
+    def key_cells(self, group: Group) -> list[str]:
+        return [group.method, str(group.shots), *(format_value(v) for v in group.extras)]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per group × center × metric (what summary.csv holds)."""
+        out = []
+        for group in self.groups:
+            for center in self.centers:
+                for name, _, path in METRICS:
+                    s = group.stat(center, path)
+                    out.append(
+                        {
+                            **dict(zip(self.key_header, self.key_cells(group), strict=True)),
+                            "center": center,
+                            "metric": name,
+                            "mean": s.mean,
+                            "std": s.std,
+                            "n": s.n,
+                            "runs": len(group.runs),
+                            "values": ";".join(
+                                f"{seed}:{'null' if v is None else repr(v)}" for seed, v in s.values
+                            ),
+                        }
+                    )
+        return out
+
+
+def mean_std(stat: Stat, runs: int, digits: int = 3) -> str:
+    """Format as "0.812 ± 0.021"; one value alone has no std; a count below `runs` is shown."""
+    if stat.mean is None:
+        return "n/a"
+    text = f"{stat.mean:.{digits}f}" + (f" ± {stat.std:.{digits}f}" if stat.std is not None else "")
+    return text + (f" (n={stat.n})" if stat.n != runs else "")
+
+
+def _read_points(
+    layout: SweepLayout,
+) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, list[Any]], dict[str, str]]:
+    """(point name, grid values) of every point, the grid and its key labels, from sweep.yaml."""
+    if layout.sweep.is_file():
+        spec = yaml.safe_load(layout.sweep.read_text()) or {}
+        points = [(p["name"], p.get("values") or {}) for p in spec.get("points", [])]
+        return points, spec.get("grid") or {}, spec.get("labels") or {}
+    runs = layout.root / "runs"
+    folders = sorted(p.name for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []
+    return [(name, {}) for name in folders], {}, {}
+
+
+def collect(sweep_dir: str | Path) -> Summary:
+    """Group the complete points of a sweep folder (nothing is written)."""
+    layout = SweepLayout(sweep_dir)
+    points, grid, labels = _read_points(layout)
+    extra_keys = [k for k, values in grid.items() if k not in FIXED_KEYS and len(values) > 1]
+    position = {k: {yaml.safe_dump(v): i for i, v in enumerate(grid[k])} for k in extra_keys}
+    groups: dict[tuple[Any, ...], Group] = {}
+    methods: dict[str, int] = {}
+    centers: dict[str, None] = {}
+    complete, incomplete = [], []
+    for name, values in points:
+        folder = layout.run(name)
+        if not is_complete(folder):
+            incomplete.append(name)
+            continue
+        metrics = json.loads((folder / "metrics.json").read_text())
+        complete.append(name)
+        method, shots = str(metrics["method"]), int(metrics["shots"])
+        extras = tuple(values.get(k) for k in extra_keys)
+        methods.setdefault(method, len(methods))
+        key = (method, shots, *(yaml.safe_dump(v) for v in extras))
+        group = groups.setdefault(key, Group(method, shots, extras, train_center=metrics.get("train_center")))
+        group.runs.append(metrics)
+        centers.update(dict.fromkeys(metrics.get("centers", {})))
+
+    def order(group: Group) -> tuple[Any, ...]:
+        rank = [
+            position[k].get(yaml.safe_dump(v), len(position[k]))
+            for k, v in zip(extra_keys, group.extras, strict=True)
+        ]
+        return (methods[group.method], group.shots, *rank)
+
+    ordered = sorted(groups.values(), key=order)
+    return Summary(layout.root, extra_keys, ordered, list(centers), complete, incomplete, labels)
+
+
+def _csv_value(value: Any) -> str:
+    if value is None:
+        return ""
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def write_csv(summary: Summary, path: Path) -> None:
+    header = [*summary.key_header, "center", "metric", "mean", "std", "n", "runs", "values"]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for row in summary.rows():
+            writer.writerow([_csv_value(row[h]) for h in header])
+
+
+def center_title(summary: Summary, center: str) -> str:
+    trains = {g.train_center for g in summary.groups}
+    return (
+        f"{center} (internal test)"
+        if trains == {center}
+        else f"{center} (external)"
+        if center not in trains
+        else center
+    )
+
+
+def markdown(summary: Summary) -> str:
+    total = len(summary.complete) + len(summary.incomplete)
+    lines = [f"# Sweep summary: {summary.out.name}", ""]
+    backbones = sorted({str(r.get("backbone")) for g in summary.groups for r in g.runs})
+    seeds = sorted({int(r.get("seed", -1)) for g in summary.groups for r in g.runs})
+    lines += [
+        f"Complete runs: {len(summary.complete)} of {total}"
+        + (f"; backbone: {', '.join(backbones)}" if backbones else "")
+        + (f"; seeds: {', '.join(map(str, seeds))}" if seeds else "")
+        + ".",
+        "",
+        "Each cell is the mean ± sample standard deviation (ddof = 1) over seeds; `runs` is the number "
+        "of seeds in the row, and `(n=k)` marks a metric that is defined for only k of them. "
+        "Binary metrics are the high-risk screen (HSIL + cancer).",
+        "",
+    ]
+    if summary.incomplete:
+        shown = ", ".join(summary.incomplete[:10]) + (" …" if len(summary.incomplete) > 10 else "")
+        lines += [f"Not finished (left out): {shown}", ""]
+    if not summary.groups:
+        return "\n".join([*lines, "No complete runs yet.", ""])
+    header = [*summary.key_header, "runs", *(title for _, title, _ in METRICS)]
+    for center in summary.centers:
+        rows = [
+            [
+                *summary.key_cells(g),
+                str(len(g.runs)),
+                *(mean_std(g.stat(center, p), len(g.runs)) for _, _, p in METRICS),
+            ]
+            for g in summary.groups
+        ]
+        lines += [f"## {center_title(summary, center)}", "", markdown_table(header, rows), ""]
+    return "\n".join(lines)
+
+
+def text_summary(summary: Summary, metrics: Sequence[str] = ("accuracy", "auc")) -> str:
+    """A terminal table: rows = method × shots, columns = the chosen metrics per center."""
+    chosen = [(name, title, path) for name, title, path in METRICS if name in metrics]
+    header = [*summary.key_header, *(f"{c} {title}" for c in summary.centers for _, title, _ in chosen)]
+    rows = [
+        [
+            *summary.key_cells(g),
+            *(mean_std(g.stat(c, p), len(g.runs)) for c in summary.centers for _, _, p in chosen),
+        ]
+        for g in summary.groups
+    ]
+    return text_table(header, rows) if rows else "no complete runs yet"
+
+
+def plot(summary: Summary, path: Path) -> None:
+    """Accuracy and AUC against shots, one panel per center, one line per method (± std)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shots = sorted({g.shots for g in summary.groups})
+    x_of = {s: i for i, s in enumerate(shots)}
+    series: dict[tuple[Any, ...], list[Group]] = {}
+    for g in summary.groups:
+        series.setdefault((g.method, *(yaml.safe_dump(v) for v in g.extras)), []).append(g)
+    panels = [(name, title, path_) for name, title, path_ in METRICS if name in ("accuracy", "auc")]
+    cols = max(1, len(summary.centers))
+    fig, axes = plt.subplots(len(panels), cols, figsize=(3.6 * cols + 1.8, 3.0 * len(panels)), squeeze=False)
+    width = 0.25 / max(1, len(series) - 1) if len(series) > 1 else 0.0
+    for row, (_, title, mpath) in enumerate(panels):
+        for col, center in enumerate(summary.centers):
+            ax = axes[row][col]
+            for k, groups in enumerate(series.values()):
+                first = groups[0]
+                label = first.method + "".join(
+                    f", {summary.label(key)}={format_value(v)}"
+                    for key, v in zip(summary.extra_keys, first.extras, strict=True)
+                )
+                stats = [(x_of[g.shots], g.stat(center, mpath)) for g in groups]
+                stats = [(x, s) for x, s in stats if s.mean is not None]
+                if not stats:
+                    continue
+                offset = (k - (len(series) - 1) / 2) * width
+                ax.errorbar(
+                    [x + offset for x, _ in stats],
+                    [s.mean for _, s in stats],
+                    yerr=[s.std or 0.0 for _, s in stats],
+                    marker="o",
+                    capsize=3,
+                    label=label,
+                )
+            ax.set_xticks(range(len(shots)), [str(s) for s in shots])
+            ax.set_xlim(-0.5, len(shots) - 0.5)
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.set_title(center_title(summary, center))
+            if row == len(panels) - 1:
+                ax.set_xlabel("shots per class")
+            if col == 0:
+                ax.set_ylabel(title)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center right", fontsize="small", frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 1.7 / (3.6 * cols + 1.8), 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def aggregate(sweep_dir: str | Path, with_plot: bool = True) -> Summary:
+    """Write summary.csv, summary.md (and summary.png) into the sweep folder; returns the summary."""
+    summary = collect(sweep_dir)
+    root = summary.out
+    root.mkdir(parents=True, exist_ok=True)
+    summary.csv, summary.markdown = root / "summary.csv", root / "summary.md"
+    write_csv(summary, summary.csv)
+    summary.markdown.write_text(markdown(summary))
+    png = root / "summary.png"
+    if with_plot and summary.groups:
+        plot(summary, png)
+        summary.plot = png
+    else:
+        png.unlink(missing_ok=True)
+    return summary

@@ -1,0 +1,449 @@
+"""Running a sweep: every grid point is an ordinary run folder, trained in its own process.
+
+DIR/sweep.yaml            the resolved sweep (base, grid, points)
+DIR/points/<name>.yaml    each point's full configuration (what ``savlt train --config`` reads)
+DIR/runs/<name>/          each point's run folder (see savlt.engine.run)
+DIR/logs/<name>.log       each point's console output (the failure report quotes its tail)
+DIR/status.json           the state of every point, rewritten as the sweep goes
+DIR/sweep.log             one line per event
+
+A point whose ``metrics.json`` says ``"complete": true`` is skipped (after checking that its
+saved configuration is the one the sweep asks for); a point folder without it was interrupted
+and is wiped and trained again. Killing a sweep therefore loses only the points in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+from tqdm import tqdm
+
+from savlt.config import ConfigError, load_config
+from savlt.data.splits import write_json
+from savlt.errors import SavltError
+from savlt.sweep.grid import Sweep, SweepPoint
+
+LOG_TAIL_LINES = 25
+
+
+class SweepError(SavltError):
+    """The sweep cannot run as asked (a busy or mismatched output folder, bad data)."""
+
+
+@dataclass
+class PointFailure:
+    name: str
+    returncode: int | None
+    log: Path
+    tail: str
+
+
+@dataclass
+class SweepResult:
+    out: Path
+    trained: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # complete from an earlier invocation
+    failed: list[PointFailure] = field(default_factory=list)
+    interrupted: bool = False
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.interrupted
+
+
+class SweepLayout:
+    def __init__(self, out: str | Path) -> None:
+        self.root = Path(out)
+        self.sweep = self.root / "sweep.yaml"
+        self.status = self.root / "status.json"
+        self.log = self.root / "sweep.log"
+        self.lock = self.root / ".sweep.lock"
+
+    def run(self, name: str) -> Path:
+        return self.root / "runs" / name
+
+    def point_config(self, name: str) -> Path:
+        return self.root / "points" / f"{name}.yaml"
+
+    def point_log(self, name: str) -> Path:
+        return self.root / "logs" / f"{name}.log"
+
+
+def is_complete(run_folder: Path) -> bool:
+    """True when the run folder holds a finished run (metrics.json with "complete": true)."""
+    try:
+        return json.loads((run_folder / "metrics.json").read_text()).get("complete") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _now() -> str:
+    return datetime.now().isoformat(timespec="seconds")
+
+
+def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    # progress bars redraw with carriage returns: keep what the terminal would show last
+    shown = [line.rsplit("\r", 1)[-1] for line in text.splitlines()]
+    return "\n".join(line for line in shown[-lines:])
+
+
+def _config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for key in sorted(set(a) | set(b)):
+        left, right = a.get(key), b.get(key)
+        if isinstance(left, dict) and isinstance(right, dict):
+            keys += _config_differences(left, right, f"{prefix}{key}.")
+        elif left != right:
+            keys.append(f"{prefix}{key} ({right!r} in the run, {left!r} in the sweep)")
+    return keys
+
+
+def _check_finished(point: SweepPoint, folder: Path) -> None:
+    """A finished point is reused only if it was trained with this point's configuration."""
+    try:
+        saved = load_config(folder / "config.yaml")
+    except (ConfigError, OSError) as exc:
+        raise SweepError(f"{folder} is complete but its config.yaml cannot be read ({exc})") from None
+    if saved != point.config:
+        diff = _config_differences(point.config.to_dict(), saved.to_dict())
+        raise SweepError(
+            f"{folder} was trained with another configuration than the sweep's point {point.name}: "
+            f"{'; '.join(diff[:3])}. Use another --out folder, or delete that run folder to retrain it"
+        )
+
+
+@contextlib.contextmanager
+def _exclusive(layout: SweepLayout) -> Iterator[None]:
+    """One sweep process per output folder (the lock dies with the process)."""
+    import fcntl
+
+    layout.root.mkdir(parents=True, exist_ok=True)
+    handle = layout.lock.open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise SweepError(f"another sweep is running in {layout.root}") from None
+    try:
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A pre-exec hook that kills a point when the sweep process dies (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def hook() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return hook
+
+
+@dataclass
+class DevicePlan:
+    """How the parallel jobs share the machine: one GPU per job, or the CPU cores split evenly."""
+
+    jobs: int
+    gpus: list[str]  # visible GPU ids
+    threads: int  # CPU threads per job
+
+    @classmethod
+    def detect(cls, jobs: int) -> DevicePlan:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        try:
+            import torch
+
+            count = torch.cuda.device_count()
+        except Exception:  # no usable CUDA is simply "no GPU"
+            count = 0
+        if visible is not None and visible.strip():
+            ids = [v.strip() for v in visible.split(",") if v.strip()][:count]
+        else:
+            ids = [str(i) for i in range(count)]
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # pragma: no cover - not Linux
+            cores = os.cpu_count() or 1
+        return cls(jobs, ids, max(1, cores // jobs))
+
+    def env(self, slot: int) -> dict[str, str]:
+        env = {
+            "OMP_NUM_THREADS": str(self.threads),
+            "MKL_NUM_THREADS": str(self.threads),
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1",
+        }
+        if self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot % len(self.gpus)]
+        return env
+
+    def summary(self) -> str:
+        if not self.gpus:
+            return f"{self.jobs} job(s) on the CPU, {self.threads} thread(s) each"
+        shared = " (jobs share GPUs)" if self.jobs > len(self.gpus) else ""
+        return f"{self.jobs} job(s) on {len(self.gpus)} GPU(s){shared}"
+
+    def describe(self, slot: int) -> str:
+        return f"GPU {self.gpus[slot % len(self.gpus)]}" if self.gpus else f"CPU, {self.threads} thread(s)"
+
+
+@dataclass
+class _Running:
+    point: SweepPoint
+    process: subprocess.Popen
+    slot: int
+    started: float
+    log: IO[str]
+
+
+class _Status:
+    """DIR/status.json and DIR/sweep.log, kept current as points change state."""
+
+    def __init__(self, layout: SweepLayout, sweep: Sweep, jobs: int) -> None:
+        self.layout = layout
+        self.data: dict[str, Any] = {
+            "sweep": sweep.source,
+            "out": str(layout.root),
+            "pid": os.getpid(),
+            "jobs": jobs,
+            "started": _now(),
+            "updated": _now(),
+            "finished": False,
+            "counts": {},
+            "points": {p.name: {"state": "pending"} for p in sweep.points},
+        }
+
+    def event(self, message: str) -> None:
+        with self.layout.log.open("a") as handle:
+            handle.write(f"{_now()} {message}\n")
+
+    def set(self, name: str, state: str, **info: Any) -> None:
+        entry = self.data["points"][name]
+        entry["state"] = state
+        entry.update(info)
+        self.write()
+
+    def write(self, finished: bool = False) -> None:
+        states = [p["state"] for p in self.data["points"].values()]
+        self.data["counts"] = {s: states.count(s) for s in sorted(set(states))}
+        self.data["updated"] = _now()
+        self.data["finished"] = finished
+        write_json(self.layout.status, self.data)
+
+
+def classify_points(sweep: Sweep, layout: SweepLayout) -> tuple[list[SweepPoint], list[SweepPoint]]:
+    """Split the points into (finished, to do); a finished run with another config is an error."""
+    done: list[SweepPoint] = []
+    todo: list[SweepPoint] = []
+    for point in sweep.points:
+        folder = layout.run(point.name)
+        if is_complete(folder):
+            _check_finished(point, folder)
+            done.append(point)
+        else:
+            todo.append(point)
+    return done, todo
+
+
+def prepare_point_folders(sweep: Sweep, layout: SweepLayout) -> tuple[list[SweepPoint], list[SweepPoint]]:
+    """Check the finished points, then write sweep.yaml and every point's config; (finished, to do)."""
+    done, todo = classify_points(sweep, layout)  # before anything in the folder is overwritten
+    layout.root.mkdir(parents=True, exist_ok=True)
+    layout.sweep.write_text(yaml.safe_dump(sweep.to_json(), sort_keys=False))
+    for point in sweep.points:
+        path = layout.point_config(point.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        point.config.save(path)
+    return done, todo
+
+
+def warm_data_cache(points: list[SweepPoint]) -> None:
+    """Check every point's data and write the shared split / few-shot caches once, up front.
+
+    Parallel points would otherwise race to create the same cache files, and a missing center
+    or class folder should fail now, not halfway through the sweep.
+    """
+    from savlt.engine.inputs import prepare_inputs
+
+    seen: set[str] = set()
+    for point in points:
+        cfg = point.config
+        key = json.dumps(
+            [cfg.to_dict()["data"], cfg.train.shots, cfg.train.seed], sort_keys=True, default=str
+        )
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            prepare_inputs(cfg)
+        except SavltError as exc:
+            raise SweepError(f"point {point.name}: {exc}") from None
+
+
+def _start(point: SweepPoint, layout: SweepLayout, plan: DevicePlan, slot: int, python: str) -> _Running:
+    folder = layout.run(point.name)
+    if folder.exists():  # an interrupted or failed attempt: start clean
+        shutil.rmtree(folder)
+    log_path = layout.point_log(point.name)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = log_path.open("w")
+    command = [
+        python,
+        "-m",
+        "savlt.cli",
+        "train",
+        "--config",
+        str(layout.point_config(point.name)),
+        "--out",
+        str(folder),
+        "-q",
+    ]
+    log.write(" ".join(command) + "\n")
+    log.flush()
+    process = subprocess.Popen(
+        command,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **plan.env(slot)},
+        preexec_fn=_die_with_parent(),
+    )
+    return _Running(point, process, slot, time.time(), log)
+
+
+def _stop(running: list[_Running], grace: float = 10.0) -> None:
+    for job in running:
+        if job.process.poll() is None:
+            job.process.terminate()
+    deadline = time.time() + grace
+    for job in running:
+        try:
+            job.process.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            job.process.kill()
+            job.process.wait()
+        job.log.close()
+
+
+def run_sweep(
+    sweep: Sweep,
+    out: str | Path,
+    jobs: int = 1,
+    progress: bool = True,
+    python: str | None = None,
+    on_failure: Callable[[PointFailure], None] | None = None,
+) -> SweepResult:
+    """Train every unfinished point of `sweep` into ``out/runs/<name>``, `jobs` at a time.
+
+    Returns what happened; the summary is written by ``savlt.sweep.aggregate`` (the CLI and
+    ``run_sweep_file`` call it at the end of every invocation, also after an interruption).
+    """
+    if jobs < 1:
+        raise SweepError(f"--jobs must be >= 1, got {jobs}")
+    layout = SweepLayout(out)
+    result = SweepResult(layout.root)
+    started = time.time()
+    with _exclusive(layout):
+        done, todo = prepare_point_folders(sweep, layout)
+        status = _Status(layout, sweep, jobs)
+        for point in done:
+            status.data["points"][point.name]["state"] = "skipped"
+        result.skipped = [p.name for p in done]
+        status.write()
+        if todo:
+            warm_data_cache(todo)
+        plan = DevicePlan.detect(min(jobs, max(1, len(todo))))  # threads for the jobs that will run
+        status.event(
+            f"sweep {sweep.source}: {len(sweep.points)} points, {len(done)} already complete, "
+            f"{len(todo)} to train, {plan.summary()}"
+        )
+        queue = list(todo)
+        running: list[_Running] = []
+        free = list(range(jobs))
+        bar = tqdm(total=len(sweep.points), initial=len(done), desc="sweep", unit="run", disable=not progress)
+        try:
+            while queue or running:
+                while queue and free:
+                    point = queue.pop(0)
+                    if layout.run(point.name).exists():
+                        status.event(
+                            f"wiping the unfinished run folder of {point.name} (interrupted or failed earlier)"
+                        )
+                    job = _start(point, layout, plan, free.pop(0), python or sys.executable)
+                    running.append(job)
+                    status.set(
+                        point.name,
+                        "running",
+                        device=plan.describe(job.slot),
+                        started=_now(),
+                        log=str(layout.point_log(point.name).relative_to(layout.root)),
+                    )
+                    status.event(f"started {point.name} ({plan.describe(job.slot)})")
+                time.sleep(0.2)
+                for job in [j for j in running if j.process.poll() is not None]:
+                    running.remove(job)
+                    free.append(job.slot)
+                    job.log.close()
+                    seconds = round(time.time() - job.started, 1)
+                    code = job.process.returncode
+                    name = job.point.name
+                    if code == 0 and is_complete(layout.run(name)):
+                        result.trained.append(name)
+                        status.set(name, "complete", seconds=seconds, returncode=code)
+                        status.event(f"finished {name} in {seconds} s")
+                    else:
+                        failure = PointFailure(
+                            name, code, layout.point_log(name), _tail(layout.point_log(name))
+                        )
+                        result.failed.append(failure)
+                        status.set(name, "failed", seconds=seconds, returncode=code)
+                        status.event(f"FAILED {name} (exit status {code}); log: {failure.log}")
+                        if on_failure is not None:
+                            on_failure(failure)
+                    bar.update(1)
+                    bar.set_postfix(failed=len(result.failed))
+        except KeyboardInterrupt:
+            result.interrupted = True
+            for job in running:
+                status.set(job.point.name, "interrupted")
+            status.event(f"interrupted; stopping {len(running)} point(s) in flight")
+        finally:
+            finished = not (result.interrupted or queue or running)
+            _stop(running)  # also on an unexpected error: no point outlives the sweep
+            bar.close()
+            result.seconds = time.time() - started
+            status.data["seconds"] = round(result.seconds, 1)
+            status.write(finished=finished)
+            status.event(
+                f"{'interrupted' if result.interrupted else 'done'} after {result.seconds:.0f} s: "
+                f"{len(result.trained)} trained, {len(result.skipped)} skipped, {len(result.failed)} failed"
+            )
+    return result
