@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from savlt.config import ConfigError, load_config
-from savlt.models.adapters import parameter_counts
+from savlt.models.adapters import adalora_orthogonality, parameter_counts
 from savlt.models.backbone import BackboneError, backbone_fingerprint, build_random, load_backbone
 from savlt.models.savlt import SavltModel
 
@@ -76,6 +76,34 @@ def test_only_adapters_projection_pooling_and_prototypes_train(kind: str) -> Non
     assert not any("text_model" in n for n in trainable)
     n_trainable, total = parameter_counts(model)
     assert 0 < n_trainable < total / 5
+
+
+def test_adalora_orthogonality_penalty_is_the_mean_frobenius_distance_and_zero_when_orthonormal() -> None:
+    model = model_for("peft.type=adalora")
+    factors = [
+        (n, p.detach())
+        for n, p in model.named_parameters()
+        if p.requires_grad and ("lora_A" in n or "lora_B" in n)
+    ]
+    assert factors
+    expected = sum(
+        float(
+            torch.linalg.norm(
+                (p @ p.T if "lora_A" in n else p.T @ p)
+                - torch.eye(p.shape[0] if "lora_A" in n else p.shape[1])
+            )
+        )
+        for n, p in factors
+    ) / len(factors)
+    penalty = adalora_orthogonality(model)
+    assert penalty.item() == pytest.approx(expected, rel=1e-5)
+    with torch.no_grad():  # orthonormal factors: no penalty
+        for name, param in factors:
+            q, _ = torch.linalg.qr(torch.randn(max(param.shape), min(param.shape)))  # orthonormal columns
+            param.copy_(q.T if "lora_A" in name else q)
+    assert adalora_orthogonality(model).item() == pytest.approx(0.0, abs=1e-5)
+    with pytest.raises(ConfigError, match="no AdaLoRA factors"):
+        adalora_orthogonality(torch.nn.Linear(2, 2))
 
 
 def test_gradual_step_and_text_adapters_choose_the_layers_and_ranks() -> None:
