@@ -82,3 +82,25 @@ def test_a_missing_or_broken_config_file_is_a_one_line_error(tmp_path: Path, cap
     (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_only_rank_zero_logs_progress_to_the_console() -> None:
+    import io
+    import logging
+
+    from savlt.cli import console_handler
+
+    def shown(rank: str, level: int) -> str:
+        handler = console_handler(logging.INFO, rank)
+        handler.setStream(io.StringIO())
+        logger = logging.getLogger(f"savlt.test-rank-{rank}")
+        logger.propagate = False
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+        logger.log(level, "message")
+        logger.removeHandler(handler)
+        return handler.stream.getvalue()
+
+    assert shown("0", logging.INFO) == "INFO savlt.test-rank-0: message\n"
+    assert shown("1", logging.INFO) == ""
+    assert shown("1", logging.WARNING) == "[rank 1] WARNING savlt.test-rank-1: message\n"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from savlt.config import ConfigError, load_config
-from savlt.models.adapters import adalora_orthogonality, parameter_counts
+from savlt.models.adapters import adalora_factors, adalora_orthogonality, parameter_counts
 from savlt.models.backbone import BackboneError, backbone_fingerprint, build_random, load_backbone
 from savlt.models.savlt import SavltModel
 
@@ -95,15 +95,15 @@ def test_adalora_orthogonality_penalty_is_the_mean_frobenius_distance_and_zero_w
         )
         for n, p in factors
     ) / len(factors)
-    penalty = adalora_orthogonality(model)
+    penalty = adalora_orthogonality(adalora_factors(model))
     assert penalty.item() == pytest.approx(expected, rel=1e-5)
     with torch.no_grad():  # orthonormal factors: no penalty
         for name, param in factors:
             q, _ = torch.linalg.qr(torch.randn(max(param.shape), min(param.shape)))  # orthonormal columns
             param.copy_(q.T if "lora_A" in name else q)
-    assert adalora_orthogonality(model).item() == pytest.approx(0.0, abs=1e-5)
+    assert adalora_orthogonality(adalora_factors(model)).item() == pytest.approx(0.0, abs=1e-5)
     with pytest.raises(ConfigError, match="no AdaLoRA factors"):
-        adalora_orthogonality(torch.nn.Linear(2, 2))
+        adalora_factors(torch.nn.Linear(2, 2))
 
 
 def test_gradual_step_and_text_adapters_choose_the_layers_and_ranks() -> None:

@@ -19,6 +19,7 @@ from savlt.config import load_config
 from savlt.engine.checkpoint import CheckpointError
 from savlt.engine.run import load_run, train
 from savlt.errors import SavltError
+from savlt.models.adapters import adalora_orthogonality
 from savlt.models.backbone import build_random
 
 CENTER_SIZES = {"mixed": 15, "xiangya": 40, "huaxi": 40}  # 8 per class: 3 of them in mixed's test split
@@ -244,9 +245,22 @@ def test_baselines_train_save_and_reload(method: str, synth_root: Path, tmp_path
         assert not load_file(str(tmp_path / "adapter.safetensors"))
 
 
-def test_adalora_and_text_adapters_train(synth_root: Path, tmp_path: Path) -> None:
+def test_adalora_and_text_adapters_train(
+    synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import savlt.engine.train as engine_train
+
+    penalties: list[float] = []
+
+    def recorded(factors):
+        penalty = adalora_orthogonality(factors)
+        penalties.append(float(penalty.detach()))
+        return penalty
+
+    monkeypatch.setattr(engine_train, "adalora_orthogonality", recorded)
     cfg = fast_config(synth_root, "peft.type=adalora", "train.max_steps=10", "data.test_centers=[]")
     assert train(cfg, tmp_path / "ada", progress=False)["centers"]["mixed"]["n"] == 15
+    assert len(penalties) == 10 and all(p > 0 for p in penalties)  # the penalty is in every step's loss
     cfg = fast_config(synth_root, "peft.text=true", "data.test_centers=[]")
     train(cfg, tmp_path / "text", progress=False)
     names = load_file(str(tmp_path / "text" / "adapter.safetensors")).keys()

@@ -197,17 +197,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def console_handler(level: int, rank: str) -> logging.Handler:
+    """The console log: under ``accelerate launch`` (RANK set) only rank 0 reports progress; the
+    other ranks print warnings and errors only, marked with their rank."""
+    console = logging.StreamHandler()
+    if rank in ("", "0"):
+        console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        console.setLevel(max(level, logging.WARNING))
+        console.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(name)s: %(message)s"))
+    return console
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.INFO
-    console = logging.StreamHandler()
-    rank = os.environ.get("RANK", "0")  # set by `accelerate launch`: only rank 0 reports progress
-    if rank not in ("", "0"):
-        console.setLevel(max(level, logging.WARNING))
-        console.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(name)s: %(message)s"))
-    else:
-        console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[console])
+    logging.basicConfig(level=level, handlers=[console_handler(level, os.environ.get("RANK", "0"))])
     try:
         return int(args.func(args) or 0)
     except SavltError as exc:

@@ -88,14 +88,13 @@ def run_inference(
     local = {k: (np.concatenate(v) if v else None) for k, v in parts.items()}
     if accelerator.num_processes > 1:
         shards_out = gather_object([(mine, local)])  # one entry per process, in rank order
-        order = np.array([i for idx, _ in shards_out for i in idx], dtype=np.int64)
-        if sorted(order.tolist()) != list(range(len(records))):
+        # the shards are contiguous and gathered in rank order, so concatenation is record order
+        if [i for idx, _ in shards_out for i in idx] != list(range(len(records))):
             raise RuntimeError(
                 f"the {accelerator.num_processes} processes did not score every image exactly once"
             )
-        back = np.argsort(order)  # rank-ordered rows -> record order
         merged = {
-            k: np.concatenate([part[k] for _, part in shards_out if part[k] is not None])[back] for k in parts
+            k: np.concatenate([part[k] for _, part in shards_out if part[k] is not None]) for k in parts
         }
     else:
         merged = local

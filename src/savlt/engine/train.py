@@ -28,7 +28,7 @@ from savlt.data.discover import ImageRecord
 from savlt.data.transforms import train_transform
 from savlt.engine.inference import loader_for, run_inference
 from savlt.engine.inputs import StepBatches
-from savlt.models.adapters import adalora_orthogonality
+from savlt.models.adapters import adalora_factors, adalora_orthogonality
 from savlt.models.savlt import SavltModel
 from savlt.models.tissue import MaskStore
 
@@ -91,6 +91,7 @@ def fit(
     )
     # AdaLoRA's orthogonality penalty, once per optimiser step (spread over the accumulated micro-steps)
     orth_weight = adalora.peft_config["default"].orth_reg_weight / t.grad_accum if adalora else 0.0
+    factors = adalora_factors(adalora) if orth_weight else []
     state = TrainState()
     # Each process holds batch/world scans; summing and dividing by the global batch makes the
     # DDP-averaged gradient equal to the single-process mean.
@@ -109,7 +110,7 @@ def fit(
             out = wrapped(pixels, mask)
             loss = model.loss(out, labels) * loss_scale
             if orth_weight:
-                loss = loss + orth_weight * adalora_orthogonality(adalora)
+                loss = loss + orth_weight * adalora_orthogonality(factors)
         accelerator.backward(loss)
         running += float(loss.detach()) / accelerator.num_processes
         state.roi_fallbacks += int(out.fallback.sum())

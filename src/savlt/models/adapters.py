@@ -91,17 +91,25 @@ def parameter_counts(module: nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in module.parameters())
 
 
-def adalora_orthogonality(model: nn.Module) -> torch.Tensor:
-    """AdaLoRA's orthogonality penalty: the mean over its factors of ‖PPᵀ − I‖_F (P = lora_A, r × in)
-    and ‖QᵀQ − I‖_F (Q = lora_B, out × r). peft adds it only to a model output's own ``loss``;
-    SAVLT computes its loss itself, so the training loop adds this term (× ``orth_reg_weight``)."""
+def adalora_factors(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The trainable AdaLoRA factors, P (``lora_A``, r × in) and Q (``lora_B``, out × r), by name."""
+    factors = [
+        (name, param)
+        for name, param in model.named_parameters()
+        if param.requires_grad and ("lora_A" in name or "lora_B" in name)
+    ]
+    if not factors:
+        raise ConfigError("the model has no AdaLoRA factors (lora_A / lora_B) to regularise")
+    return factors
+
+
+def adalora_orthogonality(factors: list[tuple[str, nn.Parameter]]) -> torch.Tensor:
+    """AdaLoRA's orthogonality penalty: the mean over its factors of ‖PPᵀ − I‖_F and ‖QᵀQ − I‖_F.
+    peft adds it only to a model output's own ``loss``; SAVLT computes its loss itself, so the
+    training loop adds this term (× ``orth_reg_weight``)."""
     terms = []
-    for name, param in model.named_parameters():
-        if not param.requires_grad or not ("lora_A" in name or "lora_B" in name):
-            continue
+    for name, param in factors:
         gram = param @ param.T if "lora_A" in name else param.T @ param  # (r, r)
         eye = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
         terms.append(torch.linalg.matrix_norm(gram - eye))
-    if not terms:
-        raise ConfigError("the model has no AdaLoRA factors (lora_A / lora_B) to regularise")
     return torch.stack(terms).mean()
