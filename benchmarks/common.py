@@ -1,16 +1,23 @@
-"""Shared set-up for the benchmarks: a random CLIP of ViT-B/16 shapes and a timer."""
+"""Shared set-up for the benchmarks: a random CLIP of ViT-B/16 shapes and a timer.
+
+The tests' slow reference implementations (``tests/reference.py``) are importable from here.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from savlt.config import load_config
 from savlt.models.backbone import build_random
-from savlt.models.savlt import SavltModel
+from savlt.models.savlt import SavltModel, model_from_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def parse(description: str, batch: int = 32) -> argparse.Namespace:
@@ -25,8 +32,8 @@ def parse(description: str, batch: int = 32) -> argparse.Namespace:
 
 def model_for(method: str, preset: str, device: str, steps: int = 100) -> SavltModel:
     torch.manual_seed(0)
-    cfg = load_config(overrides=[f"method={method}", f"model.backbone={preset}"])
-    return SavltModel(cfg, build_random(preset), steps).to(device)
+    cfg = load_config(overrides=[f"method={method}", f"model.backbone={preset}", f"train.max_steps={steps}"])
+    return model_from_config(cfg, build_random(preset)).to(device)
 
 
 def batch_for(size: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

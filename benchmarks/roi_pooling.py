@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 from common import parse, timed
+from reference import roi_pool_reference
 
-from savlt.models.pooling import RoiAttentionPool, roi_pool_reference
+from savlt.models.pooling import RoiAttentionPool
 from savlt.models.roi import patches_in_boxes
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from savlt.cli import main
-from savlt.config import METHODS, Config, ConfigError, load_config
+from savlt.config import Config, ConfigError, load_config
+from savlt.methods import METHODS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -13,10 +13,10 @@ import torch
 from conftest import write_mask, write_png
 from PIL import Image
 
+from savlt.classes import DEFAULT_CLASSES, ClassMap, UnknownClassError, normalise_class_name
 from savlt.cli import main
 from savlt.config import load_config
 from savlt.data.check import check_dataset
-from savlt.data.classes import DEFAULT_CLASSES, ClassMap, UnknownClassError, normalise_class_name
 from savlt.data.dataset import OCTDataset
 from savlt.data.discover import DataError, scan_dataset
 from savlt.data.imageio import ImageDecodeError, read_image, read_mask
@@ -182,7 +182,7 @@ def test_ratio_split_is_seeded_per_class_and_disjoint(synth_root: Path) -> None:
 def test_split_and_few_shot_are_cached_as_json(synth_root: Path, tmp_path: Path) -> None:
     cfg = load_config(overrides=[f"data.root={synth_root}", f"data.cache_dir={tmp_path}"])
     center = scan_dataset(synth_root, CLASSES, ["mixed"]).center("mixed")
-    split = resolve_split(cfg.data, center, tmp_path)
+    split = resolve_split(center, tmp_path, cfg.data.split_ratios, cfg.data.split_seed)
     cached = list(tmp_path.glob("split_mixed_*.json"))
     assert len(cached) == 1 and json.loads(cached[0].read_text())["test"] == split.test
     few = resolve_few_shot(split, center, shots=2, seed=5, cache=tmp_path)

@@ -11,12 +11,13 @@ import torch
 from savlt.config import ConfigError, load_config
 from savlt.models.adapters import adalora_factors, adalora_orthogonality, parameter_counts
 from savlt.models.backbone import BackboneError, backbone_fingerprint, build_random, load_backbone
-from savlt.models.savlt import SavltModel
+from savlt.models.savlt import SavltModel, model_from_config
 
 
 def model_for(*overrides: str, steps: int = 20) -> SavltModel:
     torch.manual_seed(0)
-    return SavltModel(load_config(overrides=list(overrides)), build_random(), steps)
+    cfg = load_config(overrides=[*overrides, f"train.max_steps={steps}"])
+    return model_from_config(cfg, build_random())
 
 
 def batch(size: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,9 +69,9 @@ def test_missing_weights_say_how_to_provide_them(tmp_path: Path, monkeypatch) ->
 def test_only_adapters_projection_pooling_and_prototypes_train(kind: str) -> None:
     model = model_for(f"peft.type={kind}")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    allowed = re.compile(r"(lora_|hada_|lokr_|ranknum|visual_projection|^pool\.|^prototypes$)")
+    allowed = re.compile(r"(lora_|hada_|lokr_|ranknum|visual_projection|^pool\.|^head\.prototypes$)")
     assert all(allowed.search(n) for n in trainable), [n for n in trainable if not allowed.search(n)]
-    assert any("visual_projection" in n for n in trainable) and "prototypes" in trainable
+    assert any("visual_projection" in n for n in trainable) and "head.prototypes" in trainable
     adapted = {n for n in trainable if "vision_model" in n and "visual_projection" not in n}
     assert adapted, "vision adapters exist"
     assert not any("text_model" in n for n in trainable)
@@ -143,26 +144,29 @@ def test_forward_shapes_roi_and_loss_mixture() -> None:
     kept = out.attention[0, 0] > 0
     assert kept.reshape(14, 14)[3:].all() and not kept.reshape(14, 14)[:3].any()  # rows >= 40/16
     logits = model.logits(out)
-    assert torch.allclose(logits, 100 * (0.5 * out.text_sim + 0.5 * out.proto_sim))
+    assert torch.allclose(logits, 100 * (0.5 * out.scores["text"] + 0.5 * out.scores["proto"]))
     scale = model.clip_model.logit_scale.exp()
-    expected = 0.5 * torch.nn.functional.cross_entropy(scale * out.text_sim, labels, reduction="sum")
-    expected += 0.5 * torch.nn.functional.cross_entropy(scale * out.proto_sim, labels, reduction="sum")
+    expected = 0.5 * torch.nn.functional.cross_entropy(scale * out.scores["text"], labels, reduction="sum")
+    expected += 0.5 * torch.nn.functional.cross_entropy(scale * out.scores["proto"], labels, reduction="sum")
     assert torch.allclose(model.loss(out, labels), expected)
 
 
 def test_alpha_ends_and_methods_switch_parts_off() -> None:
     pixels, masks, _ = batch(2)
     text_only = model_for("model.alpha=0")
-    assert text_only.prototypes is None
+    assert text_only.head.prototypes is None
     proto_only = model_for("method=savlt_proto_only")
     with torch.no_grad():
-        assert proto_only(pixels, masks).text_sim is None
+        assert set(proto_only(pixels, masks).scores) == {"proto"}
     cls = model_for("method=clip_lora")
     assert cls.pool is None and not cls.uses_masks
     zero = model_for("method=zero_shot")
     assert parameter_counts(zero)[0] == 0
     probe = model_for("method=linear_probe")
-    assert [n for n, p in probe.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
+    assert [n for n, p in probe.named_parameters() if p.requires_grad] == [
+        "head.linear.weight",
+        "head.linear.bias",
+    ]
 
 
 def test_a_few_steps_reduce_the_loss_on_a_fixed_batch() -> None:

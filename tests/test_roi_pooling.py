@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from reference import roi_pool_reference
 
-from savlt.models.pooling import RoiAttentionPool, roi_pool_reference
+from savlt.data.masks import MaskStore, classical_tissue_mask
+from savlt.models.pooling import RoiAttentionPool
 from savlt.models.roi import patches_in_boxes, roi_boxes
-from savlt.models.tissue import MaskStore, classical_tissue_mask
 
 
 def naive_roi_box(mask: np.ndarray, top_fraction: float) -> tuple[float, ...]:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from savlt.cli import main
 from savlt.config import load_config
-from savlt.data.discover import DataError
+from savlt.data.discover import DataError, scan_data
 from savlt.data.imageio import ImageDecodeError, read_image, read_mask
 from savlt.errors import SavltError
 from savlt.seg import SegmenterError, SegmenterSpec, TissueSegmenter, load_segmenter, save_segmenter
@@ -28,7 +28,7 @@ from savlt.seg.metrics import dice_iou
 from savlt.seg.model import build_model
 from savlt.seg.predict import predict_dataset
 from savlt.seg.pretrained import load_encoder_weights
-from savlt.seg.samples import masked_records, scan_for
+from savlt.seg.samples import masked_records
 from savlt.seg.train import augment, train_segmenter
 
 CLASSES = ("cyst", "cancer")
@@ -127,7 +127,7 @@ def test_training_reaches_dice_and_writes_its_folder(trained, data_root, capsys)
 
 
 def test_images_without_mask_are_counted_in_one_log_line(data_root, caplog):
-    scan = scan_for(cfg_for(data_root), data_root, ["mixed", "huaxi"])
+    scan = scan_data(data_root, cfg_for(data_root).class_map(), ["mixed", "huaxi"])
     with caplog.at_level(logging.INFO, logger="savlt.seg.samples"):
         records = masked_records(scan)
     assert len(records) == 12
@@ -274,14 +274,14 @@ def test_predict_into_the_data_root_keeps_ground_truth(trained, data_root, tmp_p
     truth = root / "mixed" / "masks" / "cyst" / "mixed_00.png"
     before = truth.read_bytes()
     segmenter = load_segmenter(trained / "fold0")
-    scan = scan_for(cfg_for(root), root, ["mixed"])
+    scan = scan_data(root, cfg_for(root).class_map(), ["mixed"])
     summary = predict_dataset(segmenter, scan, progress=False)
     assert summary.written == 2 and len(summary.skipped) == 12 and truth in summary.skipped
     assert "use --overwrite" in summary.describe()
     assert truth.read_bytes() == before
     assert (root / "mixed" / "masks" / "cyst" / "mixed_12.png").is_file()
     summary = predict_dataset(
-        segmenter, scan_for(cfg_for(root), root, ["mixed"]), overwrite=True, progress=False
+        segmenter, scan_data(root, cfg_for(root).class_map(), ["mixed"]), overwrite=True, progress=False
     )
     assert summary.written == 14 and not summary.skipped
 
@@ -290,7 +290,7 @@ def test_predict_into_the_data_root_keeps_ground_truth(trained, data_root, tmp_p
 
 
 def test_evaluate_scores_segmenter_and_classical_side_by_side(trained, data_root, tmp_path):
-    scan = scan_for(cfg_for(data_root), data_root, ["xiangya"])
+    scan = scan_data(data_root, cfg_for(data_root).class_map(), ["xiangya"])
     quality = evaluate_roi(scan, load_segmenter(trained / "fold0"), progress=False)
     rows = {s["source"]: s for s in (src.summary() for src in quality.sources)}
     assert list(rows) == ["segmenter", "classical"]

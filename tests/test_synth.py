@@ -13,13 +13,13 @@ import pytest
 import tifffile
 from PIL import Image
 
-from savlt.data.classes import DEFAULT_CLASSES
+from savlt.classes import DEFAULT_CLASSES
+from savlt.data.imageio import read_image
 from savlt.data.synth import (
-    CLASS_SHORT_NAMES,
     DEFAULT_CENTERS,
+    SynthError,
     generate_dataset,
     image_rng,
-    read_gray,
     render_bscan,
     scanner_signature,
     write_preview,
@@ -29,6 +29,14 @@ SIZE = (96, 128)
 PER_CLASS = 3
 SUFFIX = {"mixed": ".png", "xiangya": ".tif", "huaxi": ".jpg"}
 HSIL = "high-grade_squamous_intraepithelial_lesion"
+# File stems use the project's short class names, lower-cased.
+STEM_NAMES = {
+    "mild_inflammation": "inflammation",
+    "cyst": "cyst",
+    "ectropion": "ectropion",
+    HSIL: "hsil",
+    "cancer": "cancer",
+}
 
 
 def _generate(out: Path, **kwargs) -> object:
@@ -40,7 +48,8 @@ def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _read_mask(path: Path) -> np.ndarray:
+def _read_png(path: Path) -> np.ndarray:
+    """The pixels as stored (dtype and channels untouched), to check the file format itself."""
     return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
 
 
@@ -60,11 +69,11 @@ def test_layout_counts_and_summary(dataset: tuple[Path, object]) -> None:
         for class_name in DEFAULT_CLASSES:
             images = sorted((out / center / "images" / class_name).iterdir())
             masks = sorted((out / center / "masks" / class_name).iterdir())
-            short = CLASS_SHORT_NAMES[class_name]
-            expected = [f"{center}_{short}_{i:04d}" for i in range(PER_CLASS)]
+            expected = [f"{center}_{STEM_NAMES[class_name]}_{i:04d}" for i in range(PER_CLASS)]
             assert [p.stem for p in images] == expected
             assert {p.suffix for p in images} == {SUFFIX[center]}
             assert [p.name for p in masks] == [f"{stem}.png" for stem in expected]
+    assert not list(out.rglob(".*"))  # files are written atomically: no temporary files are left behind
 
 
 def test_preview_is_a_small_labelled_png(dataset: tuple[Path, object]) -> None:
@@ -81,15 +90,15 @@ def test_preview_is_a_small_labelled_png(dataset: tuple[Path, object]) -> None:
 
 def test_file_formats_per_center(dataset: tuple[Path, object]) -> None:
     out, _ = dataset
-    png = _read_mask(next((out / "mixed" / "images" / "cyst").iterdir()))
+    png = _read_png(next((out / "mixed" / "images" / "cyst").iterdir()))
     assert png.dtype == np.uint8 and png.shape == SIZE
     tif = tifffile.imread(next((out / "xiangya" / "images" / "cyst").iterdir()))
     assert tif.dtype == np.uint16 and tif.shape == SIZE
     assert 255 < tif.max() <= 40000  # partial 16-bit range: readers must rescale by the image's range
     with Image.open(next((out / "huaxi" / "images" / "cyst").iterdir())) as jpg:
         assert (jpg.format, jpg.mode, jpg.size) == ("JPEG", "L", SIZE[::-1])
-    rescaled = read_gray(next((out / "xiangya" / "images" / "cyst").iterdir()))
-    assert rescaled.min() == 0.0 and rescaled.max() == 1.0
+    rescaled = read_image(next((out / "xiangya" / "images" / "cyst").iterdir()))
+    assert rescaled.dtype == np.uint8 and rescaled.min() == 0 and rescaled.max() == 255
 
 
 def test_masks_are_binary_same_shape_and_fill_down_from_the_surface(dataset: tuple[Path, object]) -> None:
@@ -97,8 +106,8 @@ def test_masks_are_binary_same_shape_and_fill_down_from_the_surface(dataset: tup
     for center in DEFAULT_CENTERS:
         for class_name in DEFAULT_CLASSES:
             for image_path in (out / center / "images" / class_name).iterdir():
-                mask = _read_mask(out / center / "masks" / class_name / f"{image_path.stem}.png")
-                assert mask.dtype == np.uint8 and mask.shape == read_gray(image_path).shape
+                mask = _read_png(out / center / "masks" / class_name / f"{image_path.stem}.png")
+                assert mask.dtype == np.uint8 and mask.shape == read_image(image_path).shape[:2]
                 assert set(np.unique(mask)) == {0, 255}
                 # Once a column is tissue it stays tissue to the bottom; air is always on top.
                 assert (np.diff(mask.astype(np.int16), axis=0) >= 0).all()
@@ -163,35 +172,37 @@ def test_unknown_centers_get_a_stable_signature_and_png(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    ("kwargs", "named"),
     [
-        {"per_class": 0},
-        {"per_class": 2.5},
-        {"per_class": True},
-        {"seed": -1},
-        {"centers": ()},
-        {"centers": "mixed"},
-        {"centers": ("mixed", "mixed")},
-        {"centers": ("Huaxi", "huaxi")},
-        {"centers": ("",)},
-        {"centers": ("a/b",)},
-        {"centers": ("..",)},
-        {"size": (32, 128)},
-        {"size": (96,)},
-        {"size": (96.0, 128)},
-        {"size": (96, 100_000)},
+        ({"per_class": 0}, "per_class must be >= 1, got 0"),
+        ({"per_class": 2.5}, "per_class must be a whole number >= 1, got 2.5"),
+        ({"per_class": True}, "per_class must be a whole number"),
+        ({"seed": -1}, "seed must be >= 0, got -1"),
+        ({"centers": ()}, "centers is empty"),
+        ({"centers": "mixed"}, "centers must be a list of center names"),
+        ({"centers": ("mixed", "mixed")}, "duplicate center name 'mixed'"),
+        ({"centers": ("Huaxi", "huaxi")}, "duplicate center name 'huaxi'"),
+        ({"centers": ("",)}, "bad center name ''"),
+        ({"centers": ("a/b",)}, "bad center name 'a/b'"),
+        ({"centers": ("..",)}, "bad center name '..'"),
+        ({"size": (32, 128)}, "height must be >= 64, got 32"),
+        ({"size": (96,)}, "size must be two whole numbers (height, width)"),
+        ({"size": (96.0, 128)}, "height must be a whole number"),
+        ({"size": (96, 100_000)}, "size must be at most 4096 x 4096 pixels, got 96 x 100000"),
     ],
 )
-def test_bad_arguments_raise_value_error(tmp_path: Path, kwargs: dict) -> None:
-    with pytest.raises(ValueError):
+def test_bad_arguments_raise_a_one_line_synth_error(tmp_path: Path, kwargs: dict, named: str) -> None:
+    with pytest.raises(SynthError) as caught:
         _generate(tmp_path / "data", **kwargs)
+    assert named in str(caught.value) and "\n" not in str(caught.value)
+    assert isinstance(caught.value, ValueError)  # callers catching ValueError keep working
     assert not (tmp_path / "data").exists()  # nothing is written before the arguments are checked
 
 
 def test_out_that_is_a_file_raises(tmp_path: Path) -> None:
     target = tmp_path / "file.txt"
     target.write_text("not a folder")
-    with pytest.raises(ValueError, match="folder"):
+    with pytest.raises(SynthError, match="out must be a folder"):
         _generate(target)
 
 
@@ -203,7 +214,7 @@ def test_rerun_overwrites_and_leaves_no_stale_files(tmp_path: Path) -> None:
     for kind in ("images", "masks"):
         for class_name in DEFAULT_CLASSES:
             generated = [p for p in (tmp_path / "mixed" / kind / class_name).iterdir() if p != keep]
-            assert [p.stem for p in generated] == [f"mixed_{CLASS_SHORT_NAMES[class_name]}_0000"]
+            assert [p.stem for p in generated] == [f"mixed_{STEM_NAMES[class_name]}_0000"]
     assert keep.exists()
     assert summary.preview is None and not (tmp_path / "preview.png").exists()
 
@@ -213,7 +224,7 @@ def test_write_preview_for_an_existing_folder(dataset: tuple[Path, object], tmp_
     path = write_preview(out)
     with Image.open(path) as sheet:
         assert sheet.mode == "L" and sheet.size[0] > sheet.size[1] / 3
-    with pytest.raises(ValueError):
+    with pytest.raises(SynthError, match="no generated images"):
         write_preview(tmp_path)
 
 

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from savlt.cli import main
 from savlt.config import load_config
 from savlt.engine.checkpoint import CheckpointError
-from savlt.engine.run import load_run, train
+from savlt.engine.loaded import load_run
+from savlt.engine.training import train
 from savlt.errors import SavltError
 from savlt.models.adapters import adalora_orthogonality
 from savlt.models.backbone import build_random
@@ -89,7 +90,8 @@ def test_checkpoint_holds_only_what_was_trained(fast_run) -> None:
     out, _ = fast_run
     tensors = load_file(str(out / "adapter.safetensors"))
     assert all(
-        ("lora_" in n) or n.startswith(("pool.", "prototypes")) or "visual_projection" in n for n in tensors
+        ("lora_" in n) or n.startswith(("pool.", "head.prototypes")) or "visual_projection" in n
+        for n in tensors
     )
     assert sum(t.numel() for t in tensors.values()) < 100_000  # the tiny backbone alone has ~700k
 
@@ -193,7 +195,7 @@ def test_a_checkpoint_of_another_method_is_refused(fast_run, tmp_path: Path) -> 
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
     (copy / "config.yaml").write_text((copy / "config.yaml").read_text().replace("r: 8", "r: 4"))
-    with pytest.raises(CheckpointError, match="does not fit this model.*shape differs"):
+    with pytest.raises(CheckpointError, match="does not fit this model.*of another shape"):
         load_run(copy)
 
 
@@ -248,7 +250,7 @@ def test_baselines_train_save_and_reload(method: str, synth_root: Path, tmp_path
 def test_adalora_and_text_adapters_train(
     synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import savlt.engine.train as engine_train
+    import savlt.engine.fit as engine_fit
 
     penalties: list[float] = []
 
@@ -257,7 +259,7 @@ def test_adalora_and_text_adapters_train(
         penalties.append(float(penalty.detach()))
         return penalty
 
-    monkeypatch.setattr(engine_train, "adalora_orthogonality", recorded)
+    monkeypatch.setattr(engine_fit, "adalora_orthogonality", recorded)
     cfg = fast_config(synth_root, "peft.type=adalora", "train.max_steps=10", "data.test_centers=[]")
     assert train(cfg, tmp_path / "ada", progress=False)["centers"]["mixed"]["n"] == 15
     assert len(penalties) == 10 and all(p > 0 for p in penalties)  # the penalty is in every step's loss

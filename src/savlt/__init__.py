@@ -19,11 +19,13 @@ __version__ = "0.1.0"
 # Imported on first use, so `import savlt` (and the CLI) stay fast.
 _API = {
     "Config": "savlt.config",
+    "METHODS": "savlt.methods",
+    "Method": "savlt.methods",
     "load_config": "savlt.config",
-    "train": "savlt.engine.run",
-    "load_run": "savlt.engine.run",
-    "Run": "savlt.engine.run",
-    "Prediction": "savlt.engine.run",
+    "train": "savlt.engine.training",
+    "load_run": "savlt.engine.loaded",
+    "Run": "savlt.engine.loaded",
+    "Prediction": "savlt.engine.loaded",
 }
 __all__ = sorted(_API)
 

@@ -12,24 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-from savlt.config import load_config
+from savlt.config import add_config_arguments, config_from_args
 from savlt.errors import SavltError
-
-
-def _config_from_args(args: argparse.Namespace, extra: list[str]) -> object:
-    """Defaults <- --config YAML <- the command's own flags <- --set key=value."""
-    return load_config(args.config, [*extra, *(args.set or [])])
-
-
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="YAML configuration file")
-    parser.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.lr=5e-4",
-    )
-
+from savlt.methods import METHODS
 
 # ------------------------------------------------------------------------------ commands
 
@@ -52,32 +37,28 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_data_check(args: argparse.Namespace) -> int:
     from savlt.data.check import check_dataset
 
-    cfg = _config_from_args(args, [])
+    cfg = config_from_args(args)
     class_map = cfg.class_map()
     report = check_dataset(args.root, class_map, progress=not args.quiet)
     print(report.render())
     return 0 if report.clean else 1
 
 
-def _train_overrides(args: argparse.Namespace) -> list[str]:
-    pairs = [
-        ("data.root", args.data),
-        ("train.shots", args.shots),
-        ("train.seed", args.seed),
-        ("model.backbone", args.model),
-        ("method", args.method),
-        ("roi.segmenter", args.segmenter),
-    ]
-    return [f"{key}={value}" for key, value in pairs if value is not None]
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
-    from savlt.engine.run import train
+    from savlt.engine.training import train
     from savlt.report.summary import results_table
 
-    cfg = _config_from_args(args, _train_overrides(args))
+    flags = {
+        "data.root": args.data,
+        "train.shots": args.shots,
+        "train.seed": args.seed,
+        "model.backbone": args.model,
+        "method": args.method,
+        "roi.segmenter": args.segmenter,
+    }
+    cfg = config_from_args(args, flags)
     metrics = train(cfg, args.out, progress=not args.quiet)
     if PartialState().is_main_process:  # under `accelerate launch`, one process reports
         print(results_table(metrics))
@@ -86,7 +67,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from savlt.engine.run import load_run
+    from savlt.engine.loaded import load_run
     from savlt.report.summary import results_table
 
     run = load_run(args.run)
@@ -101,9 +82,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import json
 
-    from savlt.data.classes import short_name
-    from savlt.engine.run import load_run
-    from savlt.report.tables import text_table
+    from savlt.classes import short_name
+    from savlt.engine.loaded import load_run
+    from savlt.io import text_table
 
     run = load_run(args.run)
     predictions = run.predict(args.images, heatmap_dir=args.heatmap)
@@ -161,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("check", help="count images per center and class, and list every problem")
     p.add_argument("root", type=Path)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    _add_config_flags(p)
+    add_config_arguments(p)
     p.set_defaults(func=cmd_data_check)
     p = sub.add_parser("train", help="train SAVLT (or a baseline) on K shots and evaluate every center")
     p.add_argument("--data", type=Path, help="data root (data.root)")
@@ -169,13 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="training seed (train.seed)")
     p.add_argument("--out", type=Path, required=True, help="run folder")
     p.add_argument("--model", help="backbone: tiny, a hub id or a local folder (model.backbone)")
-    p.add_argument(
-        "--method",
-        help="savlt, clip_lora, zero_shot, linear_probe, savlt_no_roi, savlt_no_proto, savlt_proto_only",
-    )
+    p.add_argument("--method", choices=list(METHODS), help="the method to train (default savlt)")
     p.add_argument("--segmenter", help="tissue-segmenter checkpoint folder (roi.segmenter)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    _add_config_flags(p)
+    add_config_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="re-score a saved run on the internal test split and other centers")

@@ -8,22 +8,32 @@ that folder alone.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
+import os
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from savlt.data.classes import DEFAULT_CLASSES, DEFAULT_HIGH_RISK, ClassMap
+from savlt.classes import DEFAULT_CLASSES, DEFAULT_HIGH_RISK, ClassMap
 from savlt.errors import SavltError
+from savlt.io import write_text
+from savlt.methods import METHODS, Method, Pooling
 
 
 class ConfigError(SavltError):
     """A configuration value, key or file that cannot be used; the message names it."""
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
 
 
 @dataclass
@@ -54,6 +64,20 @@ class DataConfig:
     classes: list[ClassSpec] = field(default_factory=_default_classes)
     high_risk: list[str] = field(default_factory=lambda: list(DEFAULT_HIGH_RISK))
 
+    def __post_init__(self) -> None:
+        ratios = self.split_ratios
+        _need(
+            len(ratios) == 3 and all(r >= 0 for r in ratios) and abs(sum(ratios) - 1) < 1e-6,
+            f"data.split_ratios: {ratios} must be three non-negative fractions (train, val, test) summing to 1",
+        )
+        names = [c.name for c in self.classes]
+        _need(len(names) >= 2, "data.classes: at least two classes are needed")
+        _need(len(set(names)) == len(names), f"data.classes: duplicate class names in {names}")
+        for name in self.high_risk:
+            _need(name in names, f"data.high_risk: {name!r} is not a configured class ({', '.join(names)})")
+        _need(self.image_size >= 32, "data.image_size must be at least 32")
+        _need(self.num_workers >= 0, "data.num_workers must be >= 0")
+
 
 @dataclass
 class RoiConfig:
@@ -62,6 +86,13 @@ class RoiConfig:
     segmenter: str | None = None
     # The ROI starts at the first all-tissue row at or below this fraction of the height.
     top_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        _need(0 <= self.top_fraction < 1, "roi.top_fraction must lie in [0, 1)")
+        _need(
+            self.mask_source != "segmenter" or self.segmenter is not None,
+            "roi.mask_source=segmenter needs roi.segmenter (a segmenter checkpoint folder, e.g. --segmenter seg/fold0)",
+        )
 
 
 @dataclass
@@ -76,19 +107,28 @@ class PeftConfig:
     text_r: int = 2
     text_alpha: float = 16.0
 
+    def __post_init__(self) -> None:
+        _need(self.r >= 1 and self.text_r >= 1, "peft.r and peft.text_r must be >= 1")
+        _need(0 <= self.dropout < 1, "peft.dropout must lie in [0, 1)")
+        _need(self.gradual_step is None or self.gradual_step >= 1, "peft.gradual_step must be >= 1")
+
 
 @dataclass
 class ModelConfig:
     # A Hugging Face hub id (read from the local cache), a local folder, or "tiny" (built in,
     # random weights, for demos and tests).
     backbone: str = "openai/clip-vit-base-patch16"
-    pooling: Literal["roi", "attn", "cls"] = "roi"
+    pooling: Pooling = "roi"
     heads: int = 4
     # Weight of the prototype branch: 0 = text anchors only, 1 = prototypes only.
     alpha: float = 0.5
     inference_scale: float = 100.0
     # Reading weights is offline-first; only with this set may a missing checkpoint be fetched.
     allow_download: bool = False
+
+    def __post_init__(self) -> None:
+        _need(0 <= self.alpha <= 1, f"model.alpha: {self.alpha} must lie in [0, 1]")
+        _need(self.heads >= 1, "model.heads must be >= 1")
 
 
 @dataclass
@@ -108,12 +148,35 @@ class TrainConfig:
     hflip: bool = True
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
 
+    def __post_init__(self) -> None:
+        _need(self.shots >= 1, "train.shots must be >= 1")
+        _need(
+            self.batch_size >= 1 and self.grad_accum >= 1,
+            "train.batch_size and train.grad_accum must be >= 1",
+        )
+        _need(self.lr > 0 and self.min_lr >= 0, "train.lr must be > 0 and train.min_lr >= 0")
+        _need(self.n_iters >= 1, "train.n_iters must be >= 1")
+        _need(self.max_steps is None or self.max_steps >= 1, "train.max_steps must be >= 1")
+        _need(
+            len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+            f"train.crop_scale: {self.crop_scale} must be [low, high] with 0 < low <= high <= 1",
+        )
+
+    @property
+    def total_steps(self) -> int:
+        """Optimiser steps of the run: max_steps, else n_iters × shots (the published schedule)."""
+        return self.max_steps or self.n_iters * self.shots
+
 
 @dataclass
 class EvalConfig:
     batch_size: int = 64
     bootstrap: int = 1000
     ci_level: float = 0.95
+
+    def __post_init__(self) -> None:
+        _need(self.bootstrap >= 0, "eval.bootstrap must be >= 0")
+        _need(0 < self.ci_level < 1, "eval.ci_level must lie in (0, 1)")
 
 
 @dataclass
@@ -134,27 +197,15 @@ class SegConfig:
     seed: int = 0
     plateau_patience: int = 3
 
-
-METHODS = (
-    "savlt",
-    "clip_lora",
-    "zero_shot",
-    "linear_probe",
-    "savlt_no_roi",
-    "savlt_no_proto",
-    "savlt_proto_only",
-)
-
-# What each method fixes; every other value stays free (e.g. alpha is free for "savlt").
-METHOD_PRESETS: dict[str, dict[str, Any]] = {
-    "savlt": {},
-    "clip_lora": {"model.pooling": "cls", "model.alpha": 0.0},
-    "zero_shot": {"model.pooling": "cls", "model.alpha": 0.0},
-    "linear_probe": {"model.pooling": "cls"},
-    "savlt_no_roi": {"model.pooling": "attn"},
-    "savlt_no_proto": {"model.alpha": 0.0},
-    "savlt_proto_only": {"model.alpha": 1.0},
-}
+    def __post_init__(self) -> None:
+        _need(self.folds >= 2, "seg.folds must be >= 2 (k-fold cross-validation)")
+        _need(self.epochs >= 1 and self.batch_size >= 1, "seg.epochs and seg.batch_size must be >= 1")
+        _need(
+            self.image_size >= 32 and self.image_size % 32 == 0,
+            "seg.image_size must be a multiple of 32, at least 32",
+        )
+        _need(0 < self.threshold < 1, "seg.threshold must lie in (0, 1)")
+        _need(self.lr > 0, "seg.lr must be > 0")
 
 
 @dataclass
@@ -168,6 +219,14 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     seg: SegConfig = field(default_factory=SegConfig)
 
+    def __post_init__(self) -> None:
+        _need(self.method in METHODS, f"method: {self.method!r} is not one of {', '.join(METHODS)}")
+
+    @property
+    def method_spec(self) -> Method:
+        """The entry of ``savlt.methods.METHODS`` this run uses."""
+        return METHODS[self.method]
+
     @property
     def class_names(self) -> list[str]:
         return [c.name for c in self.data.classes]
@@ -180,7 +239,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def get(self, key: str) -> Any:
         """Value at a dotted key, e.g. ``cfg.get("train.shots")``."""
@@ -275,6 +334,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if hint is str:
+        if isinstance(value, os.PathLike):  # a path given as a value (CLI flag, Python API)
+            return os.fspath(value)
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return str(value)
@@ -298,63 +359,12 @@ def _build(cls: type, data: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
-def _check_ranges(cfg: Config) -> None:
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise ConfigError(message)
-
-    need(cfg.method in METHODS, f"method: {cfg.method!r} is not one of {', '.join(METHODS)}")
-    ratios = cfg.data.split_ratios
-    need(
-        len(ratios) == 3 and all(r >= 0 for r in ratios) and abs(sum(ratios) - 1) < 1e-6,
-        f"data.split_ratios: {ratios} must be three non-negative fractions (train, val, test) summing to 1",
-    )
-    names = cfg.class_names
-    need(len(names) >= 2, "data.classes: at least two classes are needed")
-    need(len(set(names)) == len(names), f"data.classes: duplicate class names in {names}")
-    for name in cfg.data.high_risk:
-        need(name in names, f"data.high_risk: {name!r} is not a configured class ({', '.join(names)})")
-    need(cfg.data.image_size >= 32, "data.image_size must be at least 32")
-    need(cfg.data.num_workers >= 0, "data.num_workers must be >= 0")
-    need(0 <= cfg.roi.top_fraction < 1, "roi.top_fraction must lie in [0, 1)")
-    need(
-        cfg.roi.mask_source != "segmenter" or cfg.roi.segmenter is not None,
-        "roi.mask_source=segmenter needs roi.segmenter (a segmenter checkpoint folder, e.g. --segmenter seg/fold0)",
-    )
-    need(0 <= cfg.model.alpha <= 1, f"model.alpha: {cfg.model.alpha} must lie in [0, 1]")
-    need(cfg.model.heads >= 1, "model.heads must be >= 1")
-    need(cfg.peft.r >= 1 and cfg.peft.text_r >= 1, "peft.r and peft.text_r must be >= 1")
-    need(0 <= cfg.peft.dropout < 1, "peft.dropout must lie in [0, 1)")
-    need(cfg.peft.gradual_step is None or cfg.peft.gradual_step >= 1, "peft.gradual_step must be >= 1")
-    t = cfg.train
-    need(t.shots >= 1, "train.shots must be >= 1")
-    need(t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")
-    need(t.lr > 0 and t.min_lr >= 0, "train.lr must be > 0 and train.min_lr >= 0")
-    need(t.n_iters >= 1, "train.n_iters must be >= 1")
-    need(t.max_steps is None or t.max_steps >= 1, "train.max_steps must be >= 1")
-    need(
-        len(t.crop_scale) == 2 and 0 < t.crop_scale[0] <= t.crop_scale[1] <= 1,
-        f"train.crop_scale: {t.crop_scale} must be [low, high] with 0 < low <= high <= 1",
-    )
-    seg = cfg.seg
-    need(seg.folds >= 2, "seg.folds must be >= 2 (k-fold cross-validation)")
-    need(seg.epochs >= 1 and seg.batch_size >= 1, "seg.epochs and seg.batch_size must be >= 1")
-    need(
-        seg.image_size >= 32 and seg.image_size % 32 == 0,
-        "seg.image_size must be a multiple of 32, at least 32",
-    )
-    need(0 < seg.threshold < 1, "seg.threshold must lie in (0, 1)")
-    need(seg.lr > 0, "seg.lr must be > 0")
-    need(cfg.eval.bootstrap >= 0, "eval.bootstrap must be >= 0")
-    need(0 < cfg.eval.ci_level < 1, "eval.ci_level must lie in (0, 1)")
-
-
 def _apply_method(tree: dict[str, Any], user_keys: dict[str, Any]) -> None:
     """Fix the values a method defines; an explicit conflicting setting is an error."""
     method = tree.get("method", Config.method)
-    if method not in METHOD_PRESETS:
+    if method not in METHODS:
         raise ConfigError(f"method: {method!r} is not one of {', '.join(METHODS)}")
-    for key, value in METHOD_PRESETS[method].items():
+    for key, value in METHODS[method].fixed().items():
         if key in user_keys and user_keys[key] != value:
             raise ConfigError(
                 f"method {method} fixes {key}={value!r}, but the configuration sets {key}={user_keys[key]!r}; "
@@ -367,9 +377,7 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     """Validate a (possibly partial) nested mapping into a Config."""
     tree = dict(tree)
     _apply_method(tree, _flatten(tree))
-    cfg = _build(Config, tree, "")
-    _check_ranges(cfg)
-    return cfg
+    return _build(Config, tree, "")
 
 
 def read_yaml(path: str | Path, what: str) -> Any:
@@ -383,14 +391,24 @@ def read_yaml(path: str | Path, what: str) -> Any:
         raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- ``key=value`` overrides, checked into a Config."""
+def load_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    values: Mapping[str, Any] | None = None,
+) -> Config:
+    """Defaults <- YAML file <- `values` <- ``key=value`` overrides, checked into a Config.
+
+    `values` maps dotted keys to Python values taken as they are (a path stays a path, whatever
+    its name); `overrides` are ``key=value`` strings whose values are read as YAML (``--set``).
+    """
     tree: dict[str, Any] = {}
     if path is not None:
         loaded = read_yaml(path, "config file")
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         tree = loaded or {}
+    for key, value in (values or {}).items():
+        set_dotted(tree, key, value)
     for text in overrides:
         key, value = parse_override(text)
         set_dotted(tree, key, value)
@@ -399,3 +417,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     except ConfigError as exc:
         where = f" (from {path})" if path is not None else ""
         raise ConfigError(f"{exc}{where}") from None
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE`` and ``--set KEY=VALUE``, the same on every command that reads a Config."""
+    parser.add_argument("--config", type=Path, help="YAML configuration file")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=5e-4 (applied last)",
+    )
+
+
+def config_from_args(args: argparse.Namespace, flags: Mapping[str, Any] | None = None) -> Config:
+    """Defaults <- --config YAML <- the command's own flags (dotted key -> value; None = not
+    given) <- --set key=value."""
+    given = {key: value for key, value in (flags or {}).items() if value is not None}
+    return load_config(args.config, args.set, given)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from savlt.data.classes import ClassMap, short_name
+from savlt.classes import ClassMap, short_name
 from savlt.data.discover import DatasetScan, Problem, scan_dataset
 from savlt.data.imageio import ImageDecodeError, read_image, read_mask
-from savlt.report.tables import text_table
+from savlt.io import text_table
 
 
 @dataclass
@@ -64,12 +64,6 @@ class CheckReport:
             parts.append(f"{len(self.problems)} problem(s):")
             parts += [f"  [{p.kind}] {p.message}" for p in self.problems]
         return "\n".join(parts)
-
-
-def _short(name: str) -> str:
-    return {"high-grade_squamous_intraepithelial_lesion": "HSIL", "mild_inflammation": "inflammation"}.get(
-        name, name
-    )
 
 
 def check_dataset(root: str | Path, class_map: ClassMap, progress: bool = True) -> CheckReport:

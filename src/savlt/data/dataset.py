@@ -1,6 +1,6 @@
 """The torch Dataset: decoded scan + tissue mask through one transform, with label and path.
 
-Masks are computed once per image before training (see ``savlt.models.tissue``) and handed in
+Masks are computed once per image before training (see ``savlt.data.masks``) and handed in
 as a mapping, so no segmenter runs inside a training step. Augmentation randomness comes from a
 per-sample seed chosen by the sampler, so a run is reproducible whatever the number of loader
 workers or processes.
@@ -47,10 +47,6 @@ class OCTDataset(Dataset[Sample]):
 
     def __len__(self) -> int:
         return len(self.records)
-
-    @property
-    def labels(self) -> list[int]:
-        return [self.label_index[r.label] for r in self.records]
 
     def __getitem__(self, item: int | tuple[int, int]) -> Sample:
         index, seed = item if isinstance(item, tuple) else (item, None)

@@ -8,13 +8,16 @@ all and training can refuse the ones that matter.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from savlt.data.classes import ClassMap, UnknownClassError
+from savlt.classes import ClassMap, UnknownClassError
 from savlt.data.imageio import IMAGE_EXTENSIONS, MASK_EXTENSION, is_image_file
 from savlt.errors import SavltError
+
+log = logging.getLogger(__name__)
 
 
 class DataError(SavltError):
@@ -160,3 +163,24 @@ def scan_dataset(root: str | Path, class_map: ClassMap, centers: list[str] | Non
     if not found:
         raise DataError(f"no center folders under {root} (expected ROOT/<center>/images/<class>/<files>)")
     return DatasetScan(root=root, centers=found, problems=problems)
+
+
+def scan_data(root: str | Path | None, class_map: ClassMap, centers: list[str] | None = None) -> DatasetScan:
+    """`scan_dataset` for a command: a missing root is an error saying how to give one, and the
+    problems found and the classes missing from a center are logged (``savlt data check`` lists
+    every problem by path)."""
+    if not root:
+        raise DataError("no data root: pass --data ROOT (or set data.root)")
+    scan = scan_dataset(root, class_map, centers)
+    for center in scan.centers.values():
+        if center.missing_classes:
+            log.warning("center %s has no images of: %s", center.name, ", ".join(center.missing_classes))
+    if scan.problems:
+        log.warning(
+            "%d data problem(s) under %s, e.g. %s (run `savlt data check %s` for all)",
+            len(scan.problems),
+            root,
+            scan.problems[0].message,
+            root,
+        )
+    return scan

@@ -10,26 +10,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
-from savlt.config import DataConfig
 from savlt.data.discover import CenterData, DataError
-from savlt.data.splits import (
-    FewShot,
-    Split,
-    load_few_shot,
-    load_split,
-    ratio_split,
-    sample_few_shot,
-    write_json,
-)
+from savlt.data.splits import FewShot, Split, load_few_shot, load_split, ratio_split, sample_few_shot
+from savlt.io import write_json
 
 log = logging.getLogger(__name__)
 
 
-def cache_folder(data: DataConfig) -> Path | None:
-    """The writable cache folder, or None (with a warning) when there is none."""
-    folder = Path(data.cache_dir) if data.cache_dir else Path(data.root or ".") / ".savlt"
+def cache_folder(root: str | Path | None, cache_dir: str | Path | None = None) -> Path | None:
+    """The writable cache folder (`cache_dir`, else ROOT/.savlt), or None (with a warning) when
+    there is none."""
+    folder = Path(cache_dir) if cache_dir else Path(root or ".") / ".savlt"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".write-test"
@@ -46,12 +40,18 @@ def _digest(split: Split) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-def resolve_split(data: DataConfig, center: CenterData, cache: Path | None) -> Split:
+def resolve_split(
+    center: CenterData,
+    cache: Path | None,
+    ratios: Sequence[float],
+    seed: int,
+    split_file: str | Path | None = None,
+) -> Split:
     """The user's split file, else the cached ratio split, else a new ratio split (then cached)."""
-    if data.split_file:
-        return load_split(data.split_file, center)
-    ratios = "-".join(f"{round(r * 100)}" for r in data.split_ratios)
-    cached = cache / f"split_{center.name}_r{ratios}_seed{data.split_seed}.json" if cache else None
+    if split_file:
+        return load_split(split_file, center)
+    ratio_text = "-".join(f"{round(r * 100)}" for r in ratios)
+    cached = cache / f"split_{center.name}_r{ratio_text}_seed{seed}.json" if cache else None
     if cached is not None and cached.is_file():
         try:
             split = load_split(cached, center)
@@ -71,7 +71,7 @@ def resolve_split(data: DataConfig, center: CenterData, cache: Path | None) -> S
                 cached,
             )
         return split
-    split = ratio_split(center, data.split_ratios, data.split_seed)
+    split = ratio_split(center, list(ratios), seed)
     if cached is not None:
         write_json(cached, split.to_json())
     return split

@@ -165,14 +165,6 @@ def sample_few_shot(split: Split, center: CenterData, shots: int, seed: int) -> 
     return FewShot(center.name, shots, seed, train, val)
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write atomically, so an interrupted run never leaves half a file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # private to this process: no race
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-
-
 def load_few_shot(file: Path, center: CenterData) -> FewShot:
     data = json.loads(file.read_text())
     known = center.by_rel()

@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from savlt.errors import SavltError
+from savlt.io import atomic_path, state_mismatch
 from savlt.models.backbone import backbone_fingerprint
 from savlt.models.savlt import SavltModel
 
@@ -28,17 +29,15 @@ def trainable_state(model: SavltModel) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(model: SavltModel, path: str | Path, backbone_name: str) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
+def save_checkpoint(model: SavltModel, path: str | Path, backbone_name: str, method: str) -> None:
     metadata = {
         "format": FORMAT,
         "backbone": backbone_name,
         "fingerprint": backbone_fingerprint(model.clip_model),
-        "method": model.method,
+        "method": method,
     }
-    save_file(trainable_state(model), str(tmp), metadata=metadata)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(trainable_state(model), str(tmp), metadata=metadata)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -68,21 +67,12 @@ def load_checkpoint(model: SavltModel, path: str | Path) -> None:
         )
     tensors = load_file(str(path))
     expected = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [n for n in set(expected) & set(tensors) if tuple(expected[n].shape) != tuple(tensors[n].shape)]
-    if missing or unexpected or wrong:
-        details = "; ".join(
-            f"{label}: {', '.join(names[:3])}{' …' if len(names) > 3 else ''}"
-            for label, names in (
-                ("missing", missing),
-                ("unexpected", unexpected),
-                ("shape differs", sorted(wrong)),
-            )
-            if names
-        )
+    mismatch = state_mismatch(
+        {n: p.shape for n, p in expected.items()}, {n: t.shape for n, t in tensors.items()}
+    )
+    if mismatch:
         raise CheckpointError(
-            f"checkpoint {path} does not fit this model ({details}); was it saved with another "
+            f"checkpoint {path} does not fit this model ({mismatch}); was it saved with another "
             "method, adapter type, class list or backbone?"
         )
     with torch.no_grad():

@@ -19,9 +19,9 @@ from tqdm import tqdm
 from savlt.config import Config
 from savlt.data.dataset import OCTDataset
 from savlt.data.discover import ImageRecord
+from savlt.data.masks import MaskStore
 from savlt.data.transforms import eval_transform
 from savlt.models.savlt import SavltModel
-from savlt.models.tissue import MaskStore
 
 
 @dataclass

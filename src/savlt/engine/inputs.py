@@ -4,7 +4,6 @@ evaluation sets, and the deterministic step-wise batch sampler.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,11 +12,9 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from savlt.config import Config, ConfigError
-from savlt.data.discover import DataError, DatasetScan, ImageRecord, scan_dataset
+from savlt.data.discover import DataError, DatasetScan, ImageRecord, scan_data
 from savlt.data.prepare import cache_folder, resolve_few_shot, resolve_split
 from savlt.data.splits import FewShot, Split, load_few_shot, load_split
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,31 +53,22 @@ def _test_centers(cfg: Config, scan: DatasetScan) -> list[str]:
     return [name for name in scan.centers if name != cfg.data.train_center]
 
 
-def scan_for(cfg: Config, centers: list[str] | None = None) -> DatasetScan:
-    if not cfg.data.root:
-        raise ConfigError("no data root: pass --data ROOT (or set data.root)")
-    scan = scan_dataset(cfg.data.root, cfg.class_map(), centers)
-    for center in scan.centers.values():
-        if center.missing_classes:
-            log.warning("center %s has no images of: %s", center.name, ", ".join(center.missing_classes))
-    return scan
-
-
 def prepare_inputs(cfg: Config) -> RunInputs:
     """Scan the data, then split the training center and draw the few-shot lists (cached)."""
-    scan = scan_for(cfg)
+    data = cfg.data
+    scan = scan_data(data.root, cfg.class_map())
     tests = _test_centers(cfg, scan)
-    scan.require_usable([cfg.data.train_center, *tests])
-    train_center = scan.center(cfg.data.train_center)
-    cache = cache_folder(cfg.data)
-    split = resolve_split(cfg.data, train_center, cache)
+    scan.require_usable([data.train_center, *tests])
+    train_center = scan.center(data.train_center)
+    cache = cache_folder(data.root, data.cache_dir)
+    split = resolve_split(train_center, cache, data.split_ratios, data.split_seed, data.split_file)
     few = resolve_few_shot(split, train_center, cfg.train.shots, cfg.train.seed, cache)
     return RunInputs(scan, split, few, tests)
 
 
 def reload_inputs(cfg: Config, split_file: Path, few_shot_file: Path, centers: list[str] | None) -> RunInputs:
     """The inputs of a saved run, re-read against a (possibly moved) data root."""
-    scan = scan_for(cfg)
+    scan = scan_data(cfg.data.root, cfg.class_map())
     tests = centers if centers is not None else _test_centers(cfg, scan)
     scan.require_usable(tests)
     if cfg.data.train_center not in scan.centers:

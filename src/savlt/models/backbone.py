@@ -44,10 +44,6 @@ class Backbone:
         vision = self.clip.config.vision_config
         return int(vision.image_size) // int(vision.patch_size)
 
-    @property
-    def num_vision_layers(self) -> int:
-        return int(self.clip.config.vision_config.num_hidden_layers)
-
 
 def tiny_tokenizer(max_length: int = 128) -> CLIPTokenizer:
     """A CLIP byte-level BPE tokenizer without merges: one token per character."""

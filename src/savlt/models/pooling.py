@@ -1,4 +1,4 @@
-"""ROI attention pooling (DESIGN.md §3.4), batched and masked.
+"""ROI attention pooling, batched and masked.
 
 The width D of the patch tokens is split into H heads; head h has a learnable query q_h and
 weights its ROI patches by softmax(<q_h, t_h> / sqrt(D/H)) over the patches inside the ROI. The
@@ -40,23 +40,3 @@ class RoiAttentionPool(nn.Module):
         weights = scores.softmax(dim=-1)  # (B, H, N)
         pooled = torch.einsum("bhn,bnhd->bhd", weights.to(tokens.dtype), per_head).reshape(batch, dim)
         return self.proj(pooled), weights
-
-
-def roi_pool_reference(pool: RoiAttentionPool, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """The formula written as loops over samples, heads and patches (the published code's way).
-
-    Only for checking the batched version in tests and benchmarks: it is orders of magnitude slower.
-    """
-    batch, n, dim = tokens.shape
-    width = dim // pool.heads
-    outputs = []
-    for b in range(batch):
-        inside = [i for i in range(n) if keep[b, i]]
-        heads = []
-        for h in range(pool.heads):
-            part = slice(h * width, (h + 1) * width)
-            scores = torch.stack([tokens[b, i, part] @ pool.queries[h] / math.sqrt(width) for i in inside])
-            weights = torch.softmax(scores, dim=0)
-            heads.append(sum(w * tokens[b, i, part] for w, i in zip(weights, inside, strict=True)))
-        outputs.append(pool.proj(torch.cat(heads)))
-    return torch.stack(outputs)

@@ -1,6 +1,6 @@
 """The structure prior as tensors: ROI boxes from tissue masks, and the patches inside them.
 
-ROI rule (DESIGN.md §3.3): the ROI is the horizontal band from the first row at or below
+ROI rule: the ROI is the horizontal band from the first row at or below
 ``top_fraction`` of the height whose pixels are all tissue, down to the bottom, i.e. the box
 (0, y/H, 1, 1) in normalised x0, y0, x1, y1. When no row qualifies the ROI is the whole image.
 Everything here works on whole batches; there is no loop over samples or rows.
@@ -11,8 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-
-WHOLE_IMAGE = (0.0, 0.0, 1.0, 1.0)
 
 
 def roi_boxes(masks: torch.Tensor, top_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,16 +1,15 @@
-"""The SAVLT classifier: CLIP (+ adapters) -> ROI attention pooling -> dual alignment.
+"""The SAVLT classifier: CLIP (+ adapters) -> pooling -> a head (``savlt.models.heads``).
 
 Image feature f: last-layer patch tokens (CLS dropped, after CLIP's final LayerNorm, which the
 visual projection expects) pooled over the ROI, a learnable D×D layer, the CLIP visual projection,
-L2 normalisation. Logits: text anchors T (normalised text features of the class descriptions)
-and visual prototypes P (one learnable vector per class, orthogonal init), mixed with alpha:
-loss = (1 − α)·CE(s·f·Tᵀ) + α·CE(s·f·Pᵀ), and prediction uses the same mixture at scale 100.
-The methods of ``savlt.config.METHODS`` are this model with parts switched off (CLS pooling,
-α = 0 or 1) or with a linear head on frozen features (linear probe).
+L2 normalisation. With ``pooling="cls"`` f is CLIP's own pooled CLS token through the projection;
+with ``"attn"`` the attention pooling covers every patch (no structure prior). Every method of
+``savlt.methods`` is this model with its switches set by ``model_from_config``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,55 +18,63 @@ from peft import PeftModel
 from torch import nn
 from transformers import CLIPModel
 
-from savlt.config import Config
+from savlt.config import Config, PeftConfig
+from savlt.methods import Head, Pooling
 from savlt.models.adapters import add_adapters
 from savlt.models.backbone import Backbone
+from savlt.models.heads import HEADS, Scores
 from savlt.models.pooling import RoiAttentionPool
 from savlt.models.roi import patches_in_boxes, roi_boxes
-
-# Methods that train no adapters.
-FROZEN_METHODS = ("zero_shot", "linear_probe")
 
 
 @dataclass
 class Output:
     features: torch.Tensor  # (B, E) L2-normalised image features
-    text_sim: torch.Tensor | None  # (B, C) cosine similarities to the text anchors
-    proto_sim: torch.Tensor | None  # (B, C) cosine similarities to the prototypes
-    linear: torch.Tensor | None  # (B, C) linear-probe logits
+    scores: Scores  # the head's named (B, C) score sets, e.g. {"text": …, "proto": …}
     attention: torch.Tensor | None  # (B, H, N) pooling weights over the patch grid
     boxes: torch.Tensor  # (B, 4) ROI boxes, normalised x0, y0, x1, y1
     fallback: torch.Tensor  # (B,) bool: no all-tissue row, the whole image was used
 
 
 class SavltModel(nn.Module):
-    def __init__(self, cfg: Config, backbone: Backbone, total_steps: int = 1) -> None:
+    """CLIP with optional adapters, a pooling and a head.
+
+    backbone: the CLIP and its tokenizer; class_texts: one description per class, in label order;
+    pooling: roi | attn | cls; alpha: prototype weight of the alignment head; heads: attention
+    heads of the pooling; head: a key of ``HEADS``; top_fraction: where the ROI band may start;
+    adapters: the peft set-up, or None to keep the whole backbone frozen (total_steps is the
+    schedule length AdaLoRA needs); inference_scale: the logit scale at prediction.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        class_texts: Sequence[str],
+        *,
+        pooling: Pooling = "roi",
+        alpha: float = 0.5,
+        heads: int = 4,
+        head: Head = "alignment",
+        top_fraction: float = 0.1,
+        adapters: PeftConfig | None = None,
+        total_steps: int = 1,
+        inference_scale: float = 100.0,
+    ) -> None:
         super().__init__()
-        self.method = cfg.method
-        self.pooling = cfg.model.pooling
-        self.alpha = cfg.model.alpha
-        self.inference_scale = cfg.model.inference_scale
-        self.top_fraction = cfg.roi.top_fraction
+        self.pooling = pooling
+        self.top_fraction = top_fraction
         self.grid = backbone.patch_grid
         clip = backbone.clip
         clip.requires_grad_(False)
-        self.text_trainable = cfg.peft.text and self.method not in FROZEN_METHODS
-        self.clip: nn.Module = (
-            clip if self.method in FROZEN_METHODS else add_adapters(clip, cfg.peft, total_steps)
-        )
+        self.text_trainable = adapters is not None and adapters.text
+        self.clip: nn.Module = clip if adapters is None else add_adapters(clip, adapters, total_steps)
 
         width = int(clip.config.vision_config.hidden_size)
         embed = int(clip.config.projection_dim)
-        n_classes = len(cfg.class_names)
-        self.pool = RoiAttentionPool(width, cfg.model.heads) if self.pooling in ("roi", "attn") else None
-        self.prototypes = None
-        if self.alpha > 0 and self.method != "linear_probe":
-            self.prototypes = nn.Parameter(nn.init.orthogonal_(torch.empty(n_classes, embed)))  # (C, E)
-        self.head = nn.Linear(embed, n_classes) if self.method == "linear_probe" else None
+        self.pool = RoiAttentionPool(width, heads) if pooling in ("roi", "attn") else None
+        self.head = HEADS[head](len(class_texts), embed, alpha, inference_scale)
 
-        tokens = backbone.tokenizer(
-            [c.description for c in cfg.data.classes], padding=True, truncation=True, return_tensors="pt"
-        )
+        tokens = backbone.tokenizer(list(class_texts), padding=True, truncation=True, return_tensors="pt")
         self.register_buffer("text_ids", tokens["input_ids"], persistent=False)  # (C, L)
         self.register_buffer("text_mask", tokens["attention_mask"], persistent=False)  # (C, L)
         with torch.no_grad():
@@ -127,31 +134,30 @@ class SavltModel(nn.Module):
                 keep = patches_in_boxes(boxes, self.grid)  # (B, N)
             pooled, attention = self.pool(tokens, keep)
         features = F.normalize(clip.visual_projection(pooled).float(), dim=-1)  # (B, E)
-        text_sim = features @ self.text_features().T if self.alpha < 1 and self.head is None else None
-        proto_sim = (
-            features @ F.normalize(self.prototypes.float(), dim=-1).T if self.prototypes is not None else None
-        )
-        linear = self.head(features) if self.head is not None else None
-        return Output(features, text_sim, proto_sim, linear, attention, boxes, fallback)
+        return Output(features, self.head.scores(features, self.text_features), attention, boxes, fallback)
 
-    # ------------------------------------------------------------------ heads
+    # ------------------------------------------------------------------ head
     def logits(self, out: Output) -> torch.Tensor:
-        """(B, C) class logits for prediction: the α-mixture of both alignments at scale 100."""
-        if out.linear is not None:
-            return out.linear
-        mixed = torch.zeros_like(out.features[:, :1])
-        if out.text_sim is not None:
-            mixed = mixed + (1 - self.alpha) * out.text_sim
-        if out.proto_sim is not None:
-            mixed = mixed + self.alpha * out.proto_sim
-        return self.inference_scale * mixed
+        """(B, C) class logits for prediction."""
+        return self.head.logits(out.scores)
 
     def loss(self, out: Output, labels: torch.Tensor) -> torch.Tensor:
-        """Summed (not averaged) dual-alignment loss, so shards of a batch add up exactly."""
-        scale = self.clip_model.logit_scale.exp().float()
-        total = torch.zeros((), device=labels.device)
-        if out.text_sim is not None:
-            total = total + (1 - self.alpha) * F.cross_entropy(scale * out.text_sim, labels, reduction="sum")
-        if out.proto_sim is not None:
-            total = total + self.alpha * F.cross_entropy(scale * out.proto_sim, labels, reduction="sum")
-        return total
+        """Summed (not averaged) loss, so shards of a batch add up exactly."""
+        return self.head.loss(out.scores, labels, self.clip_model.logit_scale.exp().float())
+
+
+def model_from_config(cfg: Config, backbone: Backbone) -> SavltModel:
+    """The model of a run: the method's switches (``cfg.method_spec``) and the configured sizes."""
+    method = cfg.method_spec
+    return SavltModel(
+        backbone,
+        [c.description for c in cfg.data.classes],
+        pooling=cfg.model.pooling,
+        alpha=cfg.model.alpha,
+        heads=cfg.model.heads,
+        head=method.head,
+        top_fraction=cfg.roi.top_fraction,
+        adapters=cfg.peft if method.adapters else None,
+        total_steps=cfg.train.total_steps,
+        inference_scale=cfg.model.inference_scale,
+    )

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from savlt.data.classes import short_name  # noqa: E402
+from savlt.classes import short_name  # noqa: E402
 
 
 def confusion_png(

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from savlt.io import markdown_table, text_table, write_text
 from savlt.report.plots import confusion_png, roc_png, training_curves_png
-from savlt.report.tables import markdown_table, text_table
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
@@ -100,5 +100,5 @@ def write_report(
             lines += [f"ROI fell back to the whole image for {fallback} of {m['n']} scans.", ""]
         lines += [f"![confusion]({f'confusion_{center}.png'}) ![ROC]({f'roc_{center}.png'})", ""]
     path = folder / "report.md"
-    path.write_text("\n".join(lines))
+    write_text(path, "\n".join(lines))
     return path

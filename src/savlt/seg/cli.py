@@ -1,26 +1,18 @@
 """``savlt seg train | predict | evaluate``: thin wrappers over savlt.seg, registered by savlt.cli.
 
-Flags are turned into ``key=value`` config overrides, applied after ``--config`` and before
-``--set``, so the saved config.yaml says exactly what ran.
+Flags are config values, applied after ``--config`` and before ``--set``, so the saved
+config.yaml says exactly what ran.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import typing
 from pathlib import Path
-from typing import Any
 
-from savlt.config import Config, SegConfig, load_config
+from savlt.config import SegConfig, add_config_arguments, config_from_args
 
 ARCHS = typing.get_args(typing.get_type_hints(SegConfig)["arch"])
-
-
-def _config(args: argparse.Namespace, flags: dict[str, Any]) -> Config:
-    """Defaults <- --config YAML <- the command's own flags <- --set key=value."""
-    own = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
-    return load_config(args.config, [*own, *(args.set or [])])
 
 
 def _centers(text: str | None) -> list[str] | None:
@@ -30,10 +22,7 @@ def _centers(text: str | None) -> list[str] | None:
 def _add_common(p: argparse.ArgumentParser, data_help: str) -> None:
     p.add_argument("--data", type=Path, help=data_help)
     p.add_argument("--centers", help="comma-separated center names (default: all)")
-    p.add_argument("--config", type=Path, help="YAML configuration file")
-    p.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. seg.lr=3e-4"
-    )
+    add_config_arguments(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
@@ -41,7 +30,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from savlt.seg.train import train_segmenter
 
     flags = {
-        "data.root": str(args.data) if args.data else None,
+        "data.root": args.data,
         "seg.centers": _centers(args.centers),
         "seg.arch": args.arch,
         "seg.encoder": args.encoder,
@@ -53,7 +42,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "seg.lr": args.lr,
         "seg.seed": args.seed,
     }
-    cfg = _config(args, flags)
+    cfg = config_from_args(args, flags)
     summary = train_segmenter(cfg, args.out, progress=not args.quiet)
     print(summary.table())
     print(
@@ -64,13 +53,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from savlt.data.discover import scan_data
     from savlt.seg.model import load_segmenter
     from savlt.seg.predict import predict_dataset
-    from savlt.seg.samples import scan_for
 
-    cfg = _config(args, {"data.root": str(args.data) if args.data else None})
+    cfg = config_from_args(args, {"data.root": args.data})
     segmenter = load_segmenter(args.segdir)
-    scan = scan_for(cfg, cfg.data.root, _centers(args.centers))
+    scan = scan_data(cfg.data.root, cfg.class_map(), _centers(args.centers))
     summary = predict_dataset(
         segmenter, scan, out=args.out, overwrite=args.overwrite, progress=not args.quiet
     )
@@ -79,14 +68,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from savlt.data.discover import scan_data
     from savlt.seg.evaluate import evaluate_roi, write_roi_quality
     from savlt.seg.model import load_segmenter, resolve_checkpoint
-    from savlt.seg.samples import scan_for
 
-    cfg = _config(args, {"data.root": str(args.data) if args.data else None})
+    cfg = config_from_args(args, {"data.root": args.data})
     folder = resolve_checkpoint(args.segdir) if args.segdir else None
     segmenter = load_segmenter(folder) if folder else None
-    scan = scan_for(cfg, cfg.data.root, _centers(args.centers))
+    scan = scan_data(cfg.data.root, cfg.class_map(), _centers(args.centers))
     quality = evaluate_roi(scan, segmenter, top_fraction=cfg.roi.top_fraction, progress=not args.quiet)
     out = args.out or args.segdir or Path("roi_quality")
     print(quality.table())

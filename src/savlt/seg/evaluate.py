@@ -15,19 +15,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from savlt.data.discover import DatasetScan
 from savlt.data.imageio import read_image, read_mask
-from savlt.data.splits import write_json
+from savlt.data.masks import classical_tissue_mask
+from savlt.io import markdown_table, progress_batches, text_table, write_json, write_text
 from savlt.models.roi import roi_boxes
-from savlt.models.tissue import classical_tissue_mask
-from savlt.report.tables import markdown_table, text_table
 from savlt.seg.metrics import dice_iou
 from savlt.seg.model import TissueSegmenter
 from savlt.seg.samples import masked_records
 
-MaskSource = Callable[[list[np.ndarray]], list[np.ndarray]]
+MaskFunction = Callable[[list[np.ndarray]], list[np.ndarray]]
 
 
 @dataclass
@@ -104,14 +102,12 @@ def evaluate_roi(
 ) -> RoiQuality:
     """Score the segmenter (if any) and the classical mask against every ground-truth mask of `scan`."""
     records = masked_records(scan)
-    sources: list[tuple[SourceScores, MaskSource]] = []
+    sources: list[tuple[SourceScores, MaskFunction]] = []
     if segmenter is not None:
         sources.append((SourceScores("segmenter"), segmenter.predict_masks))
     sources.append((SourceScores("classical"), lambda images: [classical_tissue_mask(i) for i in images]))
     truth_fallback = 0
-    bar = tqdm(total=len(records), desc="scoring ROI", unit="img", disable=not progress)
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
+    for chunk in progress_batches(records, batch_size, "scoring ROI", progress):
         images = [read_image(r.path) for r in chunk]
         truths = [read_mask(r.mask_path, image.shape[:2]) for r, image in zip(chunk, images, strict=True)]  # type: ignore[arg-type]
         true_y0 = [_y0(t, top_fraction) for t in truths]
@@ -124,8 +120,6 @@ def evaluate_roi(
                 scores.iou.append(float(iou[0]))
                 scores.band_error.append(abs(y0_pred - y0_true))
                 scores.fallback.append(fallback)
-        bar.update(len(chunk))
-    bar.close()
     return RoiQuality([s for s, _ in sources], truth_fallback, list(scan.centers), top_fraction)
 
 
@@ -146,5 +140,5 @@ def write_roi_quality(quality: RoiQuality, out: Path, segmenter_folder: Path | N
         markdown_table(RoiQuality.HEADER, quality.rows()),
         "",
     ]
-    (out / "roi_quality.md").write_text("\n".join(notes))
+    write_text(out / "roi_quality.md", "\n".join(notes))
     return [out / "roi_quality.json", out / "roi_quality.md"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from savlt.config import SegConfig
 from savlt.errors import SavltError
+from savlt.io import atomic_path, state_mismatch, write_json
 
 log = logging.getLogger(__name__)
 
@@ -176,12 +176,9 @@ def save_segmenter(segmenter: TissueSegmenter, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in segmenter.model.state_dict().items()}
-    tmp = folder / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp), metadata={"format": FORMAT})
-    os.replace(tmp, folder / WEIGHTS_FILE)
-    tmp = folder / (SPEC_FILE + ".tmp")
-    tmp.write_text(json.dumps(segmenter.spec.to_json(), indent=1))
-    os.replace(tmp, folder / SPEC_FILE)
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT})
+    write_json(folder / SPEC_FILE, segmenter.spec.to_json())
     return folder
 
 
@@ -208,16 +205,13 @@ def _check_state_fits(
     model: torch.nn.Module, state: Mapping[str, torch.Tensor], folder: Path, spec: SegmenterSpec
 ) -> None:
     """Compare names and shapes first, so a mismatch is one clear line rather than a torch traceback."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
-    if missing or unexpected or wrong:
-        first = (missing or unexpected or wrong)[0]
+    mismatch = state_mismatch(
+        {k: v.shape for k, v in model.state_dict().items()}, {k: v.shape for k, v in state.items()}
+    )
+    if mismatch:
         raise SegmenterError(
             f"segmenter checkpoint {folder}: the weights in {WEIGHTS_FILE} do not fit a {spec.arch} with encoder "
-            f"{spec.encoder} as {SPEC_FILE} says ({len(missing)} missing, {len(unexpected)} unexpected, "
-            f"{len(wrong)} of another shape, e.g. {first!r}); the files come from different models"
+            f"{spec.encoder} as {SPEC_FILE} says ({mismatch}); the files come from different models"
         )
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from savlt.data.discover import DatasetScan, ImageRecord
 from savlt.data.imageio import MASK_EXTENSION, read_image
+from savlt.io import atomic_path, progress_batches
 from savlt.seg.model import TissueSegmenter
 from savlt.seg.plots import overlay_sheet
 
@@ -54,10 +54,8 @@ class PredictSummary:
 
 
 def _write_mask(path: Path, mask: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
 
 
 def predict_dataset(
@@ -84,19 +82,15 @@ def predict_dataset(
         {round(i) for i in np.linspace(0, len(todo) - 1, min(PREVIEW_COUNT, len(todo)))} if todo else set()
     )
     preview: list[tuple[str, np.ndarray, np.ndarray]] = []
-    bar = tqdm(total=len(todo), desc="predicting masks", unit="img", disable=not progress)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
+    for chunk in progress_batches(todo, batch_size, "predicting masks", progress):
         images = [read_image(record.path) for record, _ in chunk]
         for offset, ((record, target), image, mask) in enumerate(
             zip(chunk, images, segmenter.predict_masks(images), strict=True)
         ):
             _write_mask(target, mask)
-            if start + offset in shown:
+            if summary.written + offset in shown:
                 preview.append((f"{record.center}/{record.path.name}", image, mask))
         summary.written += len(chunk)
-        bar.update(len(chunk))
-    bar.close()
     if preview:
         summary.out.mkdir(parents=True, exist_ok=True)
         summary.preview = overlay_sheet(preview, summary.out / PREVIEW_FILE)

@@ -17,6 +17,7 @@ import torch
 from huggingface_hub import constants, try_to_load_from_cache
 from safetensors.torch import load_file
 
+from savlt.io import state_mismatch
 from savlt.seg.model import IMAGENET_MEAN, IMAGENET_STD, SegmenterError
 
 Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
@@ -79,15 +80,12 @@ def load_encoder_weights(model: torch.nn.Module, encoder: str, weights: str) -> 
         where = f"the cached {weights} weights"
     state = {k.removeprefix("encoder."): v for k, v in state.items()}
     expected = model.encoder.state_dict()
-    missing = [k for k in expected if k not in state]
-    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or wrong:
-        first = (missing or wrong)[0]
-        raise SegmenterError(
-            f"{where} do not fit encoder {encoder!r}: {len(missing)} of its weights are missing and "
-            f"{len(wrong)} have another shape (e.g. {first!r})"
-        )
-    model.encoder.load_state_dict(
-        {k: state[k] for k in expected}
-    )  # extra keys (e.g. a classifier) are dropped
+    # extra keys (e.g. an ImageNet classifier) are dropped; the encoder's own must all fit
+    kept = {k: v for k, v in state.items() if k in expected}
+    mismatch = state_mismatch(
+        {k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in kept.items()}
+    )
+    if mismatch:
+        raise SegmenterError(f"{where} do not fit encoder {encoder!r}: {mismatch}")
+    model.encoder.load_state_dict(kept)
     return stats

@@ -8,33 +8,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from savlt.config import Config
-from savlt.data.discover import DataError, DatasetScan, ImageRecord, scan_dataset
+from savlt.data.discover import DataError, DatasetScan, ImageRecord
 from savlt.data.imageio import read_image, read_mask
 from savlt.seg.model import resize_image, resize_mask
 
 log = logging.getLogger(__name__)
-
-
-def scan_for(cfg: Config, root: str | Path | None, centers: list[str] | None) -> DatasetScan:
-    """Scan the data root (the named centers, or all); scan problems are logged, not fatal."""
-    if root is None:
-        raise DataError("no data root given (--data ROOT or data.root in the config)")
-    scan = scan_dataset(root, cfg.class_map(), centers)
-    if scan.problems:
-        log.warning(
-            "%d data problem(s) under %s, e.g. %s (run `savlt data check %s` for all)",
-            len(scan.problems),
-            root,
-            scan.problems[0].message,
-            root,
-        )
-    return scan
 
 
 def masked_records(scan: DatasetScan) -> list[ImageRecord]:

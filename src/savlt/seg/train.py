@@ -23,9 +23,8 @@ from sklearn.model_selection import KFold
 from tqdm import tqdm
 
 from savlt.config import Config
-from savlt.data.discover import DataError
-from savlt.data.splits import write_json
-from savlt.report.tables import markdown_table, text_table
+from savlt.data.discover import DataError, scan_data
+from savlt.io import markdown_table, text_table, write_json, write_text
 from savlt.seg.metrics import dice_iou
 from savlt.seg.model import (
     IMAGENET_MEAN,
@@ -40,7 +39,7 @@ from savlt.seg.model import (
 )
 from savlt.seg.plots import plot_curves
 from savlt.seg.pretrained import Stats, load_encoder_weights
-from savlt.seg.samples import PairArrays, load_pairs, masked_records, scan_for
+from savlt.seg.samples import PairArrays, load_pairs, masked_records
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +310,7 @@ def _write_report(cfg: Config, summary: TrainSummary, centers: list[str]) -> Pat
         "",
     ]
     path = summary.out / "report.md"
-    path.write_text("\n".join(lines))
+    write_text(path, "\n".join(lines))
     return path
 
 
@@ -321,7 +320,7 @@ def train_segmenter(cfg: Config, out: str | Path, progress: bool = True) -> Trai
     out = Path(out)
     seg = cfg.seg
     encoder_init = _encoder_init(cfg)
-    scan = scan_for(cfg, cfg.data.root, seg.centers)
+    scan = scan_data(cfg.data.root, cfg.class_map(), seg.centers)
     records = masked_records(scan)
     total = sum(len(c.records) for c in scan.centers.values())
     n, k = len(records), seg.folds

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from savlt.report.tables import markdown_table, text_table
+from savlt.io import markdown_table, text_table, write_text
 from savlt.sweep.grid import display_key, format_value
 from savlt.sweep.runner import SweepLayout, is_complete
 
@@ -323,7 +323,7 @@ def aggregate(sweep_dir: str | Path, with_plot: bool = True) -> Summary:
     root.mkdir(parents=True, exist_ok=True)
     summary.csv, summary.markdown = root / "summary.csv", root / "summary.md"
     write_csv(summary, summary.csv)
-    summary.markdown.write_text(markdown(summary))
+    write_text(summary.markdown, markdown(summary))
     png = root / "summary.png"
     if with_plot and summary.groups:
         plot(summary, png)

@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
-from savlt.report.tables import text_table
+from savlt.io import text_table
 
 
 def _print_failure(failure) -> None:

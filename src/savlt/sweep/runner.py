@@ -2,7 +2,7 @@
 
 DIR/sweep.yaml            the resolved sweep (base, grid, points)
 DIR/points/<name>.yaml    each point's full configuration (what ``savlt train --config`` reads)
-DIR/runs/<name>/          each point's run folder (see savlt.engine.run)
+DIR/runs/<name>/          each point's run folder (see savlt.engine.rundir)
 DIR/logs/<name>.log       each point's console output (the failure report quotes its tail)
 DIR/status.json           the state of every point, rewritten as the sweep goes
 DIR/sweep.log             one line per event
@@ -33,8 +33,8 @@ import yaml
 from tqdm import tqdm
 
 from savlt.config import ConfigError, load_config
-from savlt.data.splits import write_json
 from savlt.errors import SavltError
+from savlt.io import write_json, write_text
 from savlt.sweep.grid import Sweep, SweepPoint
 
 LOG_TAIL_LINES = 25
@@ -60,10 +60,6 @@ class SweepResult:
     failed: list[PointFailure] = field(default_factory=list)
     interrupted: bool = False
     seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed and not self.interrupted
 
 
 class SweepLayout:
@@ -277,7 +273,7 @@ def prepare_point_folders(sweep: Sweep, layout: SweepLayout) -> tuple[list[Sweep
     """Check the finished points, then write sweep.yaml and every point's config; (finished, to do)."""
     done, todo = classify_points(sweep, layout)  # before anything in the folder is overwritten
     layout.root.mkdir(parents=True, exist_ok=True)
-    layout.sweep.write_text(yaml.safe_dump(sweep.to_json(), sort_keys=False))
+    write_text(layout.sweep, yaml.safe_dump(sweep.to_json(), sort_keys=False))
     for point in sweep.points:
         path = layout.point_config(point.name)
         path.parent.mkdir(parents=True, exist_ok=True)

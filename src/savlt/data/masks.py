@@ -1,9 +1,9 @@
 """Tissue masks for the structure prior, computed once per image and kept for the whole run.
 
-Sources: the data set's mask files, a trained segmenter, or the classical mask (smoothed Otsu
-threshold, surface found per column, everything below the surface is tissue). Masks are stored
-bit-packed in memory (8× smaller than bool) and unpacked when a sample is loaded, so the
-segmenter never runs inside a training step.
+Sources: the data set's mask files, a trained segmenter (anything with ``predict_masks``), or the
+classical mask (smoothed Otsu threshold, surface found per column, everything below the surface
+is tissue). Masks are stored bit-packed in memory (8× smaller than bool) and unpacked when a
+sample is loaded, so the segmenter never runs inside a training step.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Protocol
 import cv2
 import numpy as np
 from scipy.ndimage import median_filter
-from tqdm import tqdm
 
 from savlt.data.discover import DataError, ImageRecord
 from savlt.data.imageio import read_image, read_mask
+from savlt.io import progress_batches
 
 
 class MaskPredictor(Protocol):
@@ -83,9 +83,7 @@ def compute_masks(
     todo = list(dict.fromkeys(r for r in records if r.path not in store))
     if source == "segmenter" and segmenter is None:
         raise ValueError("mask source 'segmenter' needs a loaded segmenter")
-    bar = tqdm(total=len(todo), desc=f"tissue masks ({source})", unit="img", disable=not progress or not todo)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
+    for chunk in progress_batches(todo, batch_size, f"tissue masks ({source})", progress):
         if source == "files":
             masks = [_mask_from_file(r) for r in chunk]
         else:
@@ -96,21 +94,18 @@ def compute_masks(
                 masks = [classical_tissue_mask(image) for image in images]
         for record, mask in zip(chunk, masks, strict=True):
             store.add(record.path, mask)
-        bar.update(len(chunk))
-    bar.close()
     return store
 
 
-class MaskSource:
-    """Where a run's tissue masks come from (roi.mask_source), with the segmenter loaded once."""
+class TissueMasks:
+    """A run's mask source (``roi.mask_source`` resolved: files, classical or segmenter), holding
+    the segmenter, when there is one, for the whole run."""
 
-    def __init__(self, mask_source: str, segmenter_dir: str | None = None, device: str | None = None) -> None:
-        self.kind = ("segmenter" if segmenter_dir else "classical") if mask_source == "auto" else mask_source
-        self.segmenter: MaskPredictor | None = None
-        if self.kind == "segmenter":
-            from savlt.seg import load_segmenter  # the segmenter stack is only imported when used
-
-            self.segmenter = load_segmenter(segmenter_dir, device=device)
+    def __init__(self, kind: str, segmenter: MaskPredictor | None = None) -> None:
+        if kind == "segmenter" and segmenter is None:
+            raise ValueError("the segmenter mask source needs a loaded segmenter")
+        self.kind = kind
+        self.segmenter = segmenter
 
     def masks_for(
         self, records: Iterable[ImageRecord], store: MaskStore | None = None, progress: bool = True

@@ -1,6 +1,10 @@
-"""Training of SAVLT (and the baselines) on the few-shot draw, on ``accelerate``.
+"""Fitting a model on the few-shot draw: one function per way of fitting, in ``FITS``.
 
-One optimiser step = ``grad_accum`` micro-batches of ``batch_size`` scans. The global batches
+A method (``savlt.methods``) names its fit: ``gradient`` (the adapters, pooling and head trained
+with AdamW), ``closed_form`` (the linear probe: logistic regression on frozen features) or
+``none`` (zero-shot). Every fit takes the same arguments and reports into the run's history.
+
+Gradient training runs on ``accelerate``. One optimiser step = ``grad_accum`` micro-batches of ``batch_size`` scans. The global batches
 come from a seeded sampler and each process takes its share of every batch, with the loss
 summed and divided by the global batch size, so one process or several follow the same
 trajectory. AdamW with a cosine schedule to ``min_lr`` over ``n_iters × shots`` steps.
@@ -12,7 +16,7 @@ import logging
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,23 +29,22 @@ from tqdm import tqdm
 from savlt.config import Config
 from savlt.data.dataset import OCTDataset
 from savlt.data.discover import ImageRecord
+from savlt.data.masks import MaskStore, TissueMasks
 from savlt.data.transforms import train_transform
 from savlt.engine.inference import loader_for, run_inference
 from savlt.engine.inputs import StepBatches
 from savlt.models.adapters import adalora_factors, adalora_orthogonality
+from savlt.models.heads import LinearHead
 from savlt.models.savlt import SavltModel
-from savlt.models.tissue import MaskStore
 
 log = logging.getLogger(__name__)
 
 
-def total_steps(cfg: Config) -> int:
-    return cfg.train.max_steps or cfg.train.n_iters * cfg.train.shots
+History = Callable[[dict[str, Any]], None]
 
 
 @dataclass
 class TrainState:
-    history: list[dict[str, Any]] = field(default_factory=list)
     roi_fallbacks: int = 0
     samples_seen: int = 0
 
@@ -57,19 +60,20 @@ def _validate(model, records, cfg, accelerator, masks, step: int) -> dict[str, A
     }
 
 
-def fit(
+def train_steps(
     model: SavltModel,
     cfg: Config,
     accelerator: Accelerator,
     train_records: list[ImageRecord],
     val_records: list[ImageRecord],
     masks: MaskStore | None,
-    on_history: Callable[[dict[str, Any]], None] = lambda entry: None,
+    on_history: History = lambda entry: None,
     progress: bool = True,
 ) -> TrainState:
-    """Train the adapters, pooling and prototypes; returns the loss/validation history."""
+    """Train everything trainable (adapters, projection, pooling, head) for ``train.total_steps``
+    optimiser steps; each step's loss (and validation) goes to `on_history`."""
     t = cfg.train
-    steps = total_steps(cfg)
+    steps = t.total_steps
     dataset = OCTDataset(
         train_records, cfg.class_names, train_transform(cfg.data.image_size, t.crop_scale, t.hflip), masks
     )
@@ -135,7 +139,6 @@ def fit(
             raise FloatingPointError(
                 f"training diverged at step {step} (loss {entry['loss']}); try a lower train.lr"
             )
-        state.history.append(entry)
         on_history(entry)
         bar.set_postfix(
             loss=f"{entry['loss']:.3f}",
@@ -147,15 +150,20 @@ def fit(
     return state
 
 
-def fit_linear_probe(
+def fit_closed_form(
     model: SavltModel,
     cfg: Config,
     accelerator: Accelerator,
     train_records: list[ImageRecord],
     val_records: list[ImageRecord],
+    masks: TissueMasks,
+    on_history: History,
     progress: bool = True,
-) -> dict[str, Any]:
-    """Logistic regression on frozen, normalised CLIP image features; C picked on validation."""
+) -> None:
+    """The linear probe: logistic regression on frozen, normalised CLIP image features, C picked
+    on validation, copied into the model's linear head."""
+    if not isinstance(model.head, LinearHead):
+        raise TypeError("the closed-form fit needs the linear head")
     train = run_inference(
         model, train_records, cfg, accelerator, None, desc="features (train)", progress=progress
     )
@@ -181,9 +189,52 @@ def fit_linear_probe(
     else:
         weight[rows], bias[rows] = clf.coef_, clf.intercept_
     with torch.no_grad():
-        model.head.weight.copy_(torch.from_numpy(weight))
-        model.head.bias.copy_(torch.from_numpy(bias))
+        model.head.linear.weight.copy_(torch.from_numpy(weight))
+        model.head.linear.bias.copy_(torch.from_numpy(bias))
     entry = {"step": 0, "linear_probe_C": best[0]}
     if val is not None:
         entry["val_accuracy"] = best[1]
-    return entry
+    on_history(entry)
+
+
+def fit_gradient(
+    model: SavltModel,
+    cfg: Config,
+    accelerator: Accelerator,
+    train_records: list[ImageRecord],
+    val_records: list[ImageRecord],
+    masks: TissueMasks,
+    on_history: History,
+    progress: bool = True,
+) -> None:
+    """Masks of the draw computed once, then `train_steps`."""
+    show = progress and accelerator.is_main_process
+    store = masks.masks_for(train_records + val_records, progress=show) if model.uses_masks else None
+    state = train_steps(model, cfg, accelerator, train_records, val_records, store, on_history, progress)
+    if model.uses_masks:
+        log.info(
+            "ROI fell back to the whole image for %d of %d training crops",
+            state.roi_fallbacks,
+            state.samples_seen,
+        )
+
+
+def fit_none(
+    model: SavltModel,
+    cfg: Config,
+    accelerator: Accelerator,
+    train_records: list[ImageRecord],
+    val_records: list[ImageRecord],
+    masks: TissueMasks,
+    on_history: History,
+    progress: bool = True,
+) -> None:
+    """Zero-shot: nothing is trained."""
+    log.info("%s: no training", cfg.method)
+
+
+FITS: dict[str, Callable[..., None]] = {
+    "gradient": fit_gradient,
+    "closed_form": fit_closed_form,
+    "none": fit_none,
+}

@@ -24,12 +24,16 @@ DEFAULT_CLASSES: dict[str, str] = {
 DEFAULT_HIGH_RISK: tuple[str, ...] = ("high-grade_squamous_intraepithelial_lesion", "cancer")
 
 
-_SHORT_NAMES = {"high-grade_squamous_intraepithelial_lesion": "HSIL", "mild_inflammation": "inflammation"}
+# Compact labels for tables, plots and synthetic file names; other classes keep their own name.
+SHORT_NAMES: dict[str, str] = {
+    "high-grade_squamous_intraepithelial_lesion": "HSIL",
+    "mild_inflammation": "inflammation",
+}
 
 
 def short_name(name: str) -> str:
     """A compact label for tables and plots."""
-    return _SHORT_NAMES.get(name, name)
+    return SHORT_NAMES.get(name, name)
 
 
 def normalise_class_name(name: str) -> str:
@@ -51,10 +55,10 @@ class ClassMap:
     def __post_init__(self) -> None:
         keys = [normalise_class_name(n) for n in self.names]
         if len(set(keys)) != len(keys):
-            raise ValueError(f"class names collide after normalisation: {list(self.names)}")
+            raise SavltError(f"class names collide after normalisation: {list(self.names)}")
         for alias, target in self.aliases:
             if target not in self.names:
-                raise ValueError(
+                raise SavltError(
                     f"class alias {alias!r} points to {target!r}, which is not a configured class "
                     f"(known: {', '.join(self.names)})"
                 )

@@ -1,0 +1,120 @@
+"""``savlt train``: train a method on the few-shot draw into a run folder, then evaluate it.
+
+The folder layout is described in ``savlt.engine.rundir``; ``train`` reads as its steps: prepare
+the folder, draw the inputs, build the model, fit it (the method's fit, ``savlt.engine.fit``),
+save the checkpoint, score every center, write the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from savlt.config import Config
+from savlt.engine.checkpoint import save_checkpoint
+from savlt.engine.fit import FITS
+from savlt.engine.inputs import RunInputs, prepare_inputs
+from savlt.engine.rundir import (
+    RunPaths,
+    build_model,
+    log_to,
+    make_accelerator,
+    run_header,
+    score_sets,
+    seed_everything,
+    tissue_masks,
+    write_run_report,
+)
+from savlt.io import write_json
+from savlt.models.adapters import parameter_counts
+
+log = logging.getLogger("savlt")
+
+
+def _start_folder(paths: RunPaths, cfg: Config, accelerator: Accelerator) -> None:
+    """Create the folder, drop what an interrupted attempt left, save the configuration."""
+    if accelerator.is_main_process:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        for stale in (paths.metrics, paths.history, paths.checkpoint):
+            stale.unlink(missing_ok=True)
+        cfg.save(paths.config)
+    accelerator.wait_for_everyone()
+
+
+def _draw_inputs(cfg: Config, paths: RunPaths, accelerator: Accelerator) -> RunInputs:
+    """Scan, split and draw; the main process writes the caches first, the others then read them."""
+    main = accelerator.is_main_process
+    if main:
+        inputs = prepare_inputs(cfg)
+    accelerator.wait_for_everyone()
+    if not main:
+        inputs = prepare_inputs(cfg)
+    if main:
+        write_json(paths.split, inputs.split.to_json())
+        write_json(paths.few_shot, inputs.few_shot.to_json())
+    log.info(
+        "method %s, %d-shot, seed %d, training center %s (%d train / %d val images), test centers %s",
+        cfg.method,
+        cfg.train.shots,
+        cfg.train.seed,
+        inputs.train_center,
+        len(inputs.few_shot.train),
+        len(inputs.few_shot.val),
+        ", ".join(inputs.eval_sets()),
+    )
+    return inputs
+
+
+def train(cfg: Config, out: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Train on the few-shot draw, save the run folder, evaluate every center; returns metrics."""
+    paths = RunPaths(out)
+    accelerator = make_accelerator(cfg)
+    main = accelerator.is_main_process
+    _start_folder(paths, cfg, accelerator)
+    with log_to(paths.log, main):
+        started = time.time()
+        seed_everything(cfg.train.seed)
+        inputs = _draw_inputs(cfg, paths, accelerator)
+
+        model, backbone_name = build_model(cfg, accelerator.device)
+        trainable, total = parameter_counts(model)
+        log.info(
+            "parameters: %s trainable of %s (%.2f %%)",
+            f"{trainable:,}",
+            f"{total:,}",
+            100 * trainable / total,
+        )
+        masks = tissue_masks(cfg, accelerator.device)
+
+        history: list[dict[str, Any]] = []
+
+        def record(entry: dict[str, Any]) -> None:
+            history.append(entry)
+            if main:
+                with paths.history.open("a") as handle:
+                    handle.write(json.dumps(entry) + "\n")
+
+        fit = FITS[cfg.method_spec.fit]
+        fit(model, cfg, accelerator, inputs.train_records(), inputs.val_records(), masks, record, progress)
+        if main:
+            save_checkpoint(model, paths.checkpoint, backbone_name, cfg.method)
+        log.info("training took %.1f s", time.time() - started)
+
+        header = run_header(cfg, backbone_name, inputs)
+        metrics, results = score_sets(
+            model, inputs.eval_sets(), cfg, accelerator, masks, paths, header, progress
+        )
+        if main:
+            report = write_run_report(
+                paths.root, metrics, results, cfg, history, f"SAVLT run: {paths.root.name}"
+            )
+            log.info("report: %s", report)
+            metrics["complete"] = True  # the marker a sweep uses to skip a finished point
+            write_json(paths.metrics, metrics)
+    accelerator.wait_for_everyone()
+    return metrics

@@ -1,0 +1,110 @@
+"""The ground floor: small helpers every layer uses (files, tables, batches, state checks).
+
+Nothing here imports another part of SAVLT except ``savlt.errors``, so ``data``, ``models``,
+``engine``, ``report``, ``seg`` and ``sweep`` can all build on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tqdm import tqdm
+
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------------------ files
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` in one step.
+
+    The temporary name is private to this process, so two processes writing the same file never
+    mix their bytes, and an interrupted write never leaves half a file under the real name. The
+    file gets the ordinary permissions of a new file (umask), whatever the writer used.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        if tmp.exists():
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (indented, so a person can read it)."""
+    write_text(path, json.dumps(data, indent=1))
+
+
+# ------------------------------------------------------------------------------ tables
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Aligned columns for the terminal: the first left-aligned, the others right-aligned."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            str(c).ljust(w) if i == 0 else str(c).rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ batches
+
+
+def progress_batches(
+    items: Sequence[T], batch_size: int, desc: str, progress: bool = True, unit: str = "img"
+) -> Iterator[list[T]]:
+    """Consecutive chunks of `items`, with a progress bar counting items (not chunks)."""
+    bar = tqdm(total=len(items), desc=desc, unit=unit, disable=not progress or not items)
+    try:
+        for start in range(0, len(items), batch_size):
+            chunk = list(items[start : start + batch_size])
+            yield chunk
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+
+
+# ------------------------------------------------------------------------------ state dicts
+
+
+def state_mismatch(expected: Mapping[str, Sequence[int]], found: Mapping[str, Sequence[int]]) -> str | None:
+    """None when `found` has exactly the names and shapes of `expected`, else a short description
+    ("2 missing (a, b), 1 of another shape (c)") for a one-line error naming the file."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(n for n in set(expected) & set(found) if tuple(expected[n]) != tuple(found[n]))
+    parts = [
+        f"{len(names)} {label} ({', '.join(names[:3])}{' …' if len(names) > 3 else ''})"
+        for label, names in (("missing", missing), ("unexpected", unexpected), ("of another shape", wrong))
+        if names
+    ]
+    return "; ".join(parts) or None
