@@ -1,4 +1,5 @@
-"""Shared fixtures: small synthetic data sets made in-process, and fast training settings."""
+"""Shared fixtures and helpers: small synthetic data sets made in-process, fast training settings,
+tiny models, and one torch thread for the tests that train."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,6 +27,40 @@ FAST = [
     "eval.batch_size=32",
     "eval.bootstrap=20",
 ]
+
+
+# Scans per center of `synth_root`: 8 per class and 5 classes; mixed's test split keeps 3 per class.
+CENTER_SIZES = {"mixed": 15, "xiangya": 40, "huaxi": 40}
+
+
+def fast_config(root: Path, *extra: str):
+    """FAST settings on `root`, with the split cache beside it (the data folder stays untouched)."""
+    from savlt.config import load_config
+
+    return load_config(
+        overrides=[*FAST, *extra], values={"data.root": root, "data.cache_dir": root.parent / "cache"}
+    )
+
+
+def tiny_model(*overrides: str, steps: int = 20):
+    """The SAVLT model of a configuration (`overrides`) on the tiny backbone, seeded."""
+    from savlt.config import load_config
+    from savlt.models.backbone import build_random
+    from savlt.models.savlt import model_from_config
+
+    torch.manual_seed(0)
+    cfg = load_config(overrides=[*overrides, f"train.max_steps={steps}"])
+    return model_from_config(cfg, build_random())
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module that trains: on a shared 2-core machine two spinning
+    threads are several times slower, and one thread is repeatable."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

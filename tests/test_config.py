@@ -105,3 +105,44 @@ def test_only_rank_zero_logs_progress_to_the_console() -> None:
     assert shown("0", logging.INFO) == "INFO savlt.test-rank-0: message\n"
     assert shown("1", logging.INFO) == ""
     assert shown("1", logging.WARNING) == "[rank 1] WARNING savlt.test-rank-1: message\n"
+
+
+@pytest.mark.parametrize("name", ["on", "yes", "null", "1e3", "a: b", "[x]"])
+def test_flag_values_are_taken_as_values(tmp_path: Path, name: str) -> None:
+    """A data root or model folder whose name YAML would read as a bool, null, number or list."""
+    root = tmp_path / name
+    cfg = load_config(values={"data.root": root, "model.backbone": name, "train.shots": 4})
+    assert cfg.data.root == str(root) and cfg.model.backbone == name and cfg.train.shots == 4
+
+
+def test_precedence_defaults_yaml_flags_set(tmp_path: Path) -> None:
+    import argparse
+
+    from savlt.config import add_config_arguments, config_from_args
+
+    (tmp_path / "c.yaml").write_text("train: {shots: 8, seed: 1, lr: 5e-4}\n")
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--config", str(tmp_path / "c.yaml"), "--set", "train.seed=3"])
+    cfg = config_from_args(args, {"train.shots": 16, "train.seed": 2, "data.root": None})
+    assert (cfg.train.shots, cfg.train.seed, cfg.train.lr, cfg.data.root) == (16, 3, 5e-4, None)
+
+
+def test_the_cli_passes_a_data_root_named_like_a_yaml_value(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "on"
+    assert main(["data", "check", str(root), "-q"]) == 2  # no such folder: a one-line data error
+    assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), "--model", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert f"data root {root} does not exist" in err and "Traceback" not in err
+
+
+def test_sections_check_their_own_fields() -> None:
+    from savlt.config import EvalConfig, PeftConfig, TrainConfig
+
+    with pytest.raises(ConfigError, match="train.shots must be >= 1"):
+        TrainConfig(shots=0)
+    with pytest.raises(ConfigError, match="peft.dropout"):
+        PeftConfig(dropout=1.0)
+    with pytest.raises(ConfigError, match="eval.ci_level"):
+        EvalConfig(ci_level=1.0)
+    assert TrainConfig(shots=4, n_iters=3).total_steps == 12 and TrainConfig(max_steps=7).total_steps == 7

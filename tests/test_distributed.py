@@ -60,6 +60,7 @@ def assert_close(a, b, where: str = "metrics") -> None:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo process groups are exercised on Linux")
+@pytest.mark.slow
 def test_two_processes_match_one(synth_root: Path, tmp_path: Path) -> None:
     settings = [f"data.root={synth_root}", f"data.cache_dir={tmp_path / 'cache'}", *FAST, "peft.dropout=0"]
     train_args = ["train", "-q", *(arg for s in settings for arg in ("--set", s))]

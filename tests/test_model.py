@@ -7,17 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model
 
-from savlt.config import ConfigError, load_config
+from savlt.config import ConfigError
 from savlt.models.adapters import adalora_factors, adalora_orthogonality, parameter_counts
 from savlt.models.backbone import BackboneError, backbone_fingerprint, build_random, load_backbone
-from savlt.models.savlt import SavltModel, model_from_config
-
-
-def model_for(*overrides: str, steps: int = 20) -> SavltModel:
-    torch.manual_seed(0)
-    cfg = load_config(overrides=[*overrides, f"train.max_steps={steps}"])
-    return model_from_config(cfg, build_random())
 
 
 def batch(size: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -67,7 +61,7 @@ def test_missing_weights_say_how_to_provide_them(tmp_path: Path, monkeypatch) ->
 
 @pytest.mark.parametrize("kind", ["lora", "dora", "adalora", "loha", "lokr"])
 def test_only_adapters_projection_pooling_and_prototypes_train(kind: str) -> None:
-    model = model_for(f"peft.type={kind}")
+    model = tiny_model(f"peft.type={kind}")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     allowed = re.compile(r"(lora_|hada_|lokr_|ranknum|visual_projection|^pool\.|^head\.prototypes$)")
     assert all(allowed.search(n) for n in trainable), [n for n in trainable if not allowed.search(n)]
@@ -80,7 +74,7 @@ def test_only_adapters_projection_pooling_and_prototypes_train(kind: str) -> Non
 
 
 def test_adalora_orthogonality_penalty_is_the_mean_frobenius_distance_and_zero_when_orthonormal() -> None:
-    model = model_for("peft.type=adalora")
+    model = tiny_model("peft.type=adalora")
     factors = [
         (n, p.detach())
         for n, p in model.named_parameters()
@@ -108,7 +102,7 @@ def test_adalora_orthogonality_penalty_is_the_mean_frobenius_distance_and_zero_w
 
 
 def test_gradual_step_and_text_adapters_choose_the_layers_and_ranks() -> None:
-    model = model_for("peft.gradual_step=2", "peft.text=true")
+    model = tiny_model("peft.gradual_step=2", "peft.text=true")
     names = [n for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n]
     layers = {
         int(m.group(1)) for n in names if (m := re.search(r"vision_model\.encoder\.layers\.(\d+)\.", n))
@@ -120,23 +114,23 @@ def test_gradual_step_and_text_adapters_choose_the_layers_and_ranks() -> None:
     vision = [p for n, p in model.named_parameters() if "vision_model" in n and "lora_A" in n]
     assert text and all(p.shape[0] == 2 for p in text) and all(p.shape[0] == 8 for p in vision)
     with pytest.raises(ConfigError, match="exceeds the backbone's 4 vision layers"):
-        model_for("peft.gradual_step=12")
+        tiny_model("peft.gradual_step=12")
 
 
 def test_cached_text_features_equal_recomputed_ones() -> None:
-    model = model_for()
+    model = tiny_model()
     assert model.text_cache.shape == (5, 64)
     with torch.no_grad():
         assert torch.allclose(model.text_features(), model.compute_text_features(), atol=1e-6)
     assert torch.allclose(model.text_cache.norm(dim=-1), torch.ones(5))
     # With text adapters the features are recomputed while training (they carry gradients).
-    tuned = model_for("peft.text=true").train()
+    tuned = tiny_model("peft.text=true").train()
     assert tuned.text_features().requires_grad
 
 
 def test_forward_shapes_roi_and_loss_mixture() -> None:
     pixels, masks, labels = batch()
-    model = model_for().eval()
+    model = tiny_model().eval()
     with torch.no_grad():
         out = model(pixels, masks)
     assert out.features.shape == (4, 64) and out.attention.shape == (4, 4, 196)
@@ -153,16 +147,16 @@ def test_forward_shapes_roi_and_loss_mixture() -> None:
 
 def test_alpha_ends_and_methods_switch_parts_off() -> None:
     pixels, masks, _ = batch(2)
-    text_only = model_for("model.alpha=0")
+    text_only = tiny_model("model.alpha=0")
     assert text_only.head.prototypes is None
-    proto_only = model_for("method=savlt_proto_only")
+    proto_only = tiny_model("method=savlt_proto_only")
     with torch.no_grad():
         assert set(proto_only(pixels, masks).scores) == {"proto"}
-    cls = model_for("method=clip_lora")
+    cls = tiny_model("method=clip_lora")
     assert cls.pool is None and not cls.uses_masks
-    zero = model_for("method=zero_shot")
+    zero = tiny_model("method=zero_shot")
     assert parameter_counts(zero)[0] == 0
-    probe = model_for("method=linear_probe")
+    probe = tiny_model("method=linear_probe")
     assert [n for n, p in probe.named_parameters() if p.requires_grad] == [
         "head.linear.weight",
         "head.linear.bias",
@@ -171,7 +165,7 @@ def test_alpha_ends_and_methods_switch_parts_off() -> None:
 
 def test_a_few_steps_reduce_the_loss_on_a_fixed_batch() -> None:
     pixels, masks, labels = batch()
-    model = model_for().train()
+    model = tiny_model().train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(8):

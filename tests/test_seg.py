@@ -63,13 +63,7 @@ def write_center(root: Path, center: str, count: int, with_masks: int, seed: int
             )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning threads are several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +86,7 @@ def trained(data_root, tmp_path_factory) -> Path:
 
 
 def cfg_for(root: Path, *overrides: str):
-    return load_config(None, [f"data.root={json.dumps(str(root))}", *overrides])
+    return load_config(None, overrides, {"data.root": root})
 
 
 def copy_data(data_root: Path, tmp_path: Path) -> Path:
@@ -102,6 +96,7 @@ def copy_data(data_root: Path, tmp_path: Path) -> Path:
 # ------------------------------------------------------------------------------------------ training
 
 
+@pytest.mark.slow
 def test_training_reaches_dice_and_writes_its_folder(trained, data_root, capsys):
     summary = json.loads((trained / "summary.json").read_text())
     assert [f["fold"] for f in summary["folds"]] == [0, 1]
@@ -158,6 +153,7 @@ def test_augmentation_moves_image_and_mask_together():
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
+@pytest.mark.slow
 def test_checkpoint_predicts_masks_of_each_input_size(trained, data_root):
     segmenter = load_segmenter(trained / "fold0", device="cpu")
     assert (segmenter.spec.arch, segmenter.spec.input_size) == ("unet", (64, 64))
@@ -252,6 +248,7 @@ def test_imagenet_weights_offline_is_a_clear_error(data_root, tmp_path, monkeypa
 # ------------------------------------------------------------------------------------------ predict
 
 
+@pytest.mark.slow
 def test_predict_writes_the_masks_layout_and_a_preview(trained, data_root, tmp_path, capsys):
     out = tmp_path / "pred"
     argv = ["seg", "predict", str(trained / "fold1"), "--data", str(data_root), "--centers", "xiangya,huaxi"]
@@ -269,6 +266,7 @@ def test_predict_writes_the_masks_layout_and_a_preview(trained, data_root, tmp_p
     assert (out / "mask_preview.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_predict_into_the_data_root_keeps_ground_truth(trained, data_root, tmp_path):
     root = copy_data(data_root, tmp_path)
     truth = root / "mixed" / "masks" / "cyst" / "mixed_00.png"
@@ -289,6 +287,7 @@ def test_predict_into_the_data_root_keeps_ground_truth(trained, data_root, tmp_p
 # ------------------------------------------------------------------------------------------ evaluate
 
 
+@pytest.mark.slow
 def test_evaluate_scores_segmenter_and_classical_side_by_side(trained, data_root, tmp_path):
     scan = scan_data(data_root, cfg_for(data_root).class_map(), ["xiangya"])
     quality = evaluate_roi(scan, load_segmenter(trained / "fold0"), progress=False)

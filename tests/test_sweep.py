@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import CENTER_SIZES
 
 from savlt.cli import main
 from savlt.config import ConfigError, load_config
@@ -21,7 +22,6 @@ from savlt.sweep import SweepError, aggregate, build_sweep, is_complete, load_sw
 from savlt.sweep.runner import SweepLayout, prepare_point_folders
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-CENTER_SIZES = {"mixed": 15, "xiangya": 40, "huaxi": 40}
 METRIC_PATHS = {
     "accuracy": ("accuracy",),
     "macro_f1": ("macro_f1",),
@@ -355,6 +355,7 @@ def two_by_two(
     return spec, out, done
 
 
+@pytest.mark.slow
 def test_sweep_end_to_end(two_by_two, capsys) -> None:
     spec, out, done = two_by_two
     assert done.returncode == 0, done.stderr[-3000:]
@@ -392,6 +393,7 @@ def test_sweep_end_to_end(two_by_two, capsys) -> None:
     assert capsys.readouterr().out.count("complete (skipped)") == 4
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_to_the_same_summary(two_by_two) -> None:
     spec, reference, _ = two_by_two
     out = reference.parent / "killed"
@@ -447,6 +449,7 @@ def test_killed_sweep_resumes_to_the_same_summary(two_by_two) -> None:
             assert (a[key] == b[key] == "") or float(a[key]) == pytest.approx(float(b[key]), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_failed_point_is_reported_and_the_others_finish(synth_root: Path, tmp_path: Path) -> None:
     grid = {"model": [str(tmp_path / "no_such_clip"), "tiny"]}
     spec = tiny_spec(synth_root, tmp_path / "cache", grid)

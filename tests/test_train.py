@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import FAST
+from conftest import CENTER_SIZES, FAST, fast_config
 from safetensors.torch import load_file
 
 from savlt.cli import main
@@ -23,26 +23,11 @@ from savlt.errors import SavltError
 from savlt.models.adapters import adalora_orthogonality
 from savlt.models.backbone import build_random
 
-CENTER_SIZES = {"mixed": 15, "xiangya": 40, "huaxi": 40}  # 8 per class: 3 of them in mixed's test split
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # two busy cores: one thread per process is faster and repeatable
-    yield
-    torch.set_num_threads(previous)
-
-
-def fast_config(root: Path, *extra: str):
-    return load_config(
-        overrides=[f"data.root={root}", f"data.cache_dir={root.parent / 'cache'}", *FAST, *extra]
-    )
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def fast_run(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    torch.set_num_threads(1)
+def fast_run(synth_root: Path, tmp_path_factory: pytest.TempPathFactory, one_thread) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("runs") / "fast"
     return out, train(fast_config(synth_root), out, progress=False)
 
@@ -278,6 +263,7 @@ def learnable_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_training_beats_chance_clearly(learnable_root: Path, tmp_path: Path) -> None:
     cfg = load_config(
         overrides=[
