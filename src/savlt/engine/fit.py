@@ -44,6 +44,21 @@ History = Callable[[dict[str, Any]], None]
 
 
 @dataclass
+class FitJob:
+    """What every fit gets: the model, the run's configuration and accelerator, the few-shot
+    draw, the run's mask source, and where each history entry goes."""
+
+    model: SavltModel
+    cfg: Config
+    accelerator: Accelerator
+    train_records: list[ImageRecord]
+    val_records: list[ImageRecord]
+    masks: TissueMasks
+    on_history: History
+    progress: bool = True
+
+
+@dataclass
 class TrainState:
     roi_fallbacks: int = 0
     samples_seen: int = 0
@@ -150,18 +165,11 @@ def train_steps(
     return state
 
 
-def fit_closed_form(
-    model: SavltModel,
-    cfg: Config,
-    accelerator: Accelerator,
-    train_records: list[ImageRecord],
-    val_records: list[ImageRecord],
-    masks: TissueMasks,
-    on_history: History,
-    progress: bool = True,
-) -> None:
+def fit_closed_form(job: FitJob) -> None:
     """The linear probe: logistic regression on frozen, normalised CLIP image features, C picked
     on validation, copied into the model's linear head."""
+    model, cfg, accelerator, progress = job.model, job.cfg, job.accelerator, job.progress
+    train_records, val_records = job.train_records, job.val_records
     if not isinstance(model.head, LinearHead):
         raise TypeError("the closed-form fit needs the linear head")
     train = run_inference(
@@ -194,23 +202,25 @@ def fit_closed_form(
     entry = {"step": 0, "linear_probe_C": best[0]}
     if val is not None:
         entry["val_accuracy"] = best[1]
-    on_history(entry)
+    job.on_history(entry)
 
 
-def fit_gradient(
-    model: SavltModel,
-    cfg: Config,
-    accelerator: Accelerator,
-    train_records: list[ImageRecord],
-    val_records: list[ImageRecord],
-    masks: TissueMasks,
-    on_history: History,
-    progress: bool = True,
-) -> None:
+def fit_gradient(job: FitJob) -> None:
     """Masks of the draw computed once, then `train_steps`."""
-    show = progress and accelerator.is_main_process
-    store = masks.masks_for(train_records + val_records, progress=show) if model.uses_masks else None
-    state = train_steps(model, cfg, accelerator, train_records, val_records, store, on_history, progress)
+    model = job.model
+    show = job.progress and job.accelerator.is_main_process
+    records = job.train_records + job.val_records
+    store = job.masks.masks_for(records, progress=show) if model.uses_masks else None
+    state = train_steps(
+        model,
+        job.cfg,
+        job.accelerator,
+        job.train_records,
+        job.val_records,
+        store,
+        job.on_history,
+        job.progress,
+    )
     if model.uses_masks:
         log.info(
             "ROI fell back to the whole image for %d of %d training crops",
@@ -219,21 +229,12 @@ def fit_gradient(
         )
 
 
-def fit_none(
-    model: SavltModel,
-    cfg: Config,
-    accelerator: Accelerator,
-    train_records: list[ImageRecord],
-    val_records: list[ImageRecord],
-    masks: TissueMasks,
-    on_history: History,
-    progress: bool = True,
-) -> None:
+def fit_none(job: FitJob) -> None:
     """Zero-shot: nothing is trained."""
-    log.info("%s: no training", cfg.method)
+    log.info("%s: no training", job.cfg.method)
 
 
-FITS: dict[str, Callable[..., None]] = {
+FITS: dict[str, Callable[[FitJob], None]] = {
     "gradient": fit_gradient,
     "closed_form": fit_closed_form,
     "none": fit_none,

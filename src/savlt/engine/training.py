@@ -17,7 +17,7 @@ from accelerate import Accelerator
 
 from savlt.config import Config
 from savlt.engine.checkpoint import save_checkpoint
-from savlt.engine.fit import FITS
+from savlt.engine.fit import FITS, FitJob
 from savlt.engine.inputs import RunInputs, prepare_inputs
 from savlt.engine.rundir import (
     RunPaths,
@@ -100,7 +100,11 @@ def train(cfg: Config, out: str | Path, progress: bool = True) -> dict[str, Any]
                     handle.write(json.dumps(entry) + "\n")
 
         fit = FITS[cfg.method_spec.fit]
-        fit(model, cfg, accelerator, inputs.train_records(), inputs.val_records(), masks, record, progress)
+        fit(
+            FitJob(
+                model, cfg, accelerator, inputs.train_records(), inputs.val_records(), masks, record, progress
+            )
+        )
         if main:
             save_checkpoint(model, paths.checkpoint, backbone_name, cfg.method)
         log.info("training took %.1f s", time.time() - started)

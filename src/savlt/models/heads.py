@@ -22,8 +22,6 @@ class AlignmentHead(nn.Module):
     mixed by alpha. Loss (1 − α)·CE(s·f·Tᵀ) + α·CE(s·f·Pᵀ) with CLIP's logit scale s; prediction
     uses the same mixture at ``inference_scale``. α = 0 has no prototypes, α = 1 no text scores."""
 
-    uses_text = True
-
     def __init__(self, n_classes: int, embed: int, alpha: float, inference_scale: float) -> None:
         super().__init__()
         self.alpha = alpha
@@ -59,8 +57,6 @@ class AlignmentHead(nn.Module):
 
 class LinearHead(nn.Module):
     """A linear layer on the frozen feature (the linear probe); fitted in closed form."""
-
-    uses_text = False
 
     def __init__(self, n_classes: int, embed: int, alpha: float, inference_scale: float) -> None:
         super().__init__()
