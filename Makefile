@@ -25,7 +25,7 @@ test: $(STAMP) lint
 
 demo: $(STAMP)
 	$(BIN)/savlt synth $(DEMO_DATA) --seed 0
-	$(BIN)/savlt train --config configs/demo.yaml --data $(DEMO_DATA) --out $(DEMO_RUN)
+	$(BIN)/savlt train --config configs/demo.yaml --data $(DEMO_DATA) --out $(DEMO_RUN) --overwrite
 
 clean:
 	rm -rf $(DEMO_DATA) $(DEMO_RUN) .pytest_cache

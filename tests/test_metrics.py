@@ -18,10 +18,15 @@ def one_hot_probs(preds: list[int], n: int = 5, confidence: float = 0.6) -> np.n
     return probs
 
 
+def logits_of(probs: np.ndarray) -> np.ndarray:
+    """Logits whose softmax is `probs` (center_metrics takes logits)."""
+    return np.log(probs)
+
+
 def test_hand_computed_example() -> None:
     labels = [0, 1, 3, 4, 4, 2]
     preds = [0, 3, 3, 4, 1, 2]
-    m = center_metrics(labels, one_hot_probs(preds), CLASSES, HIGH_RISK, resamples=0)
+    m = center_metrics(labels, logits_of(one_hot_probs(preds)), CLASSES, HIGH_RISK, resamples=0)
     assert m["n"] == 6
     assert m["accuracy"] == pytest.approx(4 / 6)
     assert m["macro_f1"] == pytest.approx(f1_score(labels, preds, average="macro"))
@@ -47,7 +52,7 @@ def test_auc_handles_ties_like_sklearn() -> None:
 
 def test_a_center_without_high_risk_cases_gets_nulls_not_a_crash() -> None:
     labels = [0, 1, 2, 0]
-    m = center_metrics(labels, one_hot_probs([0, 1, 1, 3]), CLASSES, HIGH_RISK, resamples=50)
+    m = center_metrics(labels, logits_of(one_hot_probs([0, 1, 1, 3])), CLASSES, HIGH_RISK, resamples=50)
     b = m["binary"]
     assert b["auc"] is None and b["sensitivity"] is None
     assert b["specificity"] == pytest.approx(3 / 4) and b["npv"] == pytest.approx(1.0) and b["ppv"] == 0.0
@@ -59,7 +64,7 @@ def test_bootstrap_interval_contains_the_estimate_and_is_seeded() -> None:
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 5, 300)
     preds = np.where(rng.random(300) < 0.7, labels, rng.integers(0, 5, 300))
-    probs = one_hot_probs(preds.tolist())
+    probs = logits_of(one_hot_probs(preds.tolist()))
     first = center_metrics(labels, probs, CLASSES, HIGH_RISK, resamples=300, seed=1)
     low, high = first["ci95"]["accuracy"]
     assert low < first["accuracy"] < high and high - low < 0.15

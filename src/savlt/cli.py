@@ -36,10 +36,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_data_check(args: argparse.Namespace) -> int:
     from savlt.data.check import check_dataset
+    from savlt.data.quality import Thresholds
 
     cfg = config_from_args(args)
     class_map = cfg.class_map()
-    report = check_dataset(args.root, class_map, progress=not args.quiet)
+    report = check_dataset(args.root, class_map, progress=not args.quiet, thresholds=Thresholds.of(cfg))
     print(report.render())
     return 0 if report.clean else 1
 
@@ -59,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "roi.segmenter": args.segmenter,
     }
     cfg = config_from_args(args, flags)
-    metrics = train(cfg, args.out, progress=not args.quiet)
+    metrics = train(cfg, args.out, progress=not args.quiet, overwrite=args.overwrite)
     if PartialState().is_main_process:  # under `accelerate launch`, one process reports
         print(results_table(metrics))
         print(f"run folder: {args.out}   report: {Path(args.out) / 'report.md'}")
@@ -79,32 +80,73 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def predict_inputs(paths: list[Path]) -> list[Path]:
+    """The files to predict: files as given, folders searched recursively for images (debris and
+    other files left out, counted on stderr)."""
+    from savlt.data.discover import image_files
+    from savlt.data.imageio import IMAGE_EXTENSIONS
+
+    found: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            found.append(path)  # a missing or unreadable file is reported with the others at the end
+            continue
+        images, others = image_files(path)
+        if not images:
+            extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
+            raise SavltError(f"folder {path} holds no images (looked for {extensions}, in every subfolder)")
+        if others:
+            print(f"{path}: {len(others)} file(s) that are not images left out", file=sys.stderr)
+        found += images
+    return found
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import json
 
     from savlt.classes import short_name
-    from savlt.engine.loaded import load_run
-    from savlt.io import text_table
+    from savlt.engine.loaded import load_run, write_prediction_csv
+    from savlt.io import text_table, writable_file, writable_folder
 
+    if args.csv is not None:
+        writable_file(args.csv, "CSV file (--csv)")
+    if args.heatmap is not None:
+        writable_folder(args.heatmap, "heat-map folder (--heatmap)")
+    images = predict_inputs(args.images)
     run = load_run(args.run)
-    predictions = run.predict(args.images, heatmap_dir=args.heatmap)
+    predictions = run.predict(images, heatmap_dir=args.heatmap, progress=not args.quiet, skip_unreadable=True)
+    failed = [p for p in predictions if p.error is not None]
+    if args.csv is not None:
+        write_prediction_csv(args.csv, predictions, run.class_names)
     if args.json:
         print(json.dumps([p.to_json() for p in predictions], indent=1))
-        return 0
-    header = ["image", "predicted", "p(high-risk)", "ROI y0", *(short_name(n) for n in run.class_names)]
-    rows = [
-        [
-            p.path,
-            short_name(p.predicted),
-            f"{p.high_risk_probability:.3f}",
-            f"{p.roi_box[1]:.3f}" + (" (whole image)" if p.roi_fallback else ""),
-            *(f"{p.probabilities[n]:.3f}" for n in run.class_names),
+    else:
+        header = ["image", "predicted", "p(high-risk)", "ROI y0", *(short_name(n) for n in run.class_names)]
+        rows = [
+            [
+                p.path,
+                short_name(p.predicted),
+                f"{p.high_risk_probability:.3f}",
+                f"{p.roi_box[1]:.3f}" + (" (whole image)" if p.roi_fallback else ""),
+                *(f"{p.probabilities[n]:.3f}" for n in run.class_names),
+            ]
+            for p in predictions
+            if p.predicted is not None
         ]
-        for p in predictions
-    ]
-    print(text_table(header, rows))
-    if args.heatmap:
-        print(f"heat maps: {args.heatmap}")
+        if rows:
+            print(text_table(header, rows))
+        for p in predictions:
+            if p.reason is not None:
+                print(f"{p.path}: not assessable, no diagnosis: {p.reason}")
+        if args.heatmap:
+            print(f"heat maps: {args.heatmap}")
+        if args.csv is not None:
+            print(f"CSV: {args.csv}")
+    if failed:
+        print(f"savlt: {len(failed)} of {len(predictions)} image(s) could not be read:", file=sys.stderr)
+        for p in failed:
+            print(f"  {p.error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -152,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="backbone: tiny, a hub id or a local folder (model.backbone)")
     p.add_argument("--method", choices=list(METHODS), help="the method to train (default savlt)")
     p.add_argument("--segmenter", help="tissue-segmenter checkpoint folder (roi.segmenter)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="empty --out first when it holds anything but this run's unfinished attempt",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     add_config_arguments(p)
     p.set_defaults(func=cmd_train)
@@ -166,9 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="diagnose scans with a saved run")
     p.add_argument("run", type=Path)
-    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("images", nargs="+", type=Path, help="image files, or folders (searched recursively)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--heatmap", type=Path, metavar="DIR", help="write ROI attention heat maps to DIR")
+    p.add_argument("--csv", type=Path, metavar="FILE", help="also write the predictions to a CSV file")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
     register_seg_commands(sub)
     register_sweep_commands(sub)

@@ -36,6 +36,16 @@ def _need(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+SEED_LIMIT = 2**32  # numpy's legacy seeding accepts [0, 2^32)
+
+
+def _need_seed(value: int | None, key: str) -> None:
+    _need(
+        value is None or 0 <= value < SEED_LIMIT,
+        f"{key}: {value} is not a valid seed; use an integer from 0 to {SEED_LIMIT - 1}",
+    )
+
+
 @dataclass
 class ClassSpec:
     name: str
@@ -59,6 +69,11 @@ class DataConfig:
     # Where splits and few-shot lists are cached; None = <root>/.savlt (skipped if not writable).
     cache_dir: str | None = None
     image_size: int = 224
+    # Pixel normalisation: CLIP's own statistics, or ImageNet's (what the published code uses).
+    normalize: Literal["clip", "imagenet"] = "clip"
+    # Seed of the few-shot draw; None = train.seed (every seed draws its own shots). The published
+    # code fixes one draw (seed 42) for every training seed.
+    fewshot_seed: int | None = None
     num_workers: int = 2
     class_aliases: dict[str, str] = field(default_factory=dict)
     classes: list[ClassSpec] = field(default_factory=_default_classes)
@@ -77,6 +92,12 @@ class DataConfig:
             _need(name in names, f"data.high_risk: {name!r} is not a configured class ({', '.join(names)})")
         _need(self.image_size >= 32, "data.image_size must be at least 32")
         _need(self.num_workers >= 0, "data.num_workers must be >= 0")
+        _need_seed(self.split_seed, "data.split_seed")
+        _need_seed(self.fewshot_seed, "data.fewshot_seed")
+        try:  # class names that collide, aliases to unknown classes or written the wrong way round
+            ClassMap(tuple(names), tuple(self.class_aliases.items()))
+        except SavltError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 @dataclass
@@ -106,6 +127,10 @@ class PeftConfig:
     text: bool = False
     text_r: int = 2
     text_alpha: float = 16.0
+    # "published": the published code's adapter settings (AdaLoRA init_r 32, total_step 1000, no
+    # rank re-allocation or orthogonality term; LoHa/LoKr module_dropout 0.1; text adapters with
+    # the vision r/alpha and a trained text projection). See the README's reproduction table.
+    variant: Literal["savlt", "published"] = "savlt"
 
     def __post_init__(self) -> None:
         _need(self.r >= 1 and self.text_r >= 1, "peft.r and peft.text_r must be >= 1")
@@ -120,6 +145,12 @@ class ModelConfig:
     backbone: str = "openai/clip-vit-base-patch16"
     pooling: Pooling = "roi"
     heads: int = 4
+    # Pool the patch tokens after the vision tower's final LayerNorm (true), or before it as the
+    # published code does (false).
+    token_layernorm: bool = True
+    # Pooling start: identity D×D layer and N(0, 0.02) queries, or the published code's
+    # xavier-uniform queries and PyTorch's default random D×D layer ("reference").
+    pool_init: Literal["identity", "reference"] = "identity"
     # Weight of the prototype branch: 0 = text anchors only, 1 = prototypes only.
     alpha: float = 0.5
     inference_scale: float = 100.0
@@ -147,9 +178,19 @@ class TrainConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.75, 1.0])
     hflip: bool = True
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # "full": a stream of full batches; "epoch": reshuffle every epoch and keep the short last
+    # batch (published), validating only at epoch ends whose step is a multiple of val_every.
+    batches: Literal["full", "epoch"] = "full"
+    # Published-code quirks, off by default (see the README's reproduction table): every trainable
+    # backbone tensor takes two AdamW updates per step; the model stays in eval mode (LoRA dropout
+    # off) after the first validation.
+    double_adapter_update: bool = False
+    eval_mode_after_validation: bool = False
 
     def __post_init__(self) -> None:
         _need(self.shots >= 1, "train.shots must be >= 1")
+        _need_seed(self.seed, "train.seed (--seed)")
+        _need(self.val_every >= 1, f"train.val_every: {self.val_every} must be >= 1 (validate every N steps)")
         _need(
             self.batch_size >= 1 and self.grad_accum >= 1,
             "train.batch_size and train.grad_accum must be >= 1",
@@ -160,6 +201,10 @@ class TrainConfig:
         _need(
             len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
             f"train.crop_scale: {self.crop_scale} must be [low, high] with 0 < low <= high <= 1",
+        )
+        _need(
+            not (self.double_adapter_update and self.mixed_precision == "fp16"),
+            "train.double_adapter_update cannot run with fp16 loss scaling: use mixed_precision no or bf16",
         )
 
     @property
@@ -173,10 +218,23 @@ class EvalConfig:
     batch_size: int = 64
     bootstrap: int = 1000
     ci_level: float = 0.95
+    # Score of the high-risk screen's AUC: "probability" ranks by the probability mass on the
+    # high-risk classes (computed as log-odds in float64, so confident scans do not tie);
+    # "logit_sum" is the published sigmoid(Σ high-risk logits − Σ other logits).
+    auc_score: Literal["probability", "logit_sum"] = "probability"
+    # Scans that cannot be assessed (no finite pixel values, fewer than `min_contrast` grey levels
+    # of the stored type between the 0.5th and 99.5th percentile, tissue on less than
+    # `min_tissue` of the scan): left out of the metrics and counted per center ("exclude"), or
+    # scored like the others ("include"). `savlt predict` never diagnoses them.
+    unassessable: Literal["exclude", "include"] = "exclude"
+    min_contrast: float = 8.0
+    min_tissue: float = 0.05
 
     def __post_init__(self) -> None:
         _need(self.bootstrap >= 0, "eval.bootstrap must be >= 0")
         _need(0 < self.ci_level < 1, "eval.ci_level must lie in (0, 1)")
+        _need(self.min_contrast >= 0, "eval.min_contrast must be >= 0")
+        _need(0 <= self.min_tissue < 1, "eval.min_tissue must lie in [0, 1)")
 
 
 @dataclass
@@ -185,14 +243,17 @@ class SegConfig:
 
     arch: Literal["unet", "pspnet", "deeplabv3plus", "linknet", "segformer"] = "unet"
     encoder: str = "resnet18"
-    # None = train from scratch; "imagenet" needs the encoder weights in the local torch cache.
-    encoder_weights: str | None = None
-    centers: list[str] | None = None  # None = every center with masks
+    # "auto": ImageNet weights when they are in the local cache (as the published scripts use),
+    # else from scratch with a warning; "imagenet" insists on them; a file path; None = scratch.
+    encoder_weights: str | None = "auto"
+    # Centers whose masks train the segmenter; None = the training center (data.train_center)
+    # only, so an external test center never trains the structure prior it is evaluated with.
+    centers: list[str] | None = None
     folds: int = 5
-    epochs: int = 30
+    epochs: int = 30  # the published scripts: 50 epochs of batch 256 on a GPU
     batch_size: int = 8
-    lr: float = 1e-3
-    image_size: int = 256
+    lr: float = 1e-4  # Adam, as the published scripts
+    image_size: int = 224
     threshold: float = 0.5
     seed: int = 0
     plateau_patience: int = 3
@@ -206,6 +267,51 @@ class SegConfig:
         )
         _need(0 < self.threshold < 1, "seg.threshold must lie in (0, 1)")
         _need(self.lr > 0, "seg.lr must be > 0")
+        _need_seed(self.seed, "seg.seed")
+
+
+@dataclass
+class PretrainConfig:
+    """Contrastive image–text pretraining (``savlt pretrain``) of the backbone in model.backbone."""
+
+    # A pairs CSV (columns file, text; files relative to the CSV's folder) or a data root whose
+    # class folders give each scan its class description as caption.
+    pairs: str | None = None
+    adapters: Literal["none", "lora"] = "none"  # none = full fine-tuning
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    warmup: float = 0.05  # fraction of the steps with a linear warm-up, then cosine decay to 0
+    max_steps: int = 1000
+    val_fraction: float = 0.1  # held-out pairs for image→text and text→image recall@1/5
+    eval_every: int = 100
+    save_every: int = 100  # a resumable checkpoint every this many steps
+    seed: int = 0
+    # Start the learnable temperature here (CLIP starts from scratch at 0.07); None keeps the
+    # backbone's own, as for an already pretrained CLIP.
+    init_temperature: float | None = None
+
+    def __post_init__(self) -> None:
+        _need(self.batch_size >= 2, "pretrain.batch_size must be >= 2 (the loss contrasts pairs in a batch)")
+        _need(
+            self.grad_accum >= 1 and self.max_steps >= 1,
+            "pretrain.grad_accum and pretrain.max_steps must be >= 1",
+        )
+        _need(
+            self.lr > 0 and self.weight_decay >= 0, "pretrain.lr must be > 0 and pretrain.weight_decay >= 0"
+        )
+        _need(0 <= self.warmup < 1, "pretrain.warmup must lie in [0, 1)")
+        _need(0 < self.val_fraction < 1, "pretrain.val_fraction must lie in (0, 1)")
+        _need(
+            self.eval_every >= 1 and self.save_every >= 1,
+            "pretrain.eval_every and pretrain.save_every must be >= 1",
+        )
+        _need_seed(self.seed, "pretrain.seed")
+        _need(
+            self.init_temperature is None or 0.01 <= self.init_temperature <= 1,
+            "pretrain.init_temperature must lie in [0.01, 1] (CLIP starts at 0.07)",
+        )
 
 
 @dataclass
@@ -218,6 +324,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seg: SegConfig = field(default_factory=SegConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def __post_init__(self) -> None:
         _need(self.method in METHODS, f"method: {self.method!r} is not one of {', '.join(METHODS)}")

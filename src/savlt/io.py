@@ -6,16 +6,23 @@ Nothing here imports another part of SAVLT except ``savlt.errors``, so ``data``,
 
 from __future__ import annotations
 
+import csv
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 from tqdm import tqdm
 
+from savlt.errors import SavltError
+
 T = TypeVar("T")
+
+
+class OutputError(SavltError):
+    """A place SAVLT cannot write to (an existing file, a read-only folder, a folder in use)."""
 
 
 # ------------------------------------------------------------------------------ files
@@ -52,6 +59,68 @@ def write_text(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON atomically (indented, so a person can read it)."""
     write_text(path, json.dumps(data, indent=1))
+
+
+def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Write a CSV file atomically (one header row, then `rows`)."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def writable_folder(path: str | Path, what: str = "output folder") -> Path:
+    """Create `path` (with its parents) and check that a file can be written in it.
+
+    An existing file in its place, a read-only place or any other refusal of the system is an
+    OutputError naming the path, instead of a traceback halfway through a command.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {path} is an existing file, not a folder: choose another path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test.{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise OutputError(f"cannot write to {what} {path} ({reason}): choose a writable place") from None
+    return path
+
+
+def writable_file(path: str | Path, what: str = "output file") -> Path:
+    """Check, before any work is done, that `path` can be written as a file (see writable_folder)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{what} {path} is an existing folder, not a file: choose a file name")
+    writable_folder(path.parent, f"the folder of {what} {path}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputError(f"cannot write to {what} {path} (it is read-only): choose a writable place")
+    return path
+
+
+@contextmanager
+def exclusive(lock: str | Path, busy: str) -> Iterator[None]:
+    """Hold an exclusive lock on the file `lock` while the block runs; when another process holds
+    it, raise OutputError(`busy`) at once. The lock dies with the process that holds it."""
+    import fcntl
+
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    handle = lock.open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise OutputError(busy) from None
+    try:
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.close()
 
 
 # ------------------------------------------------------------------------------ tables

@@ -1,15 +1,17 @@
-"""``savlt data check``: decode every file of a data set and report each problem by path."""
+"""``savlt data check``: decode every file of a data set and report each problem by path.
+
+It scans with the rule ``train`` uses (``savlt.data.discover``) and decodes with the check
+``train`` runs before its first step (``savlt.data.quality``), so the two agree.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from savlt.classes import ClassMap, short_name
 from savlt.data.discover import DatasetScan, Problem, scan_dataset
-from savlt.data.imageio import ImageDecodeError, read_image, read_mask
+from savlt.data.quality import Thresholds, check_scans
 from savlt.io import text_table
 
 
@@ -58,6 +60,12 @@ class CheckReport:
             *("  " + line for line in self.mapping_lines()),
             "",
         ]
+        if self.scan.skipped:
+            parts += [
+                "Not centers (skipped by every command):",
+                *(f"  {name}: it {reason}" for name, reason in self.scan.skipped.items()),
+                "",
+            ]
         if self.clean:
             parts.append("No problems found.")
         else:
@@ -66,20 +74,19 @@ class CheckReport:
         return "\n".join(parts)
 
 
-def check_dataset(root: str | Path, class_map: ClassMap, progress: bool = True) -> CheckReport:
+def check_dataset(
+    root: str | Path, class_map: ClassMap, progress: bool = True, thresholds: Thresholds | None = None
+) -> CheckReport:
+    """Scan ROOT, decode every scan and mask (in parallel), and collect every problem: the
+    scanning problems, unreadable files and scans that cannot be assessed."""
     scan = scan_dataset(root, class_map)
     problems = list(scan.problems)
     records = [r for c in scan.centers.values() for r in c.records]
-    for record in tqdm(records, desc="checking images", unit="img", disable=not progress):
-        try:
-            shape = read_image(record.path).shape[:2]
-        except ImageDecodeError as exc:
-            kind = "empty_file" if "0 bytes" in exc.reason else "unreadable_image"
-            problems.append(Problem(kind, record.path, str(exc)))
-            continue
-        if record.mask_path is not None:
-            try:
-                read_mask(record.mask_path, shape)
-            except ImageDecodeError as exc:
-                problems.append(Problem("bad_mask", record.mask_path, str(exc)))
+    checks = check_scans([(r.path, r.mask_path) for r in records], thresholds or Thresholds(), progress)
+    for check in checks:
+        if check.problem is not None:
+            problems.append(check.problem)
+        elif check.unassessable is not None:
+            message = f"{check.path} cannot be assessed: {check.unassessable}"
+            problems.append(Problem("unassessable", check.path, message))
     return CheckReport(scan, problems, class_map.names)

@@ -4,16 +4,23 @@ Layout: ``ROOT/<center>/images/<class>/<file>`` with optional ``ROOT/<center>/ma
 ``ROOT/<center>/<class>/<file>`` (no ``images/``) is accepted too. Scanning never decodes pixels and
 never raises for a data problem: every problem is collected, so ``savlt data check`` can list them
 all and training can refuse the ones that matter.
+
+One rule decides what a center is, for every command: a folder at the root with an ``images/``
+folder or at least one class folder. Other folders (an ``exports/`` folder, a run folder written
+into the data root) are skipped with the reason, and reported as a problem when they hold images.
+Operating-system and archive debris (hidden files, ``Thumbs.db``, ``desktop.ini``, ``__MACOSX/``)
+is ignored everywhere.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from savlt.classes import ClassMap, UnknownClassError
+from savlt.classes import ClassMap, UnknownClassError, alias_syntax
 from savlt.data.imageio import IMAGE_EXTENSIONS, MASK_EXTENSION, is_image_file
 from savlt.errors import SavltError
 
@@ -22,6 +29,36 @@ log = logging.getLogger(__name__)
 
 class DataError(SavltError):
     """The data set cannot be used as configured; the message names the file, folder or center."""
+
+
+# What operating systems and archivers leave beside the data (besides hidden names such as
+# .DS_Store, ._* AppleDouble files and .savlt): ignored everywhere, never reported.
+DEBRIS_NAMES = frozenset(
+    {"thumbs.db", "ehthumbs.db", "desktop.ini", "__macosx", "$recycle.bin", "system volume information"}
+)
+# A folder holding one of these is SAVLT's own output (run, evaluation, sweep, segmenter).
+OUTPUT_MARKERS = frozenset(
+    {"config.yaml", "metrics.json", "adapter.safetensors", "sweep.yaml", "segmenter.json", "summary.json"}
+)
+
+# How a kind of problem reads in a one-line summary.
+PROBLEM_TEXT = {
+    "unknown_class": "unknown class folder(s)",
+    "empty_class": "empty class folder(s)",
+    "not_an_image": "file(s) that are not images, not used",
+    "outside_class_folder": "image(s) outside any class folder, not used",
+    "not_a_center": "folder(s) holding images but no class folders, not used as centers",
+    "mask_without_image": "mask(s) without an image",
+    "empty_file": "empty file(s)",
+    "unreadable_image": "unreadable image(s)",
+    "bad_mask": "unusable mask(s)",
+    "unassessable": "scan(s) that cannot be assessed",
+}
+
+
+def is_debris(name: str) -> bool:
+    """Hidden names (.DS_Store, ._* AppleDouble files) and known system or archive leftovers."""
+    return name.startswith(".") or name.lower() in DEBRIS_NAMES
 
 
 @dataclass(frozen=True)
@@ -60,8 +97,13 @@ class DatasetScan:
     root: Path
     centers: dict[str, CenterData]
     problems: list[Problem]
+    skipped: dict[str, str] = field(default_factory=dict)  # folder at the root -> why it is no center
 
     def center(self, name: str) -> CenterData:
+        if name in self.skipped:
+            raise DataError(
+                f"folder {name!r} under {self.root} is not used as a center: it {self.skipped[name]}"
+            )
         if name not in self.centers:
             known = ", ".join(sorted(self.centers)) or "none"
             raise DataError(f"center {name!r} not found under {self.root} (centers found: {known})")
@@ -79,7 +121,60 @@ class DatasetScan:
 
 
 def _visible_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not is_debris(p.name))
+
+
+def _loose_files(folder: Path) -> list[Path]:
+    """The files lying directly in `folder`, debris left out."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and not is_debris(p.name))
+
+
+def _is_output_folder(folder: Path) -> bool:
+    return any((folder / marker).is_file() for marker in OUTPUT_MARKERS)
+
+
+def image_files(folder: Path, skip_outputs: bool = False) -> tuple[list[Path], list[Path]]:
+    """(every image below `folder`, every other file), sorted, debris left out; with
+    `skip_outputs`, SAVLT output folders (runs, sweeps, segmenters) are left out too."""
+    images: list[Path] = []
+    others: list[Path] = []
+    for current, dirs, files in os.walk(folder):
+        if skip_outputs and any(name in OUTPUT_MARKERS for name in files):
+            dirs[:] = []
+            continue
+        dirs[:] = sorted(d for d in dirs if not is_debris(d))
+        for name in sorted(files):
+            if not is_debris(name):
+                (images if is_image_file(Path(name)) else others).append(Path(current) / name)
+    return images, others
+
+
+def _why_not_a_center(folder: Path, class_map: ClassMap) -> str | None:
+    """The reason a folder at the data root is not a center, or None when it is one."""
+    if (folder / "images").is_dir():
+        return None
+    subfolders = [d.name for d in _visible_dirs(folder) if d.name != "masks"]
+    if any(class_map.knows(name) for name in subfolders):
+        return None
+    if _is_output_folder(folder):
+        return "is a SAVLT output folder (run, evaluation, sweep or segmenter)"
+    shown = ", ".join(subfolders[:5]) + (" …" if len(subfolders) > 5 else "")
+    return f"holds no class folders (subfolders: {shown or 'none'})"
+
+
+def _skipped_folder_problem(folder: Path, reason: str, images: list[Path]) -> Problem:
+    subfolders = [d.name for d in _visible_dirs(folder) if d.name != "masks"]
+    how = (
+        f"; if it is a center, map its folders to classes, e.g. {alias_syntax(subfolders[0], 'CLASS')}"
+        if subfolders
+        else "; if it is a center, put its scans in class folders (<center>/images/<class>/)"
+    )
+    return Problem(
+        "not_a_center",
+        folder,
+        f"folder {folder} holds {len(images)} image(s) (e.g. {images[0]}) but {reason}: "
+        f"it is not used as a center{how}",
+    )
 
 
 def _scan_center(center_dir: Path, class_map: ClassMap, problems: list[Problem]) -> CenterData:
@@ -87,6 +182,12 @@ def _scan_center(center_dir: Path, class_map: ClassMap, problems: list[Problem])
     has_images_dir = (center_dir / "images").is_dir()
     images_dir = center_dir / "images" if has_images_dir else center_dir
     masks_dir = center_dir / "masks"
+    for loose in _loose_files(center_dir) + (_loose_files(images_dir) if has_images_dir else []):
+        if is_image_file(loose):
+            message = f"{loose} lies outside any class folder and is not used; move it into <center>/images/<class>/"
+            problems.append(Problem("outside_class_folder", loose, message))
+        else:
+            problems.append(_not_an_image(loose))
     for class_dir in _visible_dirs(images_dir):
         if not has_images_dir and class_dir.name == "masks":
             continue
@@ -98,14 +199,7 @@ def _scan_center(center_dir: Path, class_map: ClassMap, problems: list[Problem])
         center.class_folders[class_dir.name] = label
         files = sorted(p for p in class_dir.rglob("*") if p.is_file() and not _hidden(p, class_dir))
         images = [p for p in files if is_image_file(p)]
-        for other in (p for p in files if not is_image_file(p)):
-            problems.append(
-                Problem(
-                    "not_an_image",
-                    other,
-                    f"{other} is not an image (extension not one of {', '.join(sorted(IMAGE_EXTENSIONS))}); skipped",
-                )
-            )
+        problems += [_not_an_image(other) for other in files if not is_image_file(other)]
         if not images:
             problems.append(Problem("empty_class", class_dir, f"class folder {class_dir} holds no images"))
         for path in images:
@@ -125,8 +219,15 @@ def _scan_center(center_dir: Path, class_map: ClassMap, problems: list[Problem])
     return center
 
 
+def _not_an_image(path: Path) -> Problem:
+    extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
+    return Problem(
+        "not_an_image", path, f"{path} is not an image (extension not one of {extensions}); skipped"
+    )
+
+
 def _hidden(path: Path, below: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(below).parts)
+    return any(is_debris(part) for part in path.relative_to(below).parts)
 
 
 def _check_masks(center: CenterData, masks_dir: Path, images_dir: Path, problems: list[Problem]) -> None:
@@ -145,42 +246,71 @@ def _check_masks(center: CenterData, masks_dir: Path, images_dir: Path, problems
 
 
 def scan_dataset(root: str | Path, class_map: ClassMap, centers: list[str] | None = None) -> DatasetScan:
-    """Scan ROOT (every center, or the named ones) and collect records and problems."""
+    """Scan ROOT (every center, or the named ones) and collect records, problems and the folders
+    that are not centers."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data root {root} does not exist or is not a folder")
-    center_dirs = _visible_dirs(root)
+    as_center = f"{root} looks like a center folder itself: pass the folder above it as the data root"
+    if (root / "images").is_dir() and any(class_map.knows(d.name) for d in _visible_dirs(root / "images")):
+        raise DataError(as_center)
+    folders = _visible_dirs(root)
     if centers is not None:
-        known = {d.name for d in center_dirs}
+        known = {d.name for d in folders}
         for name in centers:
             if name not in known:
                 raise DataError(
                     f"center {name!r} not found under {root} (centers found: {', '.join(sorted(known)) or 'none'})"
                 )
-        center_dirs = [d for d in center_dirs if d.name in centers]
+        folders = [d for d in folders if d.name in centers]
     problems: list[Problem] = []
-    found = {d.name: _scan_center(d, class_map, problems) for d in center_dirs}
+    found: dict[str, CenterData] = {}
+    skipped: dict[str, str] = {}
+    for folder in folders:
+        reason = _why_not_a_center(folder, class_map)
+        if reason is None:
+            found[folder.name] = _scan_center(folder, class_map, problems)
+            continue
+        skipped[folder.name] = reason
+        images = [] if _is_output_folder(folder) else image_files(folder, skip_outputs=True)[0]
+        if images:
+            problems.append(_skipped_folder_problem(folder, reason, images))
+    scan = DatasetScan(root=root, centers=found, problems=problems, skipped=skipped)
+    if centers is not None:
+        for name in centers:
+            scan.center(name)  # a named folder that is not a center: the error says why
     if not found:
+        if any(class_map.knows(d.name) for d in _visible_dirs(root)):
+            raise DataError(as_center)
         raise DataError(f"no center folders under {root} (expected ROOT/<center>/images/<class>/<files>)")
-    return DatasetScan(root=root, centers=found, problems=problems)
+    return scan
+
+
+def problem_summary(problems: list[Problem], shown: int = 3) -> list[str]:
+    """One line per kind of problem: how many, and the first few paths."""
+    by_kind: dict[str, list[Problem]] = {}
+    for problem in problems:
+        by_kind.setdefault(problem.kind, []).append(problem)
+    return [
+        f"{len(items)} {PROBLEM_TEXT.get(kind, kind)}: "
+        + ", ".join(str(p.path) for p in items[:shown])
+        + (" …" if len(items) > shown else "")
+        for kind, items in by_kind.items()
+    ]
 
 
 def scan_data(root: str | Path | None, class_map: ClassMap, centers: list[str] | None = None) -> DatasetScan:
     """`scan_dataset` for a command: a missing root is an error saying how to give one, and the
-    problems found and the classes missing from a center are logged (``savlt data check`` lists
-    every problem by path)."""
+    folders skipped, the problems found (per kind, with the first paths) and the classes missing
+    from a center are logged (``savlt data check`` lists every problem by path)."""
     if not root:
         raise DataError("no data root: pass --data ROOT (or set data.root)")
     scan = scan_dataset(root, class_map, centers)
+    for name, reason in scan.skipped.items():
+        log.warning("skipped folder %s: it %s, so it is not a center", Path(root) / name, reason)
     for center in scan.centers.values():
         if center.missing_classes:
             log.warning("center %s has no images of: %s", center.name, ", ".join(center.missing_classes))
-    if scan.problems:
-        log.warning(
-            "%d data problem(s) under %s, e.g. %s (run `savlt data check %s` for all)",
-            len(scan.problems),
-            root,
-            scan.problems[0].message,
-            root,
-        )
+    for line in problem_summary(scan.problems):
+        log.warning("%s (`savlt data check %s` lists every problem)", line, root)
     return scan

@@ -90,8 +90,8 @@ def to_rgb(pixels: np.ndarray, path: Path) -> np.ndarray:
     raise ImageDecodeError(path, f"unsupported pixel layout {pixels.shape} (expected grayscale, RGB or RGBA)")
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Decode a scan to an 8-bit RGB array of shape H×W×3."""
+def decode_image(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """A scan as (8-bit RGB array H×W×3, the pixel values as stored in the file)."""
     path = Path(path)
     pixels = _read_raw(path)
     if pixels.ndim == 3 and pixels.shape[0] in (1, 3, 4) and pixels.shape[2] > 4:
@@ -101,7 +101,12 @@ def read_image(path: str | Path) -> np.ndarray:
         rgb = to_uint8(rgb)
     if min(rgb.shape[:2]) < 8:
         raise ImageDecodeError(path, f"image is too small ({rgb.shape[1]}×{rgb.shape[0]} pixels)")
-    return rgb
+    return rgb, pixels
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode a scan to an 8-bit RGB array of shape H×W×3."""
+    return decode_image(path)[0]
 
 
 def read_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:

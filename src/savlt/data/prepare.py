@@ -15,7 +15,7 @@ from pathlib import Path
 
 from savlt.data.discover import CenterData, DataError
 from savlt.data.splits import FewShot, Split, load_few_shot, load_split, ratio_split, sample_few_shot
-from savlt.io import write_json
+from savlt.io import OutputError, writable_folder, write_json
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +25,8 @@ def cache_folder(root: str | Path | None, cache_dir: str | Path | None = None) -
     there is none."""
     folder = Path(cache_dir) if cache_dir else Path(root or ".") / ".savlt"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.touch()
-        probe.unlink()
-    except OSError:
+        writable_folder(folder, "cache folder")
+    except OutputError:
         log.warning("cache folder %s is not writable: splits are not cached (set data.cache_dir)", folder)
         return None
     return folder
@@ -57,7 +54,8 @@ def resolve_split(
             split = load_split(cached, center)
         except DataError as exc:
             raise DataError(
-                f"{exc}. The data changed since the split was cached: delete {cached} to re-split"
+                f"{exc}. This is the cached split (corrupt, or the data changed since it was made): "
+                f"delete {cached} to split the data again"
             ) from None
         listed = set(split.train) | set(split.val) | set(split.test)
         new = [r.rel for r in center.records if r.rel not in listed]
@@ -81,7 +79,10 @@ def resolve_few_shot(split: Split, center: CenterData, shots: int, seed: int, ca
     """The seeded K-shot draw from `split`, read from the cache when it was drawn before."""
     cached = cache / f"fewshot_{center.name}_{_digest(split)}_k{shots}_seed{seed}.json" if cache else None
     if cached is not None and cached.is_file():
-        return load_few_shot(cached, center)
+        try:
+            return load_few_shot(cached, center)
+        except DataError as exc:  # the draw is a function of the split and the seed: draw it again
+            log.warning("%s; drawing it again", exc)
     few = sample_few_shot(split, center, shots, seed)
     if cached is not None:
         write_json(cached, few.to_json())

@@ -1,7 +1,8 @@
 """Train/val/test splits of the training center and few-shot draws, stored as JSON.
 
 Paths in split files are relative to the center folder (``images/cyst/a.png``), so a split travels
-with the data. Every path read from a file is checked to stay inside the center folder and to be
+with the data; paths relative to ``<center>/images/`` (``cyst/a.png``, the published code's split
+files, whose entries are ``[path, label, classname]``) are accepted too. Every path read from a file is checked to stay inside the center folder and to be
 one of the scanned images, and is reported by name otherwise.
 """
 
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 
 PARTS = ("train", "val", "test")
 VAL_CAP = 16
+# K shots may exceed the largest class's training images at most this many times (drawn with repeats).
+MAX_REPEAT = 4
 
 
 @dataclass
@@ -103,12 +106,18 @@ def _checked_rel(raw: Any, center: CenterData, known: dict[str, ImageRecord], fi
         raise DataError(
             f"split file {file}: path {raw!r} in {part!r} must be relative to the center folder {center.root}"
         )
-    resolved = (center.root / text).resolve()
-    if not resolved.is_relative_to(center.root.resolve()):
+    root = center.root.resolve()
+    resolved = (root / text).resolve()
+    if not resolved.is_relative_to(root):
         raise DataError(
             f"split file {file}: path {raw!r} in {part!r} escapes the center folder {center.root}"
         )
-    rel = resolved.relative_to(center.root.resolve()).as_posix()
+    rel = resolved.relative_to(root).as_posix()
+    below_images = (root / "images" / text).resolve()
+    if rel not in known and below_images.is_relative_to(root / "images"):
+        # the published code's split files list paths relative to <center>/images/
+        alternative = below_images.relative_to(root).as_posix()
+        rel = alternative if alternative in known else rel
     if rel not in known:
         reason = "does not exist" if not resolved.exists() else "is not an image of a known class folder"
         raise DataError(f"split file {file}: path {raw!r} in {part!r} {reason} (under {center.root})")
@@ -122,7 +131,7 @@ def load_split(file: str | Path, center: CenterData) -> Split:
         data = json.loads(file.read_text())
     except FileNotFoundError:
         raise DataError(f"split file {file} does not exist") from None
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # not JSON, or not text at all
         raise DataError(f"split file {file} is not valid JSON: {exc}") from None
     if not isinstance(data, dict) or not all(isinstance(data.get(p, []), list) for p in PARTS):
         raise DataError(f"split file {file} must be an object with lists 'train', 'val' and 'test'")
@@ -142,10 +151,19 @@ def sample_few_shot(split: Split, center: CenterData, shots: int, seed: int) -> 
     """K images per class from train (when a class has fewer: all of them, then repeats, and a warning),
     and min(K, 16) per class from val."""
     records = center.by_rel()
+    groups = _by_class([records[r] for r in split.train])
+    largest = max((len(rels) for rels in groups.values()), default=0)
+    if shots > MAX_REPEAT * largest:
+        counts = ", ".join(f"{label} {len(rels)}" for label, rels in groups.items()) or "none"
+        raise DataError(
+            f"train.shots={shots} is more than {MAX_REPEAT}× the largest class in the training part of "
+            f"center {center.name} (training images per class: {counts}): use --shots "
+            f"{MAX_REPEAT * largest} or fewer, or add images"
+        )
     rng = np.random.default_rng(seed)
     train: list[str] = []
     val: list[str] = []
-    for label, rels in _by_class([records[r] for r in split.train]).items():
+    for label, rels in groups.items():
         if len(rels) < shots:
             log.warning(
                 "class %s of center %s has %d training images, fewer than %d shots: drawing with replacement",
@@ -166,7 +184,14 @@ def sample_few_shot(split: Split, center: CenterData, shots: int, seed: int) -> 
 
 
 def load_few_shot(file: Path, center: CenterData) -> FewShot:
-    data = json.loads(file.read_text())
+    try:
+        data = json.loads(Path(file).read_text())
+        entries = {p: list(data[p]) for p in ("train", "val")}
+        shots, seed = int(data["shots"]), int(data["seed"])
+    except FileNotFoundError:
+        raise DataError(f"few-shot file {file} does not exist") from None
+    except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not a few-shot list
+        raise DataError(f"few-shot file {file} is corrupt ({type(exc).__name__}: {exc})") from None
     known = center.by_rel()
-    lists = {p: [_checked_rel(e, center, known, file, p) for e in data[p]] for p in ("train", "val")}
-    return FewShot(center.name, int(data["shots"]), int(data["seed"]), lists["train"], lists["val"])
+    lists = {p: [_checked_rel(e, center, known, file, p) for e in entries[p]] for p in entries}
+    return FewShot(center.name, shots, seed, lists["train"], lists["val"])

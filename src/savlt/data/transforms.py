@@ -1,7 +1,8 @@
 """Image + mask transforms (albumentations): the same geometry is applied to both.
 
 Training: RandomResizedCrop (bicubic for the image, nearest for the mask) + horizontal flip +
-CLIP normalisation. Evaluation: a deterministic resize + normalisation, never a random crop.
+normalisation. Evaluation: a deterministic resize + normalisation, never a random crop.
+Normalisation uses CLIP's statistics by default, or ImageNet's (``data.normalize``).
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
 
-# The normalisation every CLIP checkpoint was trained with.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Per-channel (mean, std) on the 0..1 scale: what every CLIP checkpoint was trained with, and
+# ImageNet's (the published SAVLT code and most segmentation encoders).
+NORMALIZATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
 
 
 def train_transform(
-    size: int, crop_scale: tuple[float, float] = (0.75, 1.0), hflip: bool = True
+    size: int, crop_scale: tuple[float, float] = (0.75, 1.0), hflip: bool = True, normalize: str = "clip"
 ) -> A.Compose:
     steps: list[A.BasicTransform] = [
         A.RandomResizedCrop(
@@ -28,15 +32,17 @@ def train_transform(
     ]
     if hflip:
         steps.append(A.HorizontalFlip(p=0.5))
-    steps += [A.Normalize(mean=CLIP_MEAN, std=CLIP_STD), ToTensorV2()]
+    mean, std = NORMALIZATION[normalize]
+    steps += [A.Normalize(mean=mean, std=std), ToTensorV2()]
     return A.Compose(steps)
 
 
-def eval_transform(size: int) -> A.Compose:
+def eval_transform(size: int, normalize: str = "clip") -> A.Compose:
+    mean, std = NORMALIZATION[normalize]
     return A.Compose(
         [
             A.Resize(size, size, interpolation=cv2.INTER_CUBIC, mask_interpolation=cv2.INTER_NEAREST),
-            A.Normalize(mean=CLIP_MEAN, std=CLIP_STD),
+            A.Normalize(mean=mean, std=std),
             ToTensorV2(),
         ]
     )

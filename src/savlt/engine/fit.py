@@ -90,7 +90,10 @@ def train_steps(
     t = cfg.train
     steps = t.total_steps
     dataset = OCTDataset(
-        train_records, cfg.class_names, train_transform(cfg.data.image_size, t.crop_scale, t.hflip), masks
+        train_records,
+        cfg.class_names,
+        train_transform(cfg.data.image_size, t.crop_scale, t.hflip, cfg.data.normalize),
+        masks,
     )
     sampler = StepBatches(
         len(dataset),
@@ -99,22 +102,25 @@ def train_steps(
         seed=t.seed,
         rank=accelerator.process_index,
         world=accelerator.num_processes,
+        epochs=t.batches == "epoch",
     )
     loader = loader_for(dataset, cfg, 1, accelerator.device, batch_sampler=sampler)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    backbone = [p for p in model.clip.parameters() if p.requires_grad]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("clip.")]
+    groups = [{"params": backbone}, {"params": rest}] if t.double_adapter_update else backbone + rest
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=t.min_lr)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
+    # The published code never calls AdaLoRA's rank re-allocation nor adds its penalty.
     adalora = (
-        model.clip.base_model if isinstance(model.clip, PeftModel) and cfg.peft.type == "adalora" else None
+        model.clip.base_model
+        if isinstance(model.clip, PeftModel) and cfg.peft.type == "adalora" and cfg.peft.variant == "savlt"
+        else None
     )
     # AdaLoRA's orthogonality penalty, once per optimiser step (spread over the accumulated micro-steps)
     orth_weight = adalora.peft_config["default"].orth_reg_weight / t.grad_accum if adalora else 0.0
     factors = adalora_factors(adalora) if orth_weight else []
     state = TrainState()
-    # Each process holds batch/world scans; summing and dividing by the global batch makes the
-    # DDP-averaged gradient equal to the single-process mean.
-    loss_scale = accelerator.num_processes / (sampler.batch_size * t.grad_accum)
     model.train()
     bar = tqdm(
         total=steps, desc="training", unit="step", disable=not (progress and accelerator.is_main_process)
@@ -125,6 +131,9 @@ def train_steps(
         labels = labels.to(accelerator.device, non_blocking=True)
         mask = mask.to(accelerator.device, non_blocking=True) if model.uses_masks else None
         last_micro = (micro + 1) % t.grad_accum == 0
+        # Each process holds its share of the global batch; summing and dividing by the global
+        # batch size makes the DDP-averaged gradient equal to the single-process mean.
+        loss_scale = accelerator.num_processes / (sampler.sizes[micro] * t.grad_accum)
         with accelerator.no_sync(wrapped) if not last_micro else nullcontext(), accelerator.autocast():
             out = wrapped(pixels, mask)
             loss = model.loss(out, labels) * loss_scale
@@ -137,6 +146,8 @@ def train_steps(
         if not last_micro:
             continue
         optimizer.step()
+        if t.double_adapter_update:
+            _update_again(optimizer, rest)
         step = (micro + 1) // t.grad_accum
         if adalora is not None:
             adalora.update_and_allocate(step)
@@ -147,9 +158,9 @@ def train_steps(
         schedule.step()
         entry = {"step": step, "loss": running, "lr": lr}
         running = 0.0
-        if val_records and (step % t.val_every == 0 or step == steps):
+        if val_records and ((step % t.val_every == 0 and sampler.epoch_end[micro]) or step == steps):
             entry.update(_validate(model, val_records, cfg, accelerator, masks, step))
-            model.train()
+            model.train(not t.eval_mode_after_validation)
         if not math.isfinite(entry["loss"]):
             raise FloatingPointError(
                 f"training diverged at step {step} (loss {entry['loss']}); try a lower train.lr"
@@ -163,6 +174,18 @@ def train_steps(
     bar.close()
     model.eval()
     return state
+
+
+def _update_again(optimizer: torch.optim.Optimizer, keep: list[torch.nn.Parameter]) -> None:
+    """A second AdamW update of every parameter except `keep`, with the same gradients: what the
+    published code's optimiser does to the backbone tensors it lists twice
+    (``train.double_adapter_update``)."""
+    saved = [p.grad for p in keep]
+    for p in keep:
+        p.grad = None  # AdamW skips a parameter without a gradient
+    optimizer.step()
+    for p, grad in zip(keep, saved, strict=True):
+        p.grad = grad
 
 
 def fit_closed_form(job: FitJob) -> None:

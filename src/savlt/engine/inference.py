@@ -21,6 +21,7 @@ from savlt.data.dataset import OCTDataset
 from savlt.data.discover import ImageRecord
 from savlt.data.masks import MaskStore
 from savlt.data.transforms import eval_transform
+from savlt.engine.metrics import probabilities
 from savlt.models.savlt import SavltModel
 
 
@@ -35,9 +36,7 @@ class Inference:
 
     @property
     def probs(self) -> np.ndarray:
-        shifted = self.logits - self.logits.max(axis=1, keepdims=True)
-        e = np.exp(shifted)
-        return e / e.sum(axis=1, keepdims=True)
+        return probabilities(self.logits)
 
 
 def loader_for(
@@ -67,7 +66,10 @@ def run_inference(
     shards = np.array_split(np.arange(len(records)), accelerator.num_processes)
     mine = shards[accelerator.process_index].tolist()
     dataset = OCTDataset(
-        [records[i] for i in mine], cfg.class_names, eval_transform(cfg.data.image_size), masks
+        [records[i] for i in mine],
+        cfg.class_names,
+        eval_transform(cfg.data.image_size, cfg.data.normalize),
+        masks,
     )
     was_training = model.training
     model.eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,33 +14,44 @@ import torch
 from accelerate import Accelerator
 
 from savlt.config import load_config
-from savlt.data.imageio import ImageDecodeError, read_image
+from savlt.data.imageio import ImageDecodeError, decode_image
+from savlt.data.quality import Thresholds, assess
 from savlt.data.transforms import eval_transform
 from savlt.engine.checkpoint import load_checkpoint
 from savlt.engine.inputs import reload_inputs
 from savlt.engine.rundir import (
     RunPaths,
     build_model,
+    check_images,
     log_to,
     make_accelerator,
+    on_main,
     run_header,
     score_sets,
     tissue_masks,
     write_run_report,
 )
 from savlt.errors import SavltError
+from savlt.io import progress_batches, writable_folder, write_csv
 from savlt.report.plots import heatmap_png
 
 
 @dataclass
 class Prediction:
     path: str
-    predicted: str
+    predicted: str | None  # None: no diagnosis (the scan cannot be assessed, or not be read)
     probabilities: dict[str, float]
-    high_risk_probability: float
-    roi_box: tuple[float, float, float, float]  # normalised x0, y0, x1, y1
-    roi_fallback: bool
+    high_risk_probability: float | None
+    roi_box: tuple[float, float, float, float] | None  # normalised x0, y0, x1, y1
+    roi_fallback: bool | None
     heatmap: str | None = None
+    assessable: bool = True
+    reason: str | None = None  # why the scan cannot be assessed
+    error: str | None = None  # why the file cannot be read
+
+    @classmethod
+    def without_diagnosis(cls, path: str, reason: str | None = None, error: str | None = None) -> Prediction:
+        return cls(path, None, {}, None, None, None, assessable=False, reason=reason, error=error)
 
     def to_json(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -58,7 +70,7 @@ class Run:
         load_checkpoint(self.model, self.paths.checkpoint)
         self.model.eval()
         self.masks = tissue_masks(self.cfg, self.accelerator.device)
-        self.transform = eval_transform(self.cfg.data.image_size)
+        self.transform = eval_transform(self.cfg.data.image_size, self.cfg.data.normalize)
 
     @property
     def class_names(self) -> list[str]:
@@ -71,20 +83,24 @@ class Run:
         out: str | Path | None = None,
         progress: bool = True,
     ) -> dict[str, Any]:
-        """Re-score the run (internal test split + external centers) on a data root."""
+        """Re-score the run (internal test split + external centers) on a data root; on another
+        hospital's export (a root without the training center) only its own centers are scored."""
         cfg = self.cfg
         if data_root is not None:
             cfg = load_config(self.paths.config, values={"data.root": Path(data_root)})
+        target = RunPaths(out or self.paths.root / "evaluation")
+        writable_folder(target.root, "evaluation folder (--out)")
         inputs = reload_inputs(cfg, self.paths.split, self.paths.few_shot, centers)
         sets = inputs.eval_sets()
         if centers is not None:
             sets = {c: r for c, r in sets.items() if c in centers}
-        target = RunPaths(out or self.paths.root / "evaluation")
-        target.root.mkdir(parents=True, exist_ok=True)
-        header = run_header(cfg, self.backbone_name, inputs)
+        header = run_header(cfg, self.backbone_name, inputs, self.masks)
         with log_to(target.root / "evaluate.log", self.accelerator.is_main_process):
+            records = [r for center in sets.values() for r in center]
+            check = partial(check_images, cfg, records, progress, "nothing was scored")
+            unassessable = on_main(self.accelerator, check, share=True) or {}
             metrics, results = score_sets(
-                self.model, sets, cfg, self.accelerator, self.masks, target, header, progress
+                self.model, sets, cfg, self.accelerator, self.masks, target, header, progress, unassessable
             )
             if self.accelerator.is_main_process:
                 title = f"SAVLT evaluation: {self.paths.root.name}"
@@ -97,62 +113,125 @@ class Run:
         images: Sequence[str | Path | np.ndarray],
         heatmap_dir: str | Path | None = None,
         batch_size: int = 16,
+        progress: bool = False,
+        skip_unreadable: bool = False,
     ) -> list[Prediction]:
-        """Class, probabilities, high-risk probability and ROI of each scan (path or H×W[×3] array)."""
+        """Class, probabilities, high-risk probability and ROI of each scan (path or H×W[×3]
+        array), in the order given. A scan that cannot be assessed gets no diagnosis (``assessable``
+        false, with the reason); with `skip_unreadable`, a file that cannot be read comes back with
+        its ``error`` instead of stopping the others."""
         if heatmap_dir is not None and self.model.pool is None:
             raise SavltError("heat maps need attention pooling; this run uses model.pooling=cls")
-        predictions: list[Prediction] = []
+        if heatmap_dir is not None:
+            writable_folder(heatmap_dir, "heat-map folder (--heatmap)")
+        thresholds = Thresholds.of(self.cfg)
+        done: dict[int, Prediction] = {}
+        for chunk in progress_batches(list(enumerate(images)), batch_size, "predicting", progress):
+            ready: list[tuple[int, str, np.ndarray]] = []
+            for position, item in chunk:
+                is_file = isinstance(item, str | Path)
+                name = str(item) if is_file else f"array-{position}"
+                try:
+                    rgb, raw = _decoded(item, position)
+                except ImageDecodeError as exc:
+                    if not (skip_unreadable and is_file):
+                        raise
+                    done[position] = Prediction.without_diagnosis(name, error=str(exc))
+                    continue
+                reason = assess(rgb, raw, thresholds)
+                if reason is not None:
+                    done[position] = Prediction.without_diagnosis(name, reason=reason)
+                else:
+                    ready.append((position, name, rgb))
+            if ready:
+                done.update(self._diagnose(ready, heatmap_dir))
+        return [done[i] for i in range(len(images))]
+
+    def _diagnose(
+        self, ready: list[tuple[int, str, np.ndarray]], heatmap_dir: str | Path | None
+    ) -> dict[int, Prediction]:
+        """One forward pass over decoded, assessable scans: (position, name, RGB) -> Prediction."""
         risk = [n in self.cfg.data.high_risk for n in self.class_names]
-        for start in range(0, len(images), batch_size):
-            chunk = list(images[start : start + batch_size])
-            arrays = [_as_rgb(item, start + i) for i, item in enumerate(chunk)]
-            masks = (
-                self.masks.masks_for_images(arrays)
-                if self.model.uses_masks
-                else [np.ones(a.shape[:2], bool) for a in arrays]
+        arrays = [rgb for _, _, rgb in ready]
+        masks = (
+            self.masks.masks_for_images(arrays)
+            if self.model.uses_masks
+            else [np.ones(a.shape[:2], bool) for a in arrays]
+        )
+        batch = [self.transform(image=a, mask=m.astype(np.uint8)) for a, m in zip(arrays, masks, strict=True)]
+        pixels = torch.stack([b["image"] for b in batch]).to(self.accelerator.device)
+        mask = torch.stack([b["mask"] for b in batch]).to(self.accelerator.device)
+        with self.accelerator.autocast():
+            out = self.model(pixels, mask)
+            probs = self.model.logits(out).float().softmax(dim=1).cpu().numpy()
+        found: dict[int, Prediction] = {}
+        for i, (position, name, rgb) in enumerate(ready):
+            box = tuple(float(v) for v in out.boxes[i].cpu())
+            heatmap = None
+            if heatmap_dir is not None:
+                grid = self.model.grid
+                attention = out.attention[i].float().mean(dim=0).reshape(grid, grid).cpu().numpy()
+                heatmap = str(Path(heatmap_dir) / f"{position:04d}_{Path(name).stem}_heatmap.png")
+                heatmap_png(rgb, attention, box, Path(heatmap))
+            found[position] = Prediction(
+                path=name,
+                predicted=self.class_names[int(probs[i].argmax())],
+                probabilities={n: float(p) for n, p in zip(self.class_names, probs[i], strict=True)},
+                high_risk_probability=float(probs[i][risk].sum()),
+                roi_box=box,  # type: ignore[arg-type]
+                roi_fallback=bool(out.fallback[i]),
+                heatmap=heatmap,
             )
-            batch = [
-                self.transform(image=a, mask=m.astype(np.uint8)) for a, m in zip(arrays, masks, strict=True)
-            ]
-            pixels = torch.stack([b["image"] for b in batch]).to(self.accelerator.device)
-            mask = torch.stack([b["mask"] for b in batch]).to(self.accelerator.device)
-            with self.accelerator.autocast():
-                out = self.model(pixels, mask)
-                probs = self.model.logits(out).float().softmax(dim=1).cpu().numpy()
-            for i, item in enumerate(chunk):
-                name = str(item) if isinstance(item, str | Path) else f"array-{start + i}"
-                box = tuple(float(v) for v in out.boxes[i].cpu())
-                heatmap = None
-                if heatmap_dir is not None:
-                    grid = self.model.grid
-                    attention = out.attention[i].float().mean(dim=0).reshape(grid, grid).cpu().numpy()
-                    Path(heatmap_dir).mkdir(parents=True, exist_ok=True)
-                    stem = Path(name).stem if isinstance(item, str | Path) else name
-                    heatmap = str(Path(heatmap_dir) / f"{start + i:04d}_{stem}_heatmap.png")
-                    heatmap_png(arrays[i], attention, box, Path(heatmap))
-                predictions.append(
-                    Prediction(
-                        path=name,
-                        predicted=self.class_names[int(probs[i].argmax())],
-                        probabilities={n: float(p) for n, p in zip(self.class_names, probs[i], strict=True)},
-                        high_risk_probability=float(probs[i][risk].sum()),
-                        roi_box=box,  # type: ignore[arg-type]
-                        roi_fallback=bool(out.fallback[i]),
-                        heatmap=heatmap,
-                    )
-                )
-        return predictions
+        return found
 
 
-def _as_rgb(item: str | Path | np.ndarray, position: int) -> np.ndarray:
+def _decoded(item: str | Path | np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray]:
+    """(8-bit RGB, the stored pixel values) of a file or an array."""
     if isinstance(item, str | Path):
-        return read_image(item)
+        return decode_image(item)
     array = np.asarray(item)
     if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
         raise ImageDecodeError(
             f"array #{position}", f"expected a uint8 H×W or H×W×3 array, got {array.dtype} {array.shape}"
         )
-    return np.repeat(array[:, :, None], 3, axis=2) if array.ndim == 2 else array
+    return (np.repeat(array[:, :, None], 3, axis=2) if array.ndim == 2 else array), array
+
+
+def write_prediction_csv(
+    path: str | Path, predictions: Sequence[Prediction], class_names: Sequence[str]
+) -> None:
+    """The predictions as a CSV file (``savlt predict --csv``): one row per image, read or not."""
+    header = [
+        "path",
+        "predicted",
+        "p_high_risk",
+        *(f"p_{n}" for n in class_names),
+        "roi_x0",
+        "roi_y0",
+        "roi_x1",
+        "roi_y1",
+        "roi_fallback",
+        "assessable",
+        "not_assessable_because",
+        "error",
+        "heatmap",
+    ]
+    rows = (
+        [
+            p.path,
+            p.predicted or "",
+            "" if p.high_risk_probability is None else f"{p.high_risk_probability:.6f}",
+            *(f"{p.probabilities[n]:.6f}" if p.probabilities else "" for n in class_names),
+            *([f"{v:.4f}" for v in p.roi_box] if p.roi_box else ["", "", "", ""]),
+            "" if p.roi_fallback is None else int(p.roi_fallback),
+            int(p.assessable),
+            p.reason or "",
+            p.error or "",
+            p.heatmap or "",
+        ]
+        for p in predictions
+    )
+    write_csv(path, header, rows)
 
 
 def load_run(folder: str | Path, device: str | None = None) -> Run:

@@ -1,6 +1,6 @@
-"""What training a run and loading it back share: the folder layout, the accelerator, the model
-and mask source of a configuration, and scoring sets of scans into predictions, metrics and a
-report.
+"""What training a run and loading it back share: the folder layout (``engine.runfolder``), the
+accelerator, the model and mask source of a configuration, checking the scans before they are
+used, and scoring sets of scans into predictions, metrics and a report.
 
 RUN/config.yaml        the full resolved configuration (a run is reproduced from it)
 RUN/split.json         the training center's split; RUN/fewshot.json the K-shot draw
@@ -12,44 +12,90 @@ RUN/predictions/<center>.csv  per-scan predictions; RUN/report.md + PNGs
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import logging
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 from savlt.config import Config, ConfigError
 from savlt.data.discover import ImageRecord
 from savlt.data.masks import TissueMasks
+from savlt.data.quality import Thresholds, check_scans, unreadable_error
 from savlt.engine.inference import Inference, run_inference
 from savlt.engine.inputs import RunInputs
-from savlt.engine.metrics import center_metrics
-from savlt.io import atomic_path, write_json
+from savlt.engine.metrics import center_metrics, risk_scores
+from savlt.engine.runfolder import RunPaths
+from savlt.errors import SavltError
+from savlt.io import write_csv, write_json
 from savlt.models.backbone import load_backbone
 from savlt.models.savlt import SavltModel, model_from_config
 from savlt.report.summary import write_report
 
 log = logging.getLogger("savlt")
 
+T = TypeVar("T")
 
-class RunPaths:
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        self.config = self.root / "config.yaml"
-        self.split = self.root / "split.json"
-        self.few_shot = self.root / "fewshot.json"
-        self.log = self.root / "train.log"
-        self.history = self.root / "history.jsonl"
-        self.checkpoint = self.root / "adapter.safetensors"
-        self.metrics = self.root / "metrics.json"
-        self.predictions = self.root / "predictions"
+
+def on_main(accelerator: Accelerator, step: Callable[[], T], share: bool = False) -> T | None:
+    """Run `step` on the main process only (its result is returned there, and on every process
+    with `share`); a user error (SavltError) there is raised on every process, so no process
+    waits for one that stopped."""
+    result: T | None = None
+    error: SavltError | None = None
+    if accelerator.is_main_process:
+        try:
+            result = step()
+        except SavltError as exc:
+            error = exc
+    if accelerator.num_processes > 1:
+        shared: list[Any] = [None if error is None else str(error), result if share else None]
+        broadcast_object_list(shared)
+        if shared[0] is not None and error is None:
+            error = SavltError(shared[0])
+        if share:
+            result = shared[1]
+    if error is not None:
+        raise error
+    return result
+
+
+def check_images(
+    cfg: Config, records: Sequence[ImageRecord], progress: bool, consequence: str
+) -> dict[Path, str]:
+    """Decode every scan a run will read (and its mask when ``roi.mask_source=files``), in
+    parallel, before the first step: an unreadable file stops the run with the full list. Returns
+    the scans that cannot be assessed (path -> reason)."""
+    masks = cfg.roi.mask_source == "files"
+    unique = list({r.path: r for r in records}.values())
+    checks = check_scans(
+        [(r.path, r.mask_path if masks else None) for r in unique], Thresholds.of(cfg), progress
+    )
+    bad = [c.problem for c in checks if c.problem is not None]
+    if bad:
+        for problem in bad:
+            log.error("%s", problem.message)
+        raise unreadable_error(bad, consequence, cfg.data.root)
+    flagged = {c.path: c.unassessable for c in checks if c.unassessable is not None}
+    if flagged:
+        scored = "left out of the metrics" if cfg.eval.unassessable == "exclude" else "scored all the same"
+        log.warning(
+            "%d scan(s) cannot be assessed and are %s (eval.unassessable=%s), e.g. %s: %s",
+            len(flagged),
+            scored,
+            cfg.eval.unassessable,
+            next(iter(flagged)),
+            next(iter(flagged.values())),
+        )
+    return flagged
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -115,8 +161,24 @@ def tissue_masks(cfg: Config, device: torch.device) -> TissueMasks:
     return TissueMasks(kind, load_segmenter(cfg.roi.segmenter, device=str(device)))
 
 
-def run_header(cfg: Config, backbone: str, inputs: RunInputs) -> dict[str, Any]:
-    """The first keys of metrics.json: what was trained, on what."""
+def structure_prior(cfg: Config, masks: TissueMasks, centers: Sequence[str]) -> dict[str, Any]:
+    """Where the evaluated scans' tissue masks came from, and whether the structure prior saw any
+    of the evaluated centers: a segmenter trained on a center's masks, or annotated masks used at
+    test time (``roi.mask_source=files``), is recorded, never silent."""
+    record: dict[str, Any] = {"mask_source": masks.kind}
+    if masks.kind == "segmenter":
+        trained = getattr(getattr(masks.segmenter, "spec", None), "trained", {}) or {}
+        seen = trained.get("centers")
+        record["segmenter"] = str(cfg.roi.segmenter)
+        record["segmenter_centers"] = seen  # None: not recorded (e.g. an imported segmenter)
+        record["evaluated_centers_seen"] = None if seen is None else [c for c in centers if c in seen]
+    elif masks.kind == "files":
+        record["annotated_masks_at_test_time"] = list(centers)
+    return record
+
+
+def run_header(cfg: Config, backbone: str, inputs: RunInputs, masks: TissueMasks) -> dict[str, Any]:
+    """The first keys of metrics.json: what was trained, on what, with which structure prior."""
     return {
         "method": cfg.method,
         "backbone": backbone,
@@ -124,6 +186,7 @@ def run_header(cfg: Config, backbone: str, inputs: RunInputs) -> dict[str, Any]:
         "seed": cfg.train.seed,
         "train_center": inputs.train_center,
         "high_risk": list(cfg.data.high_risk),
+        "structure_prior": structure_prior(cfg, masks, list(inputs.eval_sets())),
     }
 
 
@@ -136,9 +199,13 @@ def score_sets(
     out: RunPaths,
     header: dict[str, Any],
     progress: bool,
+    unassessable: Mapping[Path, str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Inference]]:
-    """Score every set, writing predictions and metrics.json after each center."""
-    metrics: dict[str, Any] = {**header, "centers": {}}
+    """Score every set, writing predictions and metrics.json after each center. Scans that
+    cannot be assessed (`unassessable`, path -> reason) are counted per center and scored as
+    ``eval.unassessable`` says (left out by default)."""
+    flagged = unassessable or {}
+    metrics: dict[str, Any] = {**header, "unassessable_policy": cfg.eval.unassessable, "centers": {}}
     results: dict[str, Inference] = {}
     for center, records in sets.items():
         if not records:
@@ -153,44 +220,74 @@ def score_sets(
             model, records, cfg, accelerator, store, desc=f"evaluating {center}", progress=progress
         )
         del store
+        unusable = np.array([r.path in flagged for r in result.records], dtype=bool)
+        if accelerator.is_main_process:
+            write_predictions(out.predictions / f"{center}.csv", result, cfg.class_names, flagged)
+        if cfg.eval.unassessable == "exclude" and unusable.any():
+            result = _subset(result, ~unusable)
+            if not result.records:
+                log.warning("center %s: none of its %d scans can be assessed: skipped", center, len(unusable))
+                continue
         scored = center_metrics(
             result.labels,
-            result.probs,
+            result.logits,
             cfg.class_names,
             cfg.data.high_risk,
             resamples=cfg.eval.bootstrap,
             level=cfg.eval.ci_level,
             seed=cfg.train.seed,
+            screen_score=cfg.eval.auc_score,
         )
+        scored["unassessable"] = int(unusable.sum())
         if model.uses_masks:
             scored["roi_fallback"] = int(result.fallback.sum())
         metrics["centers"][center] = scored
         results[center] = result
         if accelerator.is_main_process:
-            write_predictions(out.predictions / f"{center}.csv", result, cfg.class_names)
             write_json(out.metrics, metrics)
         log.info("%s: n=%d accuracy=%.3f", center, scored["n"], scored["accuracy"])
     return metrics, results
 
 
-def write_predictions(path: Path, result: Inference, class_names: Sequence[str]) -> None:
+def _subset(result: Inference, keep: np.ndarray) -> Inference:
+    """The scans of `result` where `keep` is true."""
+    records = [r for r, k in zip(result.records, keep, strict=True) if k]
+    arrays = {
+        f.name: getattr(result, f.name)[keep] for f in dataclasses.fields(result) if f.name != "records"
+    }
+    return dataclasses.replace(result, records=records, **arrays)
+
+
+def write_predictions(
+    path: Path, result: Inference, class_names: Sequence[str], unassessable: Mapping[Path, str] | None = None
+) -> None:
+    """Per-scan CSV: class probabilities, ROI, and whether the scan could be assessed."""
     probs = result.probs
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(
-            ["path", "label", "predicted", *[f"p_{n}" for n in class_names], "roi_y0", "roi_fallback"]
-        )
-        for i, record in enumerate(result.records):
-            writer.writerow(
-                [
-                    str(record.path),
-                    record.label,
-                    class_names[int(probs[i].argmax())],
-                    *(f"{p:.6f}" for p in probs[i]),
-                    f"{result.boxes[i, 1]:.4f}",
-                    int(result.fallback[i]),
-                ]
-            )
+    flagged = unassessable or {}
+    header = [
+        "path",
+        "label",
+        "predicted",
+        *[f"p_{n}" for n in class_names],
+        "roi_y0",
+        "roi_fallback",
+        "assessable",
+        "not_assessable_because",
+    ]
+    rows = (
+        [
+            str(record.path),
+            record.label,
+            class_names[int(probs[i].argmax())],
+            *(f"{p:.6f}" for p in probs[i]),
+            f"{result.boxes[i, 1]:.4f}",
+            int(result.fallback[i]),
+            int(record.path not in flagged),
+            flagged.get(record.path, ""),
+        ]
+        for i, record in enumerate(result.records)
+    )
+    write_csv(path, header, rows)
 
 
 def write_run_report(
@@ -202,5 +299,7 @@ def write_run_report(
     title: str,
 ) -> Path:
     risk = np.array([n in cfg.data.high_risk for n in cfg.class_names])
-    scores = {c: (risk[r.labels], r.probs[:, risk].sum(axis=1)) for c, r in results.items()}
+    scores = {
+        c: (risk[r.labels], risk_scores(r.logits, risk, cfg.eval.auc_score)) for c, r in results.items()
+    }
     return write_report(folder, metrics, cfg.class_names, scores, history, title=title)

@@ -1,8 +1,8 @@
 """``savlt train``: train a method on the few-shot draw into a run folder, then evaluate it.
 
-The folder layout is described in ``savlt.engine.rundir``; ``train`` reads as its steps: prepare
-the folder, draw the inputs, build the model, fit it (the method's fit, ``savlt.engine.fit``),
-save the checkpoint, score every center, write the report.
+The folder layout is described in ``savlt.engine.runfolder``; ``train`` reads as its steps: claim
+and prepare the folder, draw the inputs, check that every scan decodes, build the model, fit it
+(the method's fit, ``savlt.engine.fit``), save the checkpoint, score every center, write the report.
 """
 
 from __future__ import annotations
@@ -10,26 +10,32 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
 
 from savlt.config import Config
+from savlt.data.discover import ImageRecord
 from savlt.engine.checkpoint import save_checkpoint
 from savlt.engine.fit import FITS, FitJob
 from savlt.engine.inputs import RunInputs, prepare_inputs
 from savlt.engine.rundir import (
     RunPaths,
     build_model,
+    check_images,
     log_to,
     make_accelerator,
+    on_main,
     run_header,
     score_sets,
     seed_everything,
     tissue_masks,
     write_run_report,
 )
+from savlt.engine.runfolder import claim_run_folder
 from savlt.io import write_json
 from savlt.models.adapters import parameter_counts
 
@@ -49,8 +55,7 @@ def _start_folder(paths: RunPaths, cfg: Config, accelerator: Accelerator) -> Non
 def _draw_inputs(cfg: Config, paths: RunPaths, accelerator: Accelerator) -> RunInputs:
     """Scan, split and draw; the main process writes the caches first, the others then read them."""
     main = accelerator.is_main_process
-    if main:
-        inputs = prepare_inputs(cfg)
+    inputs = on_main(accelerator, lambda: prepare_inputs(cfg))  # a data error stops every process
     accelerator.wait_for_everyone()
     if not main:
         inputs = prepare_inputs(cfg)
@@ -70,16 +75,41 @@ def _draw_inputs(cfg: Config, paths: RunPaths, accelerator: Accelerator) -> RunI
     return inputs
 
 
-def train(cfg: Config, out: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Train on the few-shot draw, save the run folder, evaluate every center; returns metrics."""
+def _touched(inputs: RunInputs) -> list[ImageRecord]:
+    """Every scan of every center the run reads: the training center and the test centers."""
+    centers = dict.fromkeys([inputs.train_center, *inputs.test_centers])
+    return [r for name in centers for r in inputs.scan.center(name).records]
+
+
+def train(cfg: Config, out: str | Path, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Train on the few-shot draw, save the run folder, evaluate every center; returns metrics.
+
+    `out` must be missing, empty or hold this configuration's unfinished run (which is continued);
+    `overwrite` empties a folder holding anything else first."""
     paths = RunPaths(out)
     accelerator = make_accelerator(cfg)
+    with ExitStack() as hold:  # the main process holds the folder's lock for the whole run
+        on_main(accelerator, lambda: hold.enter_context(claim_run_folder(paths, cfg, overwrite)))
+        return _train(cfg, paths, accelerator, progress)
+
+
+def _train(cfg: Config, paths: RunPaths, accelerator: Accelerator, progress: bool) -> dict[str, Any]:
     main = accelerator.is_main_process
     _start_folder(paths, cfg, accelerator)
     with log_to(paths.log, main):
         started = time.time()
         seed_everything(cfg.train.seed)
         inputs = _draw_inputs(cfg, paths, accelerator)
+        check = partial(check_images, cfg, _touched(inputs), progress, "nothing was trained")
+        unassessable = on_main(accelerator, check, share=True) or {}
+        drawn = [r.path for r in inputs.train_records() if r.path in unassessable]
+        if drawn:
+            log.warning(
+                "%d scan(s) of the few-shot draw cannot be assessed (e.g. %s: %s); they are trained on as drawn",
+                len(drawn),
+                drawn[0],
+                unassessable[drawn[0]],
+            )
 
         model, backbone_name = build_model(cfg, accelerator.device)
         trainable, total = parameter_counts(model)
@@ -109,9 +139,9 @@ def train(cfg: Config, out: str | Path, progress: bool = True) -> dict[str, Any]
             save_checkpoint(model, paths.checkpoint, backbone_name, cfg.method)
         log.info("training took %.1f s", time.time() - started)
 
-        header = run_header(cfg, backbone_name, inputs)
+        header = run_header(cfg, backbone_name, inputs, masks)
         metrics, results = score_sets(
-            model, inputs.eval_sets(), cfg, accelerator, masks, paths, header, progress
+            model, inputs.eval_sets(), cfg, accelerator, masks, paths, header, progress, unassessable
         )
         if main:
             report = write_run_report(

@@ -3,6 +3,11 @@
 Adapters go on the q, k, v and out projections of the self-attention of the last
 ``gradual_step`` vision layers, and optionally of every text layer (with their own rank and
 alpha). Everything else in the backbone stays frozen except the visual projection.
+
+``peft.variant="published"`` builds the published code's set-ups instead: AdaLoRA with init_r 32,
+total_step 1000 and peft's defaults otherwise (the training loop then neither re-allocates ranks
+nor adds the orthogonality term, as published); LoHa/LoKr with module_dropout 0.1 and no rank
+dropout; text adapters with the vision rank and alpha, and the text projection trained.
 """
 
 from __future__ import annotations
@@ -31,8 +36,14 @@ def adapter_config(cfg: PeftConfig, num_vision_layers: int, total_steps: int):
     """The peft config for the chosen adapter type (LoRA, DoRA, AdaLoRA, LoHa, LoKr)."""
     vision, text = target_patterns(num_vision_layers, cfg.gradual_step, cfg.text)
     targets = rf".*({vision}|{text})$" if text else rf".*{vision}$"
-    ranks = {text: cfg.text_r} if text else {}
-    alphas = {text: cfg.text_alpha} if text else {}
+    published = cfg.variant == "published"
+    ranks = {text: cfg.text_r} if text and not published else {}
+    alphas = {text: cfg.text_alpha} if text and not published else {}
+    if published and cfg.type == "adalora":
+        return AdaLoraConfig(init_r=32, target_r=cfg.r, total_step=1000, target_modules=targets)
+    if published and cfg.type in ("loha", "lokr"):
+        lycoris = LoHaConfig if cfg.type == "loha" else LoKrConfig
+        return lycoris(r=cfg.r, alpha=cfg.alpha, module_dropout=0.1, target_modules=targets)
     if cfg.type in ("lora", "dora"):
         return LoraConfig(
             r=cfg.r,
@@ -76,12 +87,14 @@ def add_adapters(clip: CLIPModel, cfg: PeftConfig, total_steps: int) -> PeftMode
         raise ConfigError(
             f"peft.gradual_step={cfg.gradual_step} exceeds the backbone's {num_layers} vision layers"
         )
-    if cfg.type == "adalora" and total_steps < 10:
+    if cfg.type == "adalora" and cfg.variant == "savlt" and total_steps < 10:
         raise ConfigError(f"peft.type=adalora needs at least 10 training steps (this run has {total_steps})")
     with warnings.catch_warnings():  # peft calls a transformers method deprecated in 5.x
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         model = get_peft_model(clip, adapter_config(cfg, num_layers, total_steps))
     clip.visual_projection.weight.requires_grad_(True)
+    if cfg.text and cfg.variant == "published":
+        clip.text_projection.weight.requires_grad_(True)
     return model
 
 

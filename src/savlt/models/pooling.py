@@ -15,17 +15,25 @@ from torch import nn
 
 
 class RoiAttentionPool(nn.Module):
-    def __init__(self, dim: int, heads: int = 4) -> None:
+    """init="identity": N(0, 0.02) queries and an identity D×D layer, so at step 0 the pooled
+    feature is a (near-uniform) mean of ROI tokens, which the pretrained visual projection already
+    understands. init="reference": the published code's start, xavier-uniform queries (drawn as
+    one (1, H, D/H) tensor, as published) and PyTorch's default random D×D layer with bias."""
+
+    def __init__(self, dim: int, heads: int = 4, init: str = "identity") -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"model.heads={heads} must divide the token width {dim}")
         self.heads = heads
-        self.queries = nn.Parameter(torch.randn(heads, dim // heads) * 0.02)  # (H, D/H)
+        if init == "reference":
+            queries = nn.init.xavier_uniform_(torch.empty(1, heads, dim // heads))[0]
+        else:
+            queries = torch.randn(heads, dim // heads) * 0.02
+        self.queries = nn.Parameter(queries)  # (H, D/H)
         self.proj = nn.Linear(dim, dim)
-        # Identity start: at step 0 the pooled feature is a (near-uniform) mean of ROI tokens,
-        # which the pretrained visual projection already understands.
-        nn.init.eye_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        if init == "identity":
+            nn.init.eye_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
 
     def forward(
         self, tokens: torch.Tensor, keep: torch.Tensor | None = None

@@ -1,14 +1,16 @@
 """The structure prior as tensors: ROI boxes from tissue masks, and the patches inside them.
 
-ROI rule: the ROI is the horizontal band from the first row at or below
-``top_fraction`` of the height whose pixels are all tissue, down to the bottom, i.e. the box
-(0, y/H, 1, 1) in normalised x0, y0, x1, y1. When no row qualifies the ROI is the whole image.
+ROI rule (the published code's): the ROI is the horizontal band from the first row y >=
+int(top_fraction · H) whose pixels are all tissue, down to the bottom, i.e. the box (0, y/H, 1, 1)
+in normalised x0, y0, x1, y1. When no row qualifies the ROI is the whole image (the published code
+crashes there). A patch is in the ROI when it lies wholly inside the box, compared with a 1e-6
+tolerance; the published code compares floats exactly and so drops the patch row that starts
+exactly on the box edge at a few heights (at 224 pixels: y = 80, 144 and 160; from y = 208 on it
+finds no patch and stops with an error, where this falls back to every patch).
 Everything here works on whole batches; there is no loop over samples or rows.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -20,7 +22,7 @@ def roi_boxes(masks: torch.Tensor, top_fraction: float = 0.1) -> tuple[torch.Ten
     """
     batch, height, _ = masks.shape
     full_rows = masks.bool().all(dim=2)  # (B, H): rows that are tissue from edge to edge
-    start = math.ceil(top_fraction * height - 1e-9)
+    start = int(top_fraction * height)
     full_rows[:, :start] = False
     found = full_rows.any(dim=1)  # (B,)
     first = full_rows.to(torch.uint8).argmax(dim=1)  # index of the first True row (0 when none)

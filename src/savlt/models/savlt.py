@@ -1,7 +1,7 @@
 """The SAVLT classifier: CLIP (+ adapters) -> pooling -> a head (``savlt.models.heads``).
 
-Image feature f: last-layer patch tokens (CLS dropped, after CLIP's final LayerNorm, which the
-visual projection expects) pooled over the ROI, a learnable D×D layer, the CLIP visual projection,
+Image feature f: last-layer patch tokens (CLS dropped; by default after CLIP's final LayerNorm,
+which the visual projection expects, or before it as published: ``token_layernorm``) pooled over the ROI, a learnable D×D layer, the CLIP visual projection,
 L2 normalisation. With ``pooling="cls"`` f is CLIP's own pooled CLS token through the projection;
 with ``"attn"`` the attention pooling covers every patch (no structure prior). Every method of
 ``savlt.methods`` is this model with its switches set by ``model_from_config``.
@@ -42,7 +42,8 @@ class SavltModel(nn.Module):
     backbone: the CLIP and its tokenizer; class_texts: one description per class, in label order;
     pooling: roi | attn | cls; alpha: prototype weight of the alignment head; heads: attention
     heads of the pooling; head: a key of ``HEADS``; top_fraction: where the ROI band may start;
-    adapters: the peft set-up, or None to keep the whole backbone frozen (total_steps is the
+    token_layernorm: pool patch tokens after (true) or before (false, as published) the vision
+    tower's final LayerNorm; pool_init: identity | reference (see ``RoiAttentionPool``); adapters: the peft set-up, or None to keep the whole backbone frozen (total_steps is the
     schedule length AdaLoRA needs); inference_scale: the logit scale at prediction.
     """
 
@@ -56,6 +57,8 @@ class SavltModel(nn.Module):
         heads: int = 4,
         head: Head = "alignment",
         top_fraction: float = 0.1,
+        token_layernorm: bool = True,
+        pool_init: str = "identity",
         adapters: PeftConfig | None = None,
         total_steps: int = 1,
         inference_scale: float = 100.0,
@@ -63,6 +66,7 @@ class SavltModel(nn.Module):
         super().__init__()
         self.pooling = pooling
         self.top_fraction = top_fraction
+        self.token_layernorm = token_layernorm
         self.grid = backbone.patch_grid
         clip = backbone.clip
         clip.requires_grad_(False)
@@ -71,7 +75,7 @@ class SavltModel(nn.Module):
 
         width = int(clip.config.vision_config.hidden_size)
         embed = int(clip.config.projection_dim)
-        self.pool = RoiAttentionPool(width, heads) if pooling in ("roi", "attn") else None
+        self.pool = RoiAttentionPool(width, heads, pool_init) if pooling in ("roi", "attn") else None
         self.head = HEADS[head](len(class_texts), embed, alpha, inference_scale)
 
         tokens = backbone.tokenizer(list(class_texts), padding=True, truncation=True, return_tensors="pt")
@@ -125,7 +129,9 @@ class SavltModel(nn.Module):
         if self.pool is None:
             pooled = vision.pooler_output  # (B, D): CLS after the final LayerNorm
         else:
-            tokens = clip.vision_model.post_layernorm(vision.last_hidden_state[:, 1:])  # (B, N, D)
+            tokens = vision.last_hidden_state[:, 1:]  # (B, N, D), CLS dropped
+            if self.token_layernorm:
+                tokens = clip.vision_model.post_layernorm(tokens)
             keep = None
             if self.pooling == "roi":
                 if masks is None:
@@ -157,6 +163,8 @@ def model_from_config(cfg: Config, backbone: Backbone) -> SavltModel:
         heads=cfg.model.heads,
         head=method.head,
         top_fraction=cfg.roi.top_fraction,
+        token_layernorm=cfg.model.token_layernorm,
+        pool_init=cfg.model.pool_init,
         adapters=cfg.peft if method.adapters else None,
         total_steps=cfg.train.total_steps,
         inference_scale=cfg.model.inference_scale,

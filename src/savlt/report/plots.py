@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 
 from savlt.classes import short_name  # noqa: E402
 
@@ -82,13 +82,36 @@ def training_curves_png(history: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+# Heat maps show attention relative to uniform attention over the patches attended (1 = every
+# ROI patch weighted alike), always on this scale, so uniform attention never looks like a hot spot.
+HEAT_SCALE = (0.0, 4.0)
+
+
+def relative_attention(attention: np.ndarray) -> np.ndarray:
+    """Attention weights (g×g) divided by the uniform weight over the patches attended (non-zero)."""
+    weights = np.asarray(attention, dtype=np.float64)
+    attended = int((weights > 0).sum())
+    return weights * max(attended, 1) / max(float(weights.sum()), 1e-12)
+
+
 def heatmap_png(image: np.ndarray, attention: np.ndarray, box: Sequence[float], path: Path) -> None:
-    """Overlay the pooling attention (g×g) on the scan and outline the ROI band."""
+    """The pooling attention (g×g) over the scan on a fixed colour scale, with a colour bar, the
+    ROI band outlined and a legend; patches that were not attended stay uncoloured."""
     height, width = image.shape[:2]
-    heat = cv2.resize(attention.astype(np.float32), (width, height), interpolation=cv2.INTER_CUBIC)
-    heat = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-12)
-    colour = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[:, :, ::-1]
-    blended = (0.55 * image.astype(np.float32) + 0.45 * colour.astype(np.float32)).astype(np.uint8)
-    x0, y0, x1, y1 = (int(round(v * s)) for v, s in zip(box, (width, height, width, height), strict=True))
-    cv2.rectangle(blended, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), (255, 255, 255), 2)
-    Image.fromarray(blended).save(path)
+    relative = relative_attention(attention).astype(np.float32)
+    heat = cv2.resize(relative, (width, height), interpolation=cv2.INTER_NEAREST)
+    heat = np.where(heat > 0, heat, np.nan)  # transparent outside the attended patches
+    fig, ax = plt.subplots(figsize=(6.4, max(2.4, 5.0 * height / width + 0.8)))
+    ax.imshow(image, extent=(0, width, height, 0))
+    shown = ax.imshow(
+        heat, cmap="jet", vmin=HEAT_SCALE[0], vmax=HEAT_SCALE[1], alpha=0.45, extent=(0, width, height, 0)
+    )
+    x0, y0, x1, y1 = (v * s for v, s in zip(box, (width, height, width, height), strict=True))
+    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", lw=2, label="ROI band"))
+    bar = fig.colorbar(shown, ax=ax, extend="max", fraction=0.046, pad=0.03)
+    bar.set_label("attention ÷ uniform (1 = spread evenly)")
+    ax.legend(loc="upper right", fontsize=8, framealpha=0.8)
+    ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,4 +1,4 @@
-"""``savlt seg train | predict | evaluate``: thin wrappers over savlt.seg, registered by savlt.cli.
+"""``savlt seg train | predict | evaluate | import``: thin wrappers over savlt.seg, registered by savlt.cli.
 
 Flags are config values, applied after ``--config`` and before ``--set``, so the saved
 config.yaml says exactly what ran.
@@ -19,9 +19,13 @@ def _centers(text: str | None) -> list[str] | None:
     return [c.strip() for c in text.split(",") if c.strip()] if text else None
 
 
-def _add_common(p: argparse.ArgumentParser, data_help: str) -> None:
+def _add_common(
+    p: argparse.ArgumentParser,
+    data_help: str,
+    centers_help: str = "comma-separated center names (default: all)",
+) -> None:
     p.add_argument("--data", type=Path, help=data_help)
-    p.add_argument("--centers", help="comma-separated center names (default: all)")
+    p.add_argument("--centers", help=centers_help)
     add_config_arguments(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -84,24 +88,45 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from savlt.seg.model import import_segmenter
+
+    folder = import_segmenter(
+        args.file,
+        args.arch,
+        args.encoder,
+        args.out,
+        args.image_size,
+        args.threshold,
+        _centers(args.trained_on),
+    )
+    print(f"segmenter folder: {folder} (use it with --segmenter {folder})")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``seg train|predict|evaluate`` to the savlt command's subparsers."""
     seg = sub.add_parser("seg", help="train, apply and evaluate the tissue segmenter (ROI structure prior)")
     commands = seg.add_subparsers(dest="seg_command", required=True)
 
     p = commands.add_parser("train", help="k-fold cross-validated training on every image with a mask")
-    _add_common(p, "data root (ROOT/<center>/images/<class>/…, masks under ROOT/<center>/masks/)")
+    _add_common(
+        p,
+        "data root (ROOT/<center>/images/<class>/…, masks under ROOT/<center>/masks/)",
+        "comma-separated centers whose masks train it (default: the training center, data.train_center; "
+        "others are recorded in every run that uses the segmenter)",
+    )
     p.add_argument("--arch", choices=ARCHS, help="network (default unet)")
     p.add_argument("--encoder", help="segmentation_models_pytorch encoder (default resnet18)")
     p.add_argument(
         "--encoder-weights",
-        help="'imagenet' (read from the local Hugging Face cache, never downloaded) or an encoder weights "
-        "file; default: train from scratch",
+        help="'auto' (default: ImageNet weights when in the local Hugging Face cache, else from scratch), "
+        "'imagenet' (required from the cache, never downloaded), 'none', or an encoder weights file",
     )
     p.add_argument("--folds", type=int, help="cross-validation folds (default 5)")
     p.add_argument("--epochs", type=int, help="epochs per fold (default 30)")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--image-size", type=int, help="square network input, a multiple of 32 (default 256)")
+    p.add_argument("--image-size", type=int, help="square network input, a multiple of 32 (default 224)")
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--out", type=Path, default=Path("seg"), help="output folder (default ./seg)")
@@ -121,3 +146,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_common(p, "data root with ground-truth masks")
     p.add_argument("--out", type=Path, help="report folder (default: SEGDIR, else ./roi_quality)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = commands.add_parser(
+        "import",
+        help="make a segmenter folder from a plain PyTorch state dict (e.g. the published scripts' .pth)",
+    )
+    p.add_argument("file", type=Path, help="the .pth file: a state dict of the network, loaded weights-only")
+    p.add_argument("--arch", choices=ARCHS, required=True, help="the network it was saved from, e.g. unet")
+    p.add_argument("--encoder", required=True, help="its encoder, e.g. resnet18")
+    p.add_argument("--out", type=Path, required=True, help="the segmenter folder to write")
+    p.add_argument("--image-size", type=int, default=224, help="square input it was trained at (default 224)")
+    p.add_argument(
+        "--threshold", type=float, default=0.5, help="mask threshold on the probability (default 0.5)"
+    )
+    p.add_argument("--trained-on", metavar="CENTERS", help="comma-separated centers whose masks trained it")
+    p.set_defaults(func=cmd_import)

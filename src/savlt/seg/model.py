@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from savlt.config import SegConfig
+from savlt.data.transforms import NORMALIZATION
 from savlt.errors import SavltError
 from savlt.io import atomic_path, state_mismatch, write_json
 
@@ -36,8 +37,7 @@ SPEC_FILE = "segmenter.json"
 FORMAT = "savlt-tissue-segmenter"
 FORMAT_VERSION = 1
 ARCHS: tuple[str, ...] = typing.get_args(typing.get_type_hints(SegConfig)["arch"])
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = NORMALIZATION["imagenet"]
 
 
 class SegmenterError(SavltError):
@@ -234,3 +234,65 @@ def load_segmenter(folder: str | Path, device: str | torch.device | None = None)
     _check_state_fits(model, state, folder, spec)
     model.load_state_dict(state)
     return TissueSegmenter(model, spec, device=device)
+
+
+def read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file or a PyTorch file (weights-only loading, never
+    arbitrary pickles); anything else is a one-line error naming the file."""
+    if not path.is_file():
+        raise SegmenterError(f"{what} file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SegmenterError(f"cannot read {what} {path} (weights-only loading): {reason}") from None
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(v, torch.Tensor) for v in state.values())
+    ):
+        raise SegmenterError(f"{what} {path} does not hold a state dict (parameter name -> tensor)")
+    return state
+
+
+def import_segmenter(
+    file: str | Path,
+    arch: str,
+    encoder: str,
+    folder: str | Path,
+    input_size: int = 224,
+    threshold: float = 0.5,
+    centers: list[str] | None = None,
+) -> Path:
+    """Turn a plain PyTorch state dict (``torch.save(model.state_dict(), FILE)``, as the published
+    segmentation scripts write it) into a segmenter folder. The network is rebuilt from `arch` and
+    `encoder`; the input is `input_size` square with ImageNet normalisation and the mask is the
+    sigmoid probability at `threshold` (the published set-up). `centers`, when known, records the
+    centers whose masks trained it."""
+    file = Path(file)
+    state = read_state_dict(file, "segmenter weights")
+    state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel
+    model = build_model(arch, encoder)
+    mismatch = state_mismatch(
+        {k: v.shape for k, v in model.state_dict().items()}, {k: v.shape for k, v in state.items()}
+    )
+    if mismatch:
+        raise SegmenterError(
+            f"{file} is not a state dict of a {arch} with encoder {encoder} ({mismatch}); "
+            "check --arch and --encoder"
+        )
+    model.load_state_dict(state)
+    if input_size < 32 or input_size % 32:
+        raise SegmenterError(f"--image-size {input_size} must be a multiple of 32, at least 32")
+    spec = SegmenterSpec(
+        arch=arch,
+        encoder=encoder,
+        input_size=(input_size, input_size),
+        threshold=threshold,
+        encoder_weights="imported",
+        trained={"imported_from": str(file.resolve()), "centers": centers},
+    )
+    return save_segmenter(TissueSegmenter(model, spec, device="cpu"), folder)

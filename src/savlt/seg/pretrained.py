@@ -18,21 +18,9 @@ from huggingface_hub import constants, try_to_load_from_cache
 from safetensors.torch import load_file
 
 from savlt.io import state_mismatch
-from savlt.seg.model import IMAGENET_MEAN, IMAGENET_STD, SegmenterError
+from savlt.seg.model import IMAGENET_MEAN, IMAGENET_STD, SegmenterError, read_state_dict
 
 Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
-
-
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise SegmenterError(f"cannot read encoder weights {path}: {exc}") from None
-    if not isinstance(state, dict):
-        raise SegmenterError(f"encoder weights {path} do not hold a state dict")
-    return state
 
 
 def _cached(repo_id: str, filename: str, revision: str) -> Path | None:
@@ -71,9 +59,7 @@ def load_encoder_weights(model: torch.nn.Module, encoder: str, weights: str) -> 
     """Load `weights` (a name such as "imagenet", or a file) into model.encoder; returns its mean/std."""
     path = Path(weights).expanduser()
     if path.suffix in (".safetensors", ".pth", ".pt", ".bin"):
-        if not path.is_file():
-            raise SegmenterError(f"encoder weights file {path} does not exist")
-        state, stats = _read_state(path), (IMAGENET_MEAN, IMAGENET_STD)
+        state, stats = read_state_dict(path, "encoder weights"), (IMAGENET_MEAN, IMAGENET_STD)
         where = str(path)
     else:
         state, stats = _hub_weights(encoder, weights)

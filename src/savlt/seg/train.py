@@ -29,6 +29,7 @@ from savlt.seg.metrics import dice_iou
 from savlt.seg.model import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    SegmenterError,
     SegmenterSpec,
     TissueSegmenter,
     build_model,
@@ -184,14 +185,23 @@ class _FoldRun:
         return loss / n, dice / n, iou / n
 
 
-def _encoder_init(cfg: Config) -> tuple[dict[str, torch.Tensor] | None, Stats]:
-    """Pretrained encoder weights and their normalisation, checked before any data is loaded."""
-    if cfg.seg.encoder_weights is None:
-        build_model(cfg.seg.arch, cfg.seg.encoder)  # fail early on an unknown arch or encoder
-        return None, (IMAGENET_MEAN, IMAGENET_STD)
-    probe = build_model(cfg.seg.arch, cfg.seg.encoder)
-    stats = load_encoder_weights(probe, cfg.seg.encoder, cfg.seg.encoder_weights)
-    return {k: v.clone() for k, v in probe.encoder.state_dict().items()}, stats
+def _encoder_init(cfg: Config) -> tuple[dict[str, torch.Tensor] | None, Stats, str | None]:
+    """Pretrained encoder weights, their normalisation and their name (None: from scratch),
+    checked before any data is loaded. "auto" is ImageNet when those weights are in the local
+    cache, else from scratch with a warning."""
+    weights = cfg.seg.encoder_weights
+    probe = build_model(cfg.seg.arch, cfg.seg.encoder)  # fails early on an unknown arch or encoder
+    if weights in (None, "none"):
+        return None, (IMAGENET_MEAN, IMAGENET_STD), None
+    try:
+        stats = load_encoder_weights(probe, cfg.seg.encoder, "imagenet" if weights == "auto" else weights)
+    except SegmenterError as exc:
+        if weights != "auto":
+            raise
+        log.warning("training the segmenter from scratch: %s", exc)
+        return None, (IMAGENET_MEAN, IMAGENET_STD), None
+    state = {k: v.clone() for k, v in probe.encoder.state_dict().items()}
+    return state, stats, "imagenet" if weights == "auto" else weights
 
 
 def _train_fold(
@@ -318,9 +328,20 @@ def train_segmenter(cfg: Config, out: str | Path, progress: bool = True) -> Trai
     """Cross-validate a segmenter on every masked image under cfg.data.root (centers: cfg.seg.centers)."""
     started = time.perf_counter()
     out = Path(out)
+    encoder_state, stats, used = _encoder_init(cfg)
+    encoder_init = (encoder_state, stats)
+    centers = cfg.seg.centers if cfg.seg.centers is not None else [cfg.data.train_center]
+    others = [c for c in centers if c != cfg.data.train_center]
+    if others:
+        log.warning(
+            "the segmenter also learns from center(s) %s (seg.centers): the structure prior of a run "
+            "evaluated there has seen those centers' masks; the runs record it",
+            ", ".join(others),
+        )
+    # the saved configuration says what was used: the centers and the encoder weights
+    cfg = replace(cfg, seg=replace(cfg.seg, centers=centers, encoder_weights=used))
     seg = cfg.seg
-    encoder_init = _encoder_init(cfg)
-    scan = scan_data(cfg.data.root, cfg.class_map(), seg.centers)
+    scan = scan_data(cfg.data.root, cfg.class_map(), centers)
     records = masked_records(scan)
     total = sum(len(c.records) for c in scan.centers.values())
     n, k = len(records), seg.folds

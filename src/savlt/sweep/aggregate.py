@@ -22,7 +22,6 @@ summary.png plots accuracy and AUC against shots per center, one line per method
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from savlt import io
 from savlt.io import markdown_table, text_table, write_text
 from savlt.sweep.grid import display_key, format_value
 from savlt.sweep.runner import SweepLayout, is_complete
@@ -193,11 +193,7 @@ def _csv_value(value: Any) -> str:
 
 def write_csv(summary: Summary, path: Path) -> None:
     header = [*summary.key_header, "center", "metric", "mean", "std", "n", "runs", "values"]
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        for row in summary.rows():
-            writer.writerow([_csv_value(row[h]) for h in header])
+    io.write_csv(path, header, ([_csv_value(row[h]) for h in header] for row in summary.rows()))
 
 
 def center_title(summary: Summary, center: str) -> str:

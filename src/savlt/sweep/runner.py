@@ -33,8 +33,9 @@ import yaml
 from tqdm import tqdm
 
 from savlt.config import ConfigError, load_config
+from savlt.engine.runfolder import is_complete
 from savlt.errors import SavltError
-from savlt.io import write_json, write_text
+from savlt.io import exclusive, writable_folder, write_json, write_text
 from savlt.sweep.grid import Sweep, SweepPoint
 
 LOG_TAIL_LINES = 25
@@ -80,14 +81,6 @@ class SweepLayout:
         return self.root / "logs" / f"{name}.log"
 
 
-def is_complete(run_folder: Path) -> bool:
-    """True when the run folder holds a finished run (metrics.json with "complete": true)."""
-    try:
-        return json.loads((run_folder / "metrics.json").read_text()).get("complete") is True
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def _now() -> str:
     return datetime.now().isoformat(timespec="seconds")
 
@@ -130,21 +123,9 @@ def _check_finished(point: SweepPoint, folder: Path) -> None:
 @contextlib.contextmanager
 def _exclusive(layout: SweepLayout) -> Iterator[None]:
     """One sweep process per output folder (the lock dies with the process)."""
-    import fcntl
-
-    layout.root.mkdir(parents=True, exist_ok=True)
-    handle = layout.lock.open("w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise SweepError(f"another sweep is running in {layout.root}") from None
-    try:
-        handle.write(str(os.getpid()))
-        handle.flush()
+    writable_folder(layout.root, "sweep folder")
+    with exclusive(layout.lock, f"another sweep is running in {layout.root}"):
         yield
-    finally:
-        handle.close()
 
 
 def _die_with_parent() -> Callable[[], None] | None:

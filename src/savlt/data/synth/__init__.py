@@ -13,13 +13,15 @@ JPEG (quality 90); any other center name writes 8-bit PNG with a scanner signatu
 ``zlib.crc32`` of its name. Masks are always 8-bit PNG, 255 at and below the tissue surface, 0 in the air.
 
 Modules: ``tissue`` (reflectivity per class), ``scanner`` (signatures and image formation), ``render``
-(one B-scan), ``files`` (the data set on disk), ``preview`` (the contact sheet), ``checks`` (arguments
+(one B-scan), ``files`` (the data set on disk), ``pretrain`` (the captioned pretraining corpus),
+``preview`` (the contact sheet), ``checks`` (arguments
 and ``SynthError``) and ``fields`` (random fields shared by tissue and scanner).
 """
 
 from savlt.data.synth.checks import MAX_SIZE, MIN_SIZE, SynthError
 from savlt.data.synth.fields import DEFAULT_H, DEFAULT_W, pixel_scale
 from savlt.data.synth.files import DEFAULT_CENTERS, SynthSummary, generate_dataset
+from savlt.data.synth.pretrain import PRETRAIN_SCANNERS, generate_pretrain_corpus
 from savlt.data.synth.preview import write_preview
 from savlt.data.synth.render import image_rng, render_bscan
 from savlt.data.synth.scanner import ScannerSignature, scanner_signature
@@ -30,10 +32,12 @@ __all__ = [
     "DEFAULT_W",
     "MAX_SIZE",
     "MIN_SIZE",
+    "PRETRAIN_SCANNERS",
     "ScannerSignature",
     "SynthError",
     "SynthSummary",
     "generate_dataset",
+    "generate_pretrain_corpus",
     "image_rng",
     "pixel_scale",
     "render_bscan",

@@ -50,6 +50,12 @@ def _write_pixels(path: Path, pixels: np.ndarray, file_format: str) -> None:
             tmp.write_bytes(_encoded(path, pixels, file_format))
 
 
+def write_scan(path: Path, image: np.ndarray, center: str) -> None:
+    """A rendered scan (values in [0, 1]) in the file format of `center`'s scanner."""
+    sig = scanner_signature(center)
+    _write_pixels(path, _file_pixels(image, sig), sig.file_format)
+
+
 def _stem(center: str, class_name: str, index: int) -> str:
     return f"{center}_{short_name(class_name).lower()}_{index:04d}"
 
@@ -62,9 +68,7 @@ def _render_and_write(
     image, mask = render_bscan(center, class_name, image_rng(seed, center, class_index, index), size)
     stem = _stem(center, class_name, index)
     root = out / center
-    _write_pixels(
-        root / "images" / class_name / f"{stem}{sig.suffix}", _file_pixels(image, sig), sig.file_format
-    )
+    write_scan(root / "images" / class_name / f"{stem}{sig.suffix}", image, center)
     _write_pixels(root / "masks" / class_name / f"{stem}.png", mask.astype(np.uint8) * 255, "png")
 
 

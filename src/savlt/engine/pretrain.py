@@ -1,0 +1,340 @@
+"""``savlt pretrain``: domain-adaptive contrastive pretraining of a CLIP backbone on image–text pairs.
+
+The CLIP loss (symmetric cross-entropy over the batch, learnable temperature) trains the whole
+model, or LoRA adapters on both towers (``pretrain.adapters=lora``, merged into the weights at the
+end). AdamW with a linear warm-up and cosine decay, gradient accumulation, bf16 on a GPU, on
+``accelerate`` like ``savlt train``; with several processes each one contrasts its share of the
+batch. A held-out share of the pairs gives image→text and text→image recall@1/5 as training goes.
+
+OUT/config.yaml          the configuration (pretrain.*, model.backbone, data.image_size …)
+OUT/history.jsonl        loss, lr and held-out recall per step, written as it goes
+OUT/checkpoint/          the last resumable state (trained tensors, optimiser, step)
+OUT/config.json, model.safetensors, tokenizer files   the pretrained CLIP: ``--model OUT`` loads it
+OUT/README.md            the model card: data, steps, recall figures, how to rebuild it
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from savlt.config import Config, ConfigError, PeftConfig, load_config
+from savlt.data.pairs import Pair, PairDataset, load_pairs, split_pairs
+from savlt.data.transforms import eval_transform, train_transform
+from savlt.engine.inference import loader_for
+from savlt.engine.inputs import StepBatches
+from savlt.engine.rundir import log_to, make_accelerator, seed_everything
+from savlt.errors import SavltError
+from savlt.io import atomic_path, write_json, write_text
+from savlt.models.adapters import add_adapters
+from savlt.models.backbone import Backbone, load_backbone
+
+log = logging.getLogger("savlt")
+
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps its temperature at 1/100
+
+
+def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's loss for L2-normalised features (B, E) of B matching pairs: the mean of the
+    cross-entropies image→text and text→image, with logits exp(logit_scale)·image·textᵀ."""
+    logits = logit_scale.exp() * image @ text.T  # (B, B)
+    targets = torch.arange(len(image), device=image.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def recall_at(similarity: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Recall@k both ways for an (N, N) image×text similarity whose diagonal holds the pairs."""
+    n = similarity.shape[0]
+    truth = torch.arange(n, device=similarity.device)
+    out = {}
+    for name, sims in (("i2t", similarity), ("t2i", similarity.T)):
+        rank = (sims > sims[truth, truth][:, None]).sum(dim=1)  # how many beat the true match
+        for k in ks:
+            out[f"{name}_r{k}"] = float((rank < k).float().mean())
+    return out
+
+
+@dataclass
+class Towers:
+    """The two encoders of a (possibly adapted) CLIP, as the loss and the recall need them."""
+
+    clip: nn.Module  # a CLIPModel, or a PeftModel around one
+    tokenizer: Any
+
+    @property
+    def base(self) -> nn.Module:
+        return self.clip.base_model.model if isinstance(self.clip, PeftModel) else self.clip
+
+    def images(self, pixels: torch.Tensor) -> torch.Tensor:
+        base = self.base
+        pooled = base.vision_model(pixel_values=pixels).pooler_output
+        return F.normalize(base.visual_projection(pooled).float(), dim=-1)
+
+    def texts(self, texts: list[str], device: torch.device) -> torch.Tensor:
+        tokens = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(device)
+        base = self.base
+        pooled = base.text_model(
+            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+        ).pooler_output
+        return F.normalize(base.text_projection(pooled).float(), dim=-1)
+
+
+class PretrainPaths:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.config = self.root / "config.yaml"
+        self.history = self.root / "history.jsonl"
+        self.checkpoint = self.root / "checkpoint"
+        self.card = self.root / "README.md"
+
+
+def _towers(cfg: Config, backbone: Backbone) -> Towers:
+    clip = backbone.clip
+    if cfg.pretrain.adapters == "lora":
+        clip.requires_grad_(False)
+        clip = add_adapters(
+            clip, PeftConfig(text=True, text_r=8, text_alpha=16.0, r=8, alpha=16.0, dropout=0.0), 1
+        )
+        base = clip.base_model.model
+        base.text_projection.weight.requires_grad_(True)
+    else:
+        clip.requires_grad_(True)
+        base = clip
+    base.logit_scale.requires_grad_(True)
+    if cfg.pretrain.init_temperature is not None:
+        with torch.no_grad():
+            base.logit_scale.fill_(math.log(1 / cfg.pretrain.init_temperature))
+    return Towers(clip, backbone.tokenizer)
+
+
+def _lr_at(step: int, total: int, cfg: Config) -> float:
+    """Linear warm-up over pretrain.warmup of the steps, then cosine decay to 0."""
+    warm = max(1, round(cfg.pretrain.warmup * total))
+    if step < warm:
+        return cfg.pretrain.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return cfg.pretrain.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate_recall(
+    towers: Towers, pairs: list[Pair], cfg: Config, accelerator: Accelerator
+) -> dict[str, float]:
+    """Recall@1/5 image→text and text→image over the held-out pairs (one process scores them)."""
+    was = towers.clip.training
+    towers.clip.eval()
+    dataset = PairDataset(pairs, eval_transform(cfg.data.image_size, cfg.data.normalize))
+    loader = loader_for(dataset, cfg, cfg.eval.batch_size, accelerator.device, shuffle=False)
+    images, texts = [], []
+    for pixels, index in loader:
+        with accelerator.autocast():
+            images.append(towers.images(pixels.to(accelerator.device)))
+            texts.append(towers.texts([pairs[i].text for i in index.tolist()], accelerator.device))
+    towers.clip.train(was)
+    return recall_at(torch.cat(images) @ torch.cat(texts).T)
+
+
+def _trainable(towers: Towers) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in towers.clip.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(
+    paths: PretrainPaths, towers: Towers, optimizer: torch.optim.Optimizer, step: int
+) -> None:
+    folder = paths.checkpoint
+    state = {n: p.detach().cpu().contiguous() for n, p in _trainable(towers).items()}
+    with atomic_path(folder / "trained.safetensors") as tmp:
+        save_file(state, str(tmp))
+    with atomic_path(folder / "optimizer.pt") as tmp:
+        torch.save(optimizer.state_dict(), tmp)
+    write_json(folder / "state.json", {"step": step})  # written last: the checkpoint is complete
+
+
+def _resume(paths: PretrainPaths, cfg: Config, towers: Towers, optimizer: torch.optim.Optimizer) -> int:
+    """The step to start from: 0, or the last checkpoint's when this folder holds the same run."""
+    state_file = paths.checkpoint / "state.json"
+    if not state_file.is_file():
+        return 0
+    if load_config(paths.config) != cfg:
+        raise ConfigError(
+            f"{paths.root} holds a pretraining run with another configuration: use another --out "
+            f"folder, or delete {paths.checkpoint} to start again"
+        )
+    try:
+        step = int(json.loads(state_file.read_text())["step"])
+        tensors = load_file(str(paths.checkpoint / "trained.safetensors"))
+        optimizer.load_state_dict(torch.load(paths.checkpoint / "optimizer.pt", weights_only=True))
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise SavltError(
+            f"the checkpoint in {paths.checkpoint} cannot be read ({exc}); delete it to start again"
+        ) from None
+    params = _trainable(towers)
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(tensors[name].to(param.device, param.dtype))
+    log.info("resuming from step %d (%s)", step, paths.checkpoint)
+    return step
+
+
+def _model_card(
+    paths: PretrainPaths, cfg: Config, n_train: int, n_val: int, steps: int, recall: dict[str, float]
+) -> None:
+    p = cfg.pretrain
+    figures = ", ".join(f"{k} {v:.3f}" for k, v in recall.items())
+    lines = [
+        f"# CLIP pretrained with `savlt pretrain`: {paths.root.name}",
+        "",
+        f"- started from: `{cfg.model.backbone}`; {'LoRA adapters, merged' if p.adapters == 'lora' else 'full fine-tuning'}",
+        f"- data: `{p.pairs}` ({n_train} training pairs, {n_val} held out)",
+        f"- {steps} steps of batch {p.batch_size} × {p.grad_accum}, AdamW lr {p.lr:g}, weight decay "
+        f"{p.weight_decay:g}, warm-up {p.warmup:g}, cosine decay; input {cfg.data.image_size}, "
+        f"normalisation {cfg.data.normalize}; seed {p.seed}",
+        f"- held-out recall: {figures}",
+        "",
+        "Load it with `savlt train --model " + str(paths.root) + "` (or `load_backbone`). Rebuild it with",
+        "",
+        "```bash",
+        f"savlt pretrain {p.pairs} --model {cfg.model.backbone} --out {paths.root} --max-steps {p.max_steps} "
+        f"--config {paths.config}",
+        "```",
+        "",
+    ]
+    write_text(paths.card, "\n".join(lines))
+
+
+def pretrain(
+    cfg: Config, out: str | Path, progress: bool = True, save_dtype: torch.dtype = torch.float32
+) -> dict[str, Any]:
+    """Contrastive pretraining of cfg.model.backbone on cfg.pretrain.pairs into `out`; returns the
+    final held-out recall. Running it again on the same folder resumes from the last checkpoint."""
+    p = cfg.pretrain
+    if not p.pairs:
+        raise ConfigError("no pairs: give PAIRS.csv (or a data root) to savlt pretrain (pretrain.pairs)")
+    paths = PretrainPaths(out)
+    accelerator = make_accelerator(cfg)
+    main = accelerator.is_main_process
+    if main:
+        paths.root.mkdir(parents=True, exist_ok=True)
+    with log_to(paths.root / "pretrain.log", main):
+        seed_everything(p.seed)
+        pairs = load_pairs(
+            p.pairs, cfg.class_map(), {c.name: c.description for c in cfg.data.classes}, progress and main
+        )
+        train_pairs, val_pairs = split_pairs(pairs, p.val_fraction, p.seed)
+        backbone = load_backbone(cfg.model.backbone, cfg.model.allow_download)
+        if cfg.data.image_size != backbone.image_size:
+            raise ConfigError(
+                f"data.image_size={cfg.data.image_size} but the backbone takes {backbone.image_size}: set data.image_size={backbone.image_size}"
+            )
+        torch.manual_seed(p.seed)
+        towers = _towers(cfg, backbone)
+        towers.clip.to(accelerator.device)
+        optimizer = torch.optim.AdamW(list(_trainable(towers).values()), lr=p.lr, weight_decay=p.weight_decay)
+        start = _resume(paths, cfg, towers, optimizer)
+        if main:
+            cfg.save(paths.config)
+            if start == 0:
+                paths.history.unlink(missing_ok=True)
+        log.info(
+            "pretraining %s on %d pairs (%d held out), %d steps",
+            cfg.model.backbone,
+            len(train_pairs),
+            len(val_pairs),
+            p.max_steps,
+        )
+        sampler = StepBatches(
+            len(train_pairs),
+            p.batch_size,
+            p.max_steps * p.grad_accum,
+            seed=p.seed,
+            rank=accelerator.process_index,
+            world=accelerator.num_processes,
+        )
+        batches = [
+            b[accelerator.process_index :: accelerator.num_processes]
+            for b in sampler.batches[start * p.grad_accum :]
+        ]
+        dataset = PairDataset(
+            train_pairs,
+            train_transform(cfg.data.image_size, cfg.train.crop_scale, cfg.train.hflip, cfg.data.normalize),
+        )
+        loader = loader_for(dataset, cfg, 1, accelerator.device, batch_sampler=batches)
+        wrapped, optimizer = accelerator.prepare(towers.clip, optimizer)
+        towers.clip.train()
+        bar = tqdm(
+            total=p.max_steps, initial=start, desc="pretraining", unit="step", disable=not (progress and main)
+        )
+        recall: dict[str, float] = {}
+        running = 0.0
+        started = time.time()
+        for micro, (pixels, index) in enumerate(loader, start=start * p.grad_accum):
+            last = (micro + 1) % p.grad_accum == 0
+            with accelerator.autocast():
+                loss = (
+                    clip_loss(
+                        towers.images(pixels.to(accelerator.device)),
+                        towers.texts([train_pairs[i].text for i in index.tolist()], accelerator.device),
+                        towers.base.logit_scale,
+                    )
+                    / p.grad_accum
+                )
+            accelerator.backward(loss)
+            running += float(loss.detach())
+            if not last:
+                continue
+            step = (micro + 1) // p.grad_accum
+            lr = _lr_at(step - 1, p.max_steps, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                towers.base.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            entry: dict[str, Any] = {
+                "step": step,
+                "loss": running,
+                "lr": lr,
+                "temperature": float(1 / towers.base.logit_scale.detach().exp()),
+            }
+            running = 0.0
+            if not math.isfinite(entry["loss"]):
+                raise FloatingPointError(
+                    f"pretraining diverged at step {step} (loss {entry['loss']}); try a lower pretrain.lr"
+                )
+            if step % p.eval_every == 0 or step == p.max_steps:
+                recall = evaluate_recall(towers, val_pairs, cfg, accelerator)
+                entry.update(recall)
+            if main:
+                with paths.history.open("a") as handle:
+                    handle.write(json.dumps(entry) + "\n")
+                if step % p.save_every == 0 or step == p.max_steps:
+                    _save_checkpoint(paths, towers, optimizer, step)
+            bar.set_postfix(
+                loss=f"{entry['loss']:.3f}", **({"i2t_r1": f"{recall['i2t_r1']:.2f}"} if recall else {})
+            )
+            bar.update(1)
+        bar.close()
+        if not recall:  # resumed at the end: score the finished model
+            recall = evaluate_recall(towers, val_pairs, cfg, accelerator)
+        del wrapped
+        if main:
+            model = towers.clip.merge_and_unload() if isinstance(towers.clip, PeftModel) else towers.clip
+            model.to("cpu", save_dtype).save_pretrained(paths.root)
+            towers.tokenizer.save_pretrained(paths.root)
+            _model_card(paths, cfg, len(train_pairs), len(val_pairs), p.max_steps, recall)
+            log.info("pretraining took %.1f s; held-out recall %s", time.time() - started, recall)
+    accelerator.wait_for_everyone()
+    return recall

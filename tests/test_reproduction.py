@@ -1,0 +1,342 @@
+"""The published code's behaviour as options: each one against an independent expectation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import fast_config, tiny_model
+from sklearn.metrics import roc_auc_score
+
+from savlt.cli import main
+from savlt.config import load_config
+from savlt.data.discover import scan_dataset
+from savlt.data.splits import load_split
+from savlt.data.transforms import NORMALIZATION, eval_transform
+from savlt.engine.fit import _update_again
+from savlt.engine.inputs import StepBatches, prepare_inputs
+from savlt.engine.metrics import center_metrics, risk_scores
+from savlt.engine.training import train
+from savlt.models.adapters import adapter_config
+from savlt.models.pooling import RoiAttentionPool
+from savlt.models.roi import patches_in_boxes, roi_boxes
+from savlt.models.savlt import SavltModel
+from savlt.seg import SegmenterError, load_segmenter
+from savlt.seg.model import build_model
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CLASSES = ["inflammation", "cyst", "ectropion", "hsil", "cancer"]
+RISK = np.array([False, False, False, True, True])
+
+
+# ------------------------------------------------------------------ model options
+
+
+def test_pre_layernorm_tokens_are_pooled_as_published() -> None:
+    torch.manual_seed(1)
+    pixels = torch.randn(2, 3, 224, 224)
+    published = tiny_model("model.pooling=attn", "model.token_layernorm=false").eval()
+    with torch.no_grad():
+        features = published(pixels).features
+        clip = published.clip_model
+        tokens = clip.vision_model(pixel_values=pixels).last_hidden_state[:, 1:]  # before the final LN
+        pooled, _ = published.pool(tokens, None)
+        expected = F.normalize(clip.visual_projection(pooled), dim=-1)
+        after_ln, _ = published.pool(clip.vision_model.post_layernorm(tokens), None)
+    assert torch.allclose(features, expected, atol=1e-6)
+    assert not torch.allclose(features, F.normalize(clip.visual_projection(after_ln), dim=-1), atol=1e-3)
+
+
+def test_reference_pool_init_is_the_published_one() -> None:
+    dim, heads = 96, 4
+    torch.manual_seed(7)
+    queries = torch.nn.init.xavier_uniform_(torch.empty(1, heads, dim // heads))[0]
+    linear = torch.nn.Linear(dim, dim)  # PyTorch's default init, drawn right after the queries
+    torch.manual_seed(7)
+    pool = RoiAttentionPool(dim, heads, init="reference")
+    assert torch.equal(pool.queries.data, queries)
+    assert torch.equal(pool.proj.weight.data, linear.weight.data) and torch.equal(
+        pool.proj.bias.data, linear.bias.data
+    )
+    bound = math.sqrt(6 / (dim + dim // heads))  # fan_in H·D/H, fan_out D/H of the (1, H, D/H) tensor
+    assert pool.queries.abs().max() <= bound and pool.queries.abs().max() > bound / 2
+    identity = RoiAttentionPool(dim, heads)
+    assert torch.equal(identity.proj.weight.data, torch.eye(dim)) and identity.queries.abs().max() < 0.2
+
+
+def test_imagenet_normalisation_of_pixels() -> None:
+    image = np.full((40, 40, 3), 128, dtype=np.uint8)
+    pixels = eval_transform(32, "imagenet")(image=image)["image"]
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    for c in range(3):
+        assert pixels[c].flatten()[0].item() == pytest.approx((128 / 255 - mean[c]) / std[c], abs=1e-5)
+    clip = eval_transform(32)(image=image)["image"]
+    assert clip[0, 0, 0].item() == pytest.approx(
+        (128 / 255 - NORMALIZATION["clip"][0][0]) / NORMALIZATION["clip"][1][0], abs=1e-5
+    )
+
+
+# ------------------------------------------------------------------ the AUC score
+
+
+def test_logit_sum_auc_is_the_published_formula() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (60, 5))
+    labels = rng.integers(0, 5, 60)
+    published = 1 / (1 + np.exp(-(logits[:, 3:].sum(1) - logits[:, :3].sum(1))))  # sigmoid of the sums
+    m = center_metrics(labels, logits, CLASSES, ["hsil", "cancer"], resamples=0, screen_score="logit_sum")
+    assert m["binary"]["auc"] == pytest.approx(roc_auc_score(RISK[labels], published))
+    mass = m_prob = center_metrics(labels, logits, CLASSES, ["hsil", "cancer"], resamples=0)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    assert mass["binary"]["auc"] == pytest.approx(roc_auc_score(RISK[labels], probs[:, 3:].sum(1)))
+    assert m_prob["binary"]["accuracy"] == m["binary"]["accuracy"]  # only the ranking score differs
+
+
+def test_confident_scans_do_not_tie() -> None:
+    # Two confident positives and a confident negative: every probability mass rounds to 1.0.
+    logits = np.array([[0, 0, 0, 70.0, 0], [0, 0, 0, 60.0, 0], [0, 0, 0, 50.0, 0]])
+    mass = np.exp(logits - logits.max(1, keepdims=True))
+    mass = (mass[:, 3:].sum(1) / mass.sum(1)).astype(np.float32)
+    assert len(set(mass.tolist())) == 1  # the old float32 score tied them all
+    scores = risk_scores(logits, RISK)
+    assert scores[0] > scores[1] > scores[2]
+    m = center_metrics([3, 4, 1], logits, CLASSES, ["hsil", "cancer"], resamples=0)
+    assert m["binary"]["auc"] == 1.0
+
+
+# ------------------------------------------------------------------ training quirks
+
+
+def test_double_update_is_two_adamw_steps_for_the_backbone() -> None:
+    torch.manual_seed(0)
+    adapter, head = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(3))
+    twice, once = adapter.detach().clone().requires_grad_(), head.detach().clone().requires_grad_()
+    grads = torch.randn(4), torch.randn(3)
+    optimizer = torch.optim.AdamW([{"params": [adapter]}, {"params": [head]}], lr=0.1, weight_decay=0.01)
+    adapter.grad, head.grad = grads[0].clone(), grads[1].clone()
+    optimizer.step()
+    _update_again(optimizer, [head])
+    reference = torch.optim.AdamW([twice, once], lr=0.1, weight_decay=0.01)
+    twice.grad, once.grad = grads[0].clone(), grads[1].clone()
+    reference.step()
+    once.grad = None
+    reference.step()  # a second step with the same gradient, for the adapter alone
+    assert torch.allclose(adapter, twice) and torch.allclose(head, once)
+    assert head.grad is not None  # the gradients are left as they were
+
+
+def test_quirks_change_training_and_stay_in_eval_mode(
+    synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread
+) -> None:
+    modes: list[bool] = []
+    original = SavltModel.loss
+
+    def recording(self, out, labels):
+        modes.append(self.training)
+        return original(self, out, labels)
+
+    monkeypatch.setattr(SavltModel, "loss", recording)
+    extra = ("data.test_centers=[]", "train.max_steps=3", "train.val_every=1", "peft.dropout=0.25")
+    base = train(fast_config(synth_root, *extra), tmp_path / "base", progress=False)
+    assert modes == [True, True, True]
+    modes.clear()
+    quirks = ("train.eval_mode_after_validation=true", "train.double_adapter_update=true")
+    ref = train(fast_config(synth_root, *extra, *quirks), tmp_path / "ref", progress=False)
+    assert modes == [True, False, False]  # dropout is off once the first validation ran
+    assert ref["centers"]["mixed"]["confusion"] != base["centers"]["mixed"]["confusion"] or (
+        ref["centers"]["mixed"]["binary"]["auc"] != base["centers"]["mixed"]["binary"]["auc"]
+    )
+
+
+def test_epoch_batches_keep_the_short_last_batch() -> None:
+    sampler = StepBatches(size=10, batch_size=4, steps=7, seed=0, epochs=True)
+    assert sampler.sizes == [4, 4, 2, 4, 4, 2, 4]
+    assert sampler.epoch_end == [False, False, True, False, False, True, False]
+    first = [i for batch in sampler.batches[:3] for i, _ in batch]
+    second = [i for batch in sampler.batches[3:6] for i, _ in batch]
+    assert sorted(first) == sorted(second) == list(range(10)) and first != second  # reshuffled
+    with pytest.raises(Exception, match="last batch of an epoch holds 1 images"):
+        StepBatches(size=9, batch_size=4, steps=3, seed=0, world=2, epochs=True)
+
+
+def test_a_fixed_fewshot_seed_shares_one_draw(synth_root: Path) -> None:
+    draws = [
+        prepare_inputs(fast_config(synth_root, f"train.seed={s}", "data.fewshot_seed=42"))
+        for s in (5, 42, 123)
+    ]
+    assert draws[0].few_shot.train == draws[1].few_shot.train == draws[2].few_shot.train
+    own = [prepare_inputs(fast_config(synth_root, f"train.seed={s}")) for s in (5, 123)]
+    assert own[0].few_shot.train != own[1].few_shot.train
+
+
+# ------------------------------------------------------------------ adapters
+
+
+def test_published_adapter_variants() -> None:
+    cfg = load_config(overrides=["peft.type=adalora", "peft.variant=published"]).peft
+    ada = adapter_config(cfg, 12, total_steps=320)
+    assert (ada.init_r, ada.target_r, ada.total_step, ada.lora_dropout) == (32, 8, 1000, 0.0)
+    ours = adapter_config(load_config(overrides=["peft.type=adalora"]).peft, 12, total_steps=320)
+    assert (ours.init_r, ours.total_step) == (12, 320)
+    loha = adapter_config(load_config(overrides=["peft.type=loha", "peft.variant=published"]).peft, 12, 320)
+    assert (loha.module_dropout, loha.rank_dropout) == (0.1, 0.0)
+    text = tiny_model("peft.text=true", "peft.variant=published")
+    trainable = {n for n, p in text.named_parameters() if p.requires_grad}
+    assert any("text_projection" in n for n in trainable)
+    ranks = {p.shape[0] for n, p in text.named_parameters() if "text_model" in n and "lora_A" in n}
+    assert ranks == {8}  # the vision rank, not peft.text_r
+    ours_text = tiny_model("peft.text=true")
+    assert {p.shape[0] for n, p in ours_text.named_parameters() if "text_model" in n and "lora_A" in n} == {2}
+
+
+# ------------------------------------------------------------------ ROI rule
+
+
+def test_roi_start_row_is_the_published_floor() -> None:
+    masks = torch.zeros(1, 224, 224, dtype=torch.uint8)
+    masks[0, 22:] = 1  # int(0.1 * 224) = 22: the first row that may start the ROI
+    boxes, fallback = roi_boxes(masks, 0.1)
+    assert boxes[0, 1].item() == pytest.approx(22 / 224) and not fallback[0]
+
+
+def test_patch_selection_differs_from_exact_float_comparison_at_four_heights() -> None:
+    """The published code compares floats exactly; ours allows 1e-6 (README, reproduction table)."""
+    grid, step = 14, 1.0 / 14
+    differ = []
+    for y in range(224):
+        published = [r for r in range(grid) if y / 224 <= r * step and (r + 1) * step <= 1.0]
+        box = torch.tensor([[0.0, y / 224, 1.0, 1.0]])
+        ours = sorted({i // grid for i in patches_in_boxes(box, grid)[0].nonzero().flatten().tolist()})
+        if published != ours:
+            differ.append((y, bool(published)))
+    # the edge patch row is dropped at three heights; from 208 on no whole patch is left, where
+    # the published code stops with an error and ours pools over every patch
+    assert differ == [(80, True), (144, True), (160, True), *((y, False) for y in range(208, 224))]
+
+
+# ------------------------------------------------------------------ published artefacts
+
+
+def test_a_published_split_file_relative_to_images_is_accepted(synth_root: Path, tmp_path: Path) -> None:
+    center = scan_dataset(synth_root, load_config().class_map(), ["mixed"]).center("mixed")
+    rels = sorted(center.by_rel())
+
+    def entry(rel: str) -> list:  # the published format: [path below images/, label, classname]
+        return [rel.removeprefix("images/"), 0, rel.split("/")[1]]
+
+    split = {
+        "train": [entry(r) for r in rels[:20]],
+        "val": [entry(r) for r in rels[20:30]],
+        "test": [entry(r) for r in rels[30:]],
+    }
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    loaded = load_split(tmp_path / "split.json", center)
+    assert loaded.train == rels[:20] and loaded.test == rels[30:]
+
+
+def test_seg_import_of_a_plain_state_dict(tmp_path: Path, capsys) -> None:
+    torch.manual_seed(0)
+    net = build_model("unet", "resnet18").eval()
+    torch.save(net.state_dict(), tmp_path / "unet_best_model_fold0.pth")
+    args = [
+        "seg",
+        "import",
+        str(tmp_path / "unet_best_model_fold0.pth"),
+        "--arch",
+        "unet",
+        "--encoder",
+        "resnet18",
+    ]
+    assert main([*args, "--out", str(tmp_path / "seg"), "--trained-on", "mixed"]) == 0
+    segmenter = load_segmenter(tmp_path / "seg")
+    assert segmenter.spec.input_size == (224, 224) and segmenter.spec.mean == (0.485, 0.456, 0.406)
+    assert segmenter.spec.trained["centers"] == ["mixed"]
+    image = np.random.default_rng(0).integers(0, 255, (224, 224, 3), dtype=np.uint8)
+    with torch.no_grad():
+        x = (
+            torch.from_numpy(image).permute(2, 0, 1).float()[None] / 255
+            - torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+        ) / torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+        expected = torch.sigmoid(net(x))[0, 0].numpy()
+    assert np.allclose(segmenter.probabilities([image])[0], expected, atol=1e-5)
+    # another architecture, not a state dict, not a torch file: one-line errors
+    torch.save(build_model("linknet", "resnet18").state_dict(), tmp_path / "linknet.pth")
+    torch.save([torch.zeros(2)], tmp_path / "list.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a pickle")
+    for name, message in (
+        ("linknet.pth", "is not a state dict of a unet"),
+        ("list.pth", "does not hold a state dict"),
+        ("junk.pth", "cannot read"),
+    ):
+        assert (
+            main(
+                [
+                    "seg",
+                    "import",
+                    str(tmp_path / name),
+                    "--arch",
+                    "unet",
+                    "--encoder",
+                    "resnet18",
+                    "--out",
+                    str(tmp_path / name[:-4]),
+                ]
+            )
+            == 2
+        )
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SegmenterError, match="does not exist"):
+        load_segmenter(tmp_path / "nothing")
+
+
+def test_the_segmenter_learns_from_the_training_center_only_and_runs_record_it(
+    synth_root: Path, tmp_path: Path, one_thread
+) -> None:
+    seg = ["seg", "train", "--data", str(synth_root), "--folds", "2", "--epochs", "1", "--image-size", "32"]
+    assert main([*seg, "--out", str(tmp_path / "seg"), "-q", "--set", "seg.encoder_weights=none"]) == 0
+    folder = tmp_path / "seg" / "fold0"
+    assert load_segmenter(folder).spec.trained["centers"] == ["mixed"]
+    assert load_config(tmp_path / "seg" / "config.yaml").seg.centers == ["mixed"]
+    metrics = train(
+        fast_config(synth_root, f"roi.segmenter={folder}", "data.test_centers=[xiangya]"),
+        tmp_path / "run",
+        progress=False,
+    )
+    prior = metrics["structure_prior"]
+    assert prior["mask_source"] == "segmenter" and prior["segmenter_centers"] == ["mixed"]
+    assert prior["evaluated_centers_seen"] == ["mixed"]
+    assert "trained on masks of evaluated center(s) mixed" in (tmp_path / "run" / "report.md").read_text()
+    files = train(
+        fast_config(synth_root, "roi.mask_source=files", "data.test_centers=[xiangya]"),
+        tmp_path / "files",
+        progress=False,
+    )
+    assert files["structure_prior"]["annotated_masks_at_test_time"] == ["mixed", "xiangya"]
+    assert "annotated tissue masks were used at test time" in (tmp_path / "files" / "report.md").read_text()
+
+
+def test_the_reference_profile_trains_end_to_end(synth_root: Path, tmp_path: Path, one_thread) -> None:
+    cfg = load_config(
+        CONFIGS / "paper_reference.yaml",
+        [
+            "model.backbone=tiny",
+            "roi.mask_source=classical",
+            "train.shots=4",
+            "train.max_steps=4",
+            "train.batch_size=8",
+            "data.num_workers=0",
+            "eval.bootstrap=20",
+            "data.test_centers=[]",
+        ],
+        {"data.root": synth_root, "data.cache_dir": tmp_path / "cache"},
+    )
+    metrics = train(cfg, tmp_path / "run", progress=False)
+    assert metrics["complete"] and metrics["centers"]["mixed"]["n"] == 15
+    few = json.loads((tmp_path / "run" / "fewshot.json").read_text())
+    assert few["seed"] == 42
