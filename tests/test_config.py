@@ -71,7 +71,7 @@ def test_methods_fix_their_parts() -> None:
 
 def test_shipped_configs_load() -> None:
     demo = load_config(CONFIGS / "demo.yaml")
-    assert demo.model.backbone == "tiny" and demo.train.shots == 16
+    assert demo.model.backbone == "tiny-oct" and demo.train.shots == 16
     paper = load_config(CONFIGS / "paper.yaml")
     assert paper.train.shots == 32 and paper.model.backbone == "openai/clip-vit-base-patch16"
     assert paper.train == Config().train.__class__(

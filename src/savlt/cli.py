@@ -20,17 +20,60 @@ from savlt.methods import METHODS
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from savlt.data.synth import generate_dataset
+    from savlt.data.synth import PRETRAIN_SCANNERS, generate_dataset, generate_pretrain_corpus
 
-    centers = [c.strip() for c in args.centers.split(",") if c.strip()]
     kwargs = {"size": tuple(args.size)} if args.size else {}
+    if args.pretrain:
+        scanners = [c.strip() for c in (args.centers or ",".join(PRETRAIN_SCANNERS)).split(",") if c.strip()]
+        summary = generate_pretrain_corpus(
+            args.out, seed=args.seed, per_class=args.per_class, scanners=scanners, **kwargs
+        )
+        print(
+            f"wrote {summary.total} captioned scans from {len(summary.counts)} scanners to "
+            f"{summary.out / 'pairs.csv'} ({summary.seconds:.1f} s)"
+        )
+        return 0
+    centers = [c.strip() for c in (args.centers or "mixed,xiangya,huaxi").split(",") if c.strip()]
     summary = generate_dataset(
-        args.out, seed=args.seed, per_class=args.per_class, centers=centers, preview=args.preview, **kwargs
+        args.out,
+        seed=args.seed,
+        per_class=args.per_class,
+        centers=centers,
+        preview=args.preview,
+        patients_per_class=args.patients_per_class,
+        volume_fraction=args.volumes,
+        **kwargs,
     )
     total = sum(sum(c.values()) for c in summary.counts.values())
     print(f"wrote {total} images in {len(summary.counts)} centers to {summary.out} ({summary.seconds:.1f} s)")
+    if summary.patients:
+        print(
+            f"from {summary.patients} patients ({summary.volumes} as multi-page TIFF volumes), listed in "
+            "<center>/metadata.csv"
+        )
     if summary.preview is not None:
         print(f"contact sheet: {summary.preview}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from savlt.engine.pretrain import pretrain
+
+    flags = {
+        "pretrain.pairs": args.pairs,
+        "model.backbone": args.model,
+        "pretrain.max_steps": args.max_steps,
+        "pretrain.adapters": args.adapters,
+        "pretrain.seed": args.seed,
+    }
+    import torch
+
+    dtype = torch.float16 if args.float16 else torch.float32
+    recall = pretrain(config_from_args(args, flags), args.out, progress=not args.quiet, save_dtype=dtype)
+    print("held-out recall: " + ", ".join(f"{k} {v:.3f}" for k, v in recall.items()))
+    print(
+        f"pretrained model: {args.out} (use it with --model {args.out}); model card: {args.out / 'README.md'}"
+    )
     return 0
 
 
@@ -40,7 +83,13 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     class_map = cfg.class_map()
-    report = check_dataset(args.root, class_map, progress=not args.quiet, thresholds=Thresholds.of(cfg))
+    report = check_dataset(
+        args.root,
+        class_map,
+        progress=not args.quiet,
+        thresholds=Thresholds.of(cfg),
+        patient_pattern=cfg.data.patient_pattern,
+    )
     print(report.render())
     return 0 if report.clean else 1
 
@@ -49,7 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from savlt.engine.training import train
-    from savlt.report.summary import results_table
+    from savlt.report.summary import decision_table, results_table
 
     flags = {
         "data.root": args.data,
@@ -63,28 +112,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics = train(cfg, args.out, progress=not args.quiet, overwrite=args.overwrite)
     if PartialState().is_main_process:  # under `accelerate launch`, one process reports
         print(results_table(metrics))
+        print(decision_table(metrics))
         print(f"run folder: {args.out}   report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from savlt.report.compare import comparison_table, read_metrics
+
+    runs = [(Path(run).name, read_metrics(run)) for run in args.runs]
+    print(comparison_table(runs))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from savlt.engine.loaded import load_run
-    from savlt.report.summary import results_table
+    from savlt.report.summary import decision_table, results_table
 
     run = load_run(args.run)
     centers = [c.strip() for c in args.centers.split(",")] if args.centers else None
     out = args.out or Path(args.run) / "evaluation"
     metrics = run.evaluate(args.data, centers, out=out, progress=not args.quiet)
     print(results_table(metrics))
+    print(decision_table(metrics))
     print(f"metrics: {Path(out) / 'metrics.json'}   report: {Path(out) / 'report.md'}")
     return 0
 
 
 def predict_inputs(paths: list[Path]) -> list[Path]:
     """The files to predict: files as given, folders searched recursively for images (debris and
-    other files left out, counted on stderr)."""
+    other files left out, counted on stderr); a multi-page TIFF volume gives each of its pages."""
     from savlt.data.discover import image_files
-    from savlt.data.imageio import IMAGE_EXTENSIONS
+    from savlt.data.imageio import IMAGE_EXTENSIONS, volume_pages
 
     found: list[Path] = []
     for path in paths:
@@ -98,7 +157,24 @@ def predict_inputs(paths: list[Path]) -> list[Path]:
         if others:
             print(f"{path}: {len(others)} file(s) that are not images left out", file=sys.stderr)
         found += images
-    return found
+    return volume_pages(found)
+
+
+def referral_note(run) -> str:
+    """What the probabilities and the screen column of ``predict`` rest on."""
+    fit = run.calibration
+    if fit is None:
+        return "probabilities not calibrated and no referral threshold: this run predates calibration"
+    if fit.threshold is None:
+        return (
+            f"calibrated probabilities (temperature {fit.temperature:.3g}); no referral threshold "
+            "(the validation draw had no high-risk scan)"
+        )
+    return (
+        f"calibrated probabilities (temperature {fit.temperature:.3g}); refer when p(high-risk) >= "
+        f"{fit.threshold:.3f} (sensitivity {fit.target_sensitivity:g} on {fit.positives} high-risk "
+        f"validation scans)"
+    )
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -121,12 +197,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([p.to_json() for p in predictions], indent=1))
     else:
-        header = ["image", "predicted", "p(high-risk)", "ROI y0", *(short_name(n) for n in run.class_names)]
+        header = [
+            "image",
+            "predicted",
+            "p(high-risk)",
+            "screen",
+            "ROI y0",
+            *(short_name(n) for n in run.class_names),
+        ]
         rows = [
             [
                 p.path,
                 short_name(p.predicted),
                 f"{p.high_risk_probability:.3f}",
+                p.referral or "n/a",
                 f"{p.roi_box[1]:.3f}" + (" (whole image)" if p.roi_fallback else ""),
                 *(f"{p.probabilities[n]:.3f}" for n in run.class_names),
             ]
@@ -135,6 +219,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         ]
         if rows:
             print(text_table(header, rows))
+            print(referral_note(run))
         for p in predictions:
             if p.reason is not None:
                 print(f"{p.path}: not assessable, no diagnosis: {p.reason}")
@@ -155,6 +240,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from savlt.seg.cli import register as register_seg_commands
+    from savlt.serve.cli import register as register_serve_commands
     from savlt.sweep.cli import register as register_sweep_commands
 
     parser = argparse.ArgumentParser(
@@ -168,7 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-class", type=int, default=40, help="images per class and center (default 40)")
-    p.add_argument("--centers", default="mixed,xiangya,huaxi", help="comma-separated center names")
+    p.add_argument(
+        "--centers",
+        help="comma-separated center names (default mixed,xiangya,huaxi; with --pretrain the scanners, "
+        "default scanner-a,…,scanner-d)",
+    )
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="image height and width")
     p.add_argument(
         "--preview",
@@ -176,7 +266,42 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="write OUT/preview.png (default on)",
     )
+    p.add_argument(
+        "--patients-per-class",
+        type=int,
+        metavar="N",
+        help="the scans of each class and center come from N patients (neighbouring B-scans; metadata.csv)",
+    )
+    p.add_argument(
+        "--volumes",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="share of the patients written as one multi-page TIFF volume each (needs --patients-per-class)",
+    )
+    p.add_argument(
+        "--pretrain",
+        action="store_true",
+        help="write a captioned pretraining corpus instead (OUT/pairs.csv), from scanners that are not "
+        "the evaluation centers",
+    )
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser(
+        "pretrain", help="contrastive image-text pretraining of a CLIP backbone (loadable with --model)"
+    )
+    p.add_argument("pairs", type=Path, help="pairs CSV (columns file, text) or a data root (class captions)")
+    p.add_argument(
+        "--model", help="backbone to start from: tiny, a preset, a hub id or a folder (model.backbone)"
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder (run again to resume)")
+    p.add_argument("--max-steps", type=int, help="optimiser steps (pretrain.max_steps)")
+    p.add_argument("--adapters", choices=["none", "lora"], help="full fine-tuning (none) or LoRA adapters")
+    p.add_argument("--seed", type=int, help="seed of the held-out split, batches and initialisation")
+    p.add_argument("--float16", action="store_true", help="store the weights in float16 (half the file)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_pretrain)
 
     data = sub.add_parser("data", help="inspect a data set").add_subparsers(
         dest="data_command", required=True
@@ -211,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("compare", help="accuracy and AUC of finished runs side by side, per center")
+    p.add_argument("runs", nargs="+", type=Path, help="run folders")
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("predict", help="diagnose scans with a saved run")
     p.add_argument("run", type=Path)
     p.add_argument("images", nargs="+", type=Path, help="image files, or folders (searched recursively)")
@@ -221,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
     register_seg_commands(sub)
     register_sweep_commands(sub)
+    register_serve_commands(sub)
     return parser
 
 

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -78,6 +79,13 @@ class DataConfig:
     class_aliases: dict[str, str] = field(default_factory=dict)
     classes: list[ClassSpec] = field(default_factory=_default_classes)
     high_risk: list[str] = field(default_factory=lambda: list(DEFAULT_HIGH_RISK))
+    # Patients: a center's metadata.csv (columns file, patient[, volume, …]) when it has one, else
+    # this regular expression on the file name (its group "patient", else its first group, else the
+    # whole match); without either every scan is its own patient (a volume's pages one patient).
+    patient_pattern: str | None = None
+    # The training center is split, and the shots drawn, by patient (a patient's scans never cross
+    # parts) or by image (patients may cross parts, recorded in metrics.json: for comparison only).
+    split_by: Literal["patient", "image"] = "patient"
 
     def __post_init__(self) -> None:
         ratios = self.split_ratios
@@ -94,6 +102,14 @@ class DataConfig:
         _need(self.num_workers >= 0, "data.num_workers must be >= 0")
         _need_seed(self.split_seed, "data.split_seed")
         _need_seed(self.fewshot_seed, "data.fewshot_seed")
+        if self.patient_pattern is not None:
+            try:
+                re.compile(self.patient_pattern)
+            except re.error as exc:
+                raise ConfigError(
+                    f"data.patient_pattern: {self.patient_pattern!r} is not a regular expression ({exc}); "
+                    r"e.g. '^(P\d+)_' takes the patient from file names such as P012_scan3.png"
+                ) from None
         try:  # class names that collide, aliases to unknown classes or written the wrong way round
             ClassMap(tuple(names), tuple(self.class_aliases.items()))
         except SavltError as exc:
@@ -229,9 +245,19 @@ class EvalConfig:
     unassessable: Literal["exclude", "include"] = "exclude"
     min_contrast: float = 8.0
     min_tissue: float = 0.05
+    # A patient's class probabilities: the mean over its scans, or those of its scan with the
+    # highest high-risk probability ("max_risk").
+    patient_aggregate: Literal["mean", "max_risk"] = "mean"
+    # The referral threshold on the calibrated high-risk probability is the highest that reaches
+    # this sensitivity on the validation draw.
+    target_sensitivity: float = 0.95
 
     def __post_init__(self) -> None:
         _need(self.bootstrap >= 0, "eval.bootstrap must be >= 0")
+        _need(
+            0 < self.target_sensitivity <= 1,
+            f"eval.target_sensitivity: {self.target_sensitivity} must lie in (0, 1], e.g. 0.95",
+        )
         _need(0 < self.ci_level < 1, "eval.ci_level must lie in (0, 1)")
         _need(self.min_contrast >= 0, "eval.min_contrast must be >= 0")
         _need(0 <= self.min_tissue < 1, "eval.min_tissue must lie in [0, 1)")
@@ -291,6 +317,9 @@ class PretrainConfig:
     # Start the learnable temperature here (CLIP starts from scratch at 0.07); None keeps the
     # backbone's own, as for an already pretrained CLIP.
     init_temperature: float | None = None
+    # End after this many steps although the learning-rate schedule spans max_steps (the same
+    # trajectory, stopped early); None = max_steps.
+    stop_after: int | None = None
 
     def __post_init__(self) -> None:
         _need(self.batch_size >= 2, "pretrain.batch_size must be >= 2 (the loss contrasts pairs in a batch)")
@@ -308,6 +337,10 @@ class PretrainConfig:
             "pretrain.eval_every and pretrain.save_every must be >= 1",
         )
         _need_seed(self.seed, "pretrain.seed")
+        _need(
+            self.stop_after is None or 1 <= self.stop_after <= self.max_steps,
+            "pretrain.stop_after must lie in [1, pretrain.max_steps]",
+        )
         _need(
             self.init_temperature is None or 0.01 <= self.init_temperature <= 1,
             "pretrain.init_temperature must lie in [0.01, 1] (CLIP starts at 0.07)",

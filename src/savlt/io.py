@@ -28,6 +28,14 @@ class OutputError(SavltError):
 # ------------------------------------------------------------------------------ files
 
 
+def ordinary_permissions(path: str | Path) -> None:
+    """Give a file the permissions of a new file under the umask (libraries that write model
+    files privately, 0600, would otherwise keep colleagues from loading a shared run)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one step.
@@ -42,9 +50,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         if tmp.exists():
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
+            ordinary_permissions(tmp)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -26,22 +26,41 @@ class CheckReport:
         return not self.problems
 
     def counts_table(self) -> str:
-        """Images per center × class (readable or not: problems are listed separately)."""
+        """Scans per center × class (readable or not: problems are listed separately), masks, the
+        multi-page TIFF volumes and the scans that are their pages, and the patients ("-" when the
+        center has no patient information)."""
         short = [short_name(n) for n in self.class_names]
-        header = ["center", *short, "total", "masks"]
+        header = ["center", *short, "total", "masks", "volumes", "pages", "patients"]
         rows = []
         for name, center in self.scan.centers.items():
             counts = center.counts()
             masks = sum(r.mask_path is not None for r in center.records)
+            pages = [r for r in center.records if r.page is not None]
+            patients = len({r.patient for r in center.records if r.patient is not None})
             rows.append(
                 [
                     name,
                     *(str(counts.get(c, 0)) for c in self.class_names),
                     str(len(center.records)),
                     str(masks),
+                    str(len({r.file_rel for r in pages})),
+                    str(len(pages)),
+                    str(patients) if center.patient_source else "-",
                 ]
             )
         return text_table(header, rows)
+
+    def patient_lines(self) -> list[str]:
+        """Where each center's patients come from."""
+        return [
+            f"{name}: "
+            + (
+                f"from {center.patient_source}"
+                if center.patient_source
+                else "no patient information (every scan its own patient, a volume's pages one patient)"
+            )
+            for name, center in self.scan.centers.items()
+        ]
 
     def mapping_lines(self) -> list[str]:
         lines = []
@@ -59,6 +78,9 @@ class CheckReport:
             "Class mapping:",
             *("  " + line for line in self.mapping_lines()),
             "",
+            "Patients:",
+            *("  " + line for line in self.patient_lines()),
+            "",
         ]
         if self.scan.skipped:
             parts += [
@@ -75,11 +97,16 @@ class CheckReport:
 
 
 def check_dataset(
-    root: str | Path, class_map: ClassMap, progress: bool = True, thresholds: Thresholds | None = None
+    root: str | Path,
+    class_map: ClassMap,
+    progress: bool = True,
+    thresholds: Thresholds | None = None,
+    patient_pattern: str | None = None,
 ) -> CheckReport:
-    """Scan ROOT, decode every scan and mask (in parallel), and collect every problem: the
-    scanning problems, unreadable files and scans that cannot be assessed."""
-    scan = scan_dataset(root, class_map)
+    """Scan ROOT, decode every scan (every page of a volume) and mask (in parallel), and collect
+    every problem: the scanning problems (metadata.csv ones included), unreadable files and scans
+    that cannot be assessed; patients from metadata.csv, else `patient_pattern`."""
+    scan = scan_dataset(root, class_map, patient_pattern=patient_pattern)
     problems = list(scan.problems)
     records = [r for c in scan.centers.values() for r in c.records]
     checks = check_scans([(r.path, r.mask_path) for r in records], thresholds or Thresholds(), progress)

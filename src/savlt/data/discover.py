@@ -10,18 +10,27 @@ folder or at least one class folder. Other folders (an ``exports/`` folder, a ru
 into the data root) are skipped with the reason, and reported as a problem when they hold images.
 Operating-system and archive debris (hidden files, ``Thumbs.db``, ``desktop.ini``, ``__MACOSX/``)
 is ignored everywhere.
+
+A multi-page TIFF is a volume: each page is one record (``<file>#<page>``), its volume the file.
+Patients come from ``<center>/metadata.csv`` (columns ``file``, relative to the center folder, and
+``patient``; optional ``volume``; any other column is kept as metadata) or, without it, from a
+regular expression on the file name; without either every scan is its own patient (the pages of a
+volume one patient).
 """
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import logging
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from savlt.classes import ClassMap, UnknownClassError, alias_syntax
-from savlt.data.imageio import IMAGE_EXTENSIONS, MASK_EXTENSION, is_image_file
+from savlt.data.imageio import IMAGE_EXTENSIONS, MASK_EXTENSION, is_image_file, page_path, tiff_pages
 from savlt.errors import SavltError
 
 log = logging.getLogger(__name__)
@@ -53,7 +62,14 @@ PROBLEM_TEXT = {
     "unreadable_image": "unreadable image(s)",
     "bad_mask": "unusable mask(s)",
     "unassessable": "scan(s) that cannot be assessed",
+    "bad_metadata": "unusable metadata.csv file(s) or row(s)",
+    "missing_patient": "scan(s) without a patient",
+    "metadata_unknown_file": "metadata.csv row(s) naming no scan",
 }
+# Problems that make a center unusable for a run (raised by DatasetScan.require_usable).
+FATAL = ("unknown_class", "bad_metadata", "missing_patient")
+METADATA_NAME = "metadata.csv"
+PATTERN_KEY = "data.patient_pattern"
 
 
 def is_debris(name: str) -> bool:
@@ -63,11 +79,25 @@ def is_debris(name: str) -> bool:
 
 @dataclass(frozen=True)
 class ImageRecord:
-    path: Path  # absolute path of the scan
+    path: Path  # absolute path of the scan; a page of a volume is <file>#<page>
     rel: str  # path relative to the center folder, POSIX style (as stored in split files)
     center: str
     label: str  # canonical class name
     mask_path: Path | None = None
+    patient: str | None = None  # from metadata.csv or data.patient_pattern; None: not known
+    volume: str | None = None  # metadata.csv's volume, else the file of a multi-page TIFF
+    page: int | None = None  # the page of a multi-page TIFF
+    metadata: tuple[tuple[str, str], ...] = ()  # the other metadata.csv columns of its row
+
+    @property
+    def patient_id(self) -> str:
+        """What the scan is grouped by: its patient, else its volume, else the scan itself."""
+        return self.patient or self.volume or self.rel
+
+    @property
+    def file_rel(self) -> str:
+        """`rel` without the page: the file the scan is stored in."""
+        return self.rel if self.page is None else self.rel.rpartition("#")[0]
 
 
 @dataclass(frozen=True)
@@ -84,6 +114,7 @@ class CenterData:
     records: list[ImageRecord] = field(default_factory=list)
     class_folders: dict[str, str] = field(default_factory=dict)  # folder name -> class name
     missing_classes: list[str] = field(default_factory=list)
+    patient_source: str | None = None  # "metadata.csv", "data.patient_pattern" or None (not known)
 
     def counts(self) -> Counter[str]:
         return Counter(r.label for r in self.records)
@@ -110,12 +141,20 @@ class DatasetScan:
         return self.centers[name]
 
     def require_usable(self, centers: list[str]) -> None:
-        """Raise for the problems that make these centers unusable (unknown classes, no images)."""
+        """Raise for the problems that make these centers unusable (unknown classes, unusable
+        metadata, scans without a patient, no images)."""
         for name in centers:
             center = self.center(name)
-            for problem in self.problems:
-                if problem.kind == "unknown_class" and center.root in problem.path.parents:
-                    raise DataError(problem.message)
+            fatal = [p for p in self.problems if p.kind in FATAL and center.root in p.path.parents]
+            for kind in FATAL:
+                found = [p for p in fatal if p.kind == kind]
+                if kind == "missing_patient" and len(found) > 1:
+                    raise DataError(
+                        f"{len(found)} scans of center {name!r} have no patient, e.g. {found[0].message} "
+                        f"(`savlt data check {self.root}` lists them all)"
+                    )
+                if found:
+                    raise DataError(found[0].message)
             if not center.records:
                 raise DataError(f"center {name!r} ({center.root}) contains no images")
 
@@ -177,12 +216,15 @@ def _skipped_folder_problem(folder: Path, reason: str, images: list[Path]) -> Pr
     )
 
 
-def _scan_center(center_dir: Path, class_map: ClassMap, problems: list[Problem]) -> CenterData:
+def _scan_center(
+    center_dir: Path, class_map: ClassMap, problems: list[Problem], patient_pattern: str | None
+) -> CenterData:
     center = CenterData(name=center_dir.name, root=center_dir)
     has_images_dir = (center_dir / "images").is_dir()
     images_dir = center_dir / "images" if has_images_dir else center_dir
     masks_dir = center_dir / "masks"
-    for loose in _loose_files(center_dir) + (_loose_files(images_dir) if has_images_dir else []):
+    loose_files = _loose_files(center_dir) + (_loose_files(images_dir) if has_images_dir else [])
+    for loose in (f for f in loose_files if f != center_dir / METADATA_NAME):
         if is_image_file(loose):
             message = f"{loose} lies outside any class folder and is not used; move it into <center>/images/<class>/"
             problems.append(Problem("outside_class_folder", loose, message))
@@ -203,20 +245,156 @@ def _scan_center(center_dir: Path, class_map: ClassMap, problems: list[Problem])
         if not images:
             problems.append(Problem("empty_class", class_dir, f"class folder {class_dir} holds no images"))
         for path in images:
+            rel = path.relative_to(center_dir).as_posix()
+            pages = tiff_pages(path)
+            if pages > 1:  # a volume: one record per page, no mask files
+                center.records += [
+                    ImageRecord(page_path(path, i), f"{rel}#{i}", center.name, label, volume=rel, page=i)
+                    for i in range(pages)
+                ]
+                continue
             mask = masks_dir / class_dir.name / path.relative_to(class_dir).with_suffix(MASK_EXTENSION)
             center.records.append(
                 ImageRecord(
                     path=path,
-                    rel=path.relative_to(center_dir).as_posix(),
+                    rel=rel,
                     center=center.name,
                     label=label,
                     mask_path=mask if mask.is_file() else None,
                 )
             )
     _check_masks(center, masks_dir, images_dir, problems)
+    _assign_patients(center, patient_pattern, problems)
     present = set(center.counts())
     center.missing_classes = [n for n in class_map.names if n not in present]
     return center
+
+
+def _assign_patients(center: CenterData, pattern: str | None, problems: list[Problem]) -> None:
+    """Give every record its patient: from metadata.csv when the center has one, else from
+    `pattern` on the file name; a scan left without a patient is a problem."""
+    table = center.root / METADATA_NAME
+    if table.is_file():
+        center.patient_source = METADATA_NAME
+        rows = _read_metadata(table, problems)
+        if rows is not None:
+            center.records = _from_metadata(center, table, rows, problems)
+    elif pattern:
+        center.patient_source = PATTERN_KEY
+        center.records = _from_pattern(center, re.compile(pattern), pattern, problems)
+
+
+def _metadata_problem(table: Path, message: str) -> Problem:
+    return Problem("bad_metadata", table, f"{table}: {message}")
+
+
+def _read_metadata(table: Path, problems: list[Problem]) -> dict[str, dict[str, str]] | None:
+    """file -> its row (lower-case column names), or None (with a problem) for an unusable file."""
+    try:
+        with table.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = [(c or "").strip().lower() for c in reader.fieldnames or []]
+            missing = [c for c in ("file", "patient") if c not in columns]
+            if missing:
+                problems.append(
+                    _metadata_problem(
+                        table,
+                        f"no {' or '.join(repr(m) for m in missing)} column (columns: "
+                        f"{', '.join(columns) or 'none'}); it needs the columns file and patient",
+                    )
+                )
+                return None
+            lines = [
+                (reader.line_num, {c: (v or "").strip() for c, v in zip(columns, row.values(), strict=False)})
+                for row in reader
+            ]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        problems.append(_metadata_problem(table, f"cannot be read as a CSV file ({exc})"))
+        return None
+    rows: dict[str, dict[str, str]] = {}
+    for line, row in lines:
+        key = row["file"].replace("\\", "/").removeprefix("./")
+        if not key or not row["patient"]:
+            problems.append(_metadata_problem(table, f"line {line} has an empty file or patient"))
+        elif key in rows and rows[key]["patient"] != row["patient"]:
+            problems.append(
+                _metadata_problem(
+                    table,
+                    f"line {line}: {key} is listed again with another patient "
+                    f"({row['patient']!r}, before {rows[key]['patient']!r})",
+                )
+            )
+        else:
+            rows[key] = row
+    return rows
+
+
+def _from_metadata(
+    center: CenterData, table: Path, rows: dict[str, dict[str, str]], problems: list[Problem]
+) -> list[ImageRecord]:
+    """The records with their patient, volume and other columns from metadata.csv. A row names a
+    scan (``<file>#<page>`` for one page of a volume) or a file (every page of a volume); paths
+    relative to ``<center>/images/`` are accepted too."""
+
+    def row_of(key: str) -> tuple[str, dict[str, str]] | None:
+        for name in (key, key.removeprefix("images/")):
+            if name in rows:
+                return name, rows[name]
+        return None
+
+    used: set[str] = set()
+    records = []
+    for record in center.records:
+        found = row_of(record.rel) or row_of(record.file_rel)
+        if found is None:
+            problems.append(
+                Problem(
+                    "missing_patient",
+                    record.path,
+                    f"{record.path} has no row in {table}: add a row (file {record.rel}, patient), "
+                    f"or remove {table.name} to treat every scan as its own patient",
+                )
+            )
+            records.append(record)
+            continue
+        name, row = found
+        used.add(name)
+        extra = tuple((k, v) for k, v in row.items() if k not in ("file", "patient", "volume") and k)
+        volume = row.get("volume") or record.volume
+        records.append(dataclasses.replace(record, patient=row["patient"], volume=volume, metadata=extra))
+    for key in rows:
+        if key not in used:
+            message = f"{table}: row for {key} names no scan of center {center.name!r}; it is not used"
+            problems.append(Problem("metadata_unknown_file", table, message))
+    return records
+
+
+def _from_pattern(
+    center: CenterData, pattern: re.Pattern[str], text: str, problems: list[Problem]
+) -> list[ImageRecord]:
+    """The records with the patient `pattern` finds in the file name (its group "patient", else its
+    first group, else the whole match)."""
+    records = []
+    for record in center.records:
+        name = record.file_rel.rpartition("/")[2]
+        found = pattern.search(name)
+        patient = None
+        if found is not None:
+            group = "patient" if "patient" in pattern.groupindex else (1 if pattern.groups else 0)
+            patient = found[group]
+        if not patient:
+            problems.append(
+                Problem(
+                    "missing_patient",
+                    record.path,
+                    f"file name {name!r} ({record.path}) does not match {PATTERN_KEY} {text!r}: "
+                    f"change the pattern, or give the center a {METADATA_NAME}",
+                )
+            )
+            records.append(record)
+            continue
+        records.append(dataclasses.replace(record, patient=patient))
+    return records
 
 
 def _not_an_image(path: Path) -> Problem:
@@ -245,9 +423,14 @@ def _check_masks(center: CenterData, masks_dir: Path, images_dir: Path, problems
             )
 
 
-def scan_dataset(root: str | Path, class_map: ClassMap, centers: list[str] | None = None) -> DatasetScan:
+def scan_dataset(
+    root: str | Path,
+    class_map: ClassMap,
+    centers: list[str] | None = None,
+    patient_pattern: str | None = None,
+) -> DatasetScan:
     """Scan ROOT (every center, or the named ones) and collect records, problems and the folders
-    that are not centers."""
+    that are not centers; patients from each center's metadata.csv, else `patient_pattern`."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data root {root} does not exist or is not a folder")
@@ -269,7 +452,7 @@ def scan_dataset(root: str | Path, class_map: ClassMap, centers: list[str] | Non
     for folder in folders:
         reason = _why_not_a_center(folder, class_map)
         if reason is None:
-            found[folder.name] = _scan_center(folder, class_map, problems)
+            found[folder.name] = _scan_center(folder, class_map, problems, patient_pattern)
             continue
         skipped[folder.name] = reason
         images = [] if _is_output_folder(folder) else image_files(folder, skip_outputs=True)[0]
@@ -299,13 +482,18 @@ def problem_summary(problems: list[Problem], shown: int = 3) -> list[str]:
     ]
 
 
-def scan_data(root: str | Path | None, class_map: ClassMap, centers: list[str] | None = None) -> DatasetScan:
+def scan_data(
+    root: str | Path | None,
+    class_map: ClassMap,
+    centers: list[str] | None = None,
+    patient_pattern: str | None = None,
+) -> DatasetScan:
     """`scan_dataset` for a command: a missing root is an error saying how to give one, and the
     folders skipped, the problems found (per kind, with the first paths) and the classes missing
     from a center are logged (``savlt data check`` lists every problem by path)."""
     if not root:
         raise DataError("no data root: pass --data ROOT (or set data.root)")
-    scan = scan_dataset(root, class_map, centers)
+    scan = scan_dataset(root, class_map, centers, patient_pattern)
     for name, reason in scan.skipped.items():
         log.warning("skipped folder %s: it %s, so it is not a center", Path(root) / name, reason)
     for center in scan.centers.values():

@@ -3,10 +3,14 @@
 OCT frames come as 8-bit PNG/JPEG/BMP or as 16-bit / float TIFF. Everything is turned into an
 8-bit RGB array: deeper types are rescaled by the image's own range (scanners use only part of the
 16-bit range) and grayscale is replicated to three channels, which is what CLIP expects.
+
+A multi-page TIFF is a volume: each page is one B-scan, named ``<file>#<page>`` (pages count from
+0), a path that every reader here accepts.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -33,12 +37,70 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+_PAGE = re.compile(r"^(?P<file>.+\.tiff?)#(?P<page>\d+)$", re.IGNORECASE)
+
+
+def page_path(file: str | Path, page: int) -> Path:
+    """The name of one page (B-scan) of a multi-page TIFF volume: ``<file>#<page>``."""
+    file = Path(file)
+    return file.with_name(f"{file.name}#{page}")
+
+
+def split_page(path: str | Path) -> tuple[Path, int | None]:
+    """(the file, the page) of a page name ``<file>.tif#<page>``; (path, None) for anything else,
+    a file that exists under the full name included."""
+    path = Path(path)
+    found = _PAGE.match(path.name)
+    if found is None or path.is_file():
+        return path, None
+    return path.with_name(found["file"]), int(found["page"])
+
+
+def tiff_pages(path: str | Path) -> int:
+    """How many B-scans a TIFF file holds (the pages of its first series); 1 for any other file
+    and for a TIFF whose pages cannot be counted (the decode check then reports it)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return 1
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return max(1, len(tif.series[0].pages)) if tif.series else 1
+    except Exception:  # noqa: BLE001 - not a TIFF tifffile can parse: read (and judged) as one image
+        return 1
+
+
+def volume_pages(files: list[Path]) -> list[Path]:
+    """`files` with every multi-page TIFF replaced by its pages (``<file>#0``, ``<file>#1``, …)."""
+    found: list[Path] = []
+    for file in files:
+        pages = tiff_pages(file)
+        found += [page_path(file, i) for i in range(pages)] if pages > 1 else [file]
+    return found
+
+
+def _read_page(file: Path, page: int, name: Path) -> np.ndarray:
+    try:
+        with tifffile.TiffFile(file) as tif:
+            pages = len(tif.series[0].pages) if tif.series else len(tif.pages)
+            if page >= pages:
+                raise ImageDecodeError(name, f"the volume has {pages} page(s) (0 to {pages - 1})")
+            return np.asarray(tif.series[0].pages[page].asarray())
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - tifffile raises many kinds for a damaged file
+        raise ImageDecodeError(name, f"corrupt or truncated TIFF volume ({exc})") from None
+
+
 def _read_raw(path: Path) -> np.ndarray:
-    """The pixel array as stored (any dtype, 2-D or H×W×C)."""
+    """The pixel array as stored (any dtype, 2-D or H×W×C); a page name reads that page."""
+    path, page = split_page(path)
+    name = path if page is None else page_path(path, page)
     if not path.is_file():
-        raise ImageDecodeError(path, "no such file")
+        raise ImageDecodeError(name, "no such file")
     if path.stat().st_size == 0:
-        raise ImageDecodeError(path, "the file is empty (0 bytes)")
+        raise ImageDecodeError(name, "the file is empty (0 bytes)")
+    if page is not None:
+        return _read_page(path, page, name)
     if path.suffix.lower() in (".tif", ".tiff"):
         try:
             return np.asarray(tifffile.imread(path, key=0))

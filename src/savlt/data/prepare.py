@@ -3,6 +3,11 @@
 The cache (``<root>/.savlt`` by default) keeps the test set fixed even when images are added to
 the data later; it is skipped with a warning when the data root is read-only. Every run folder
 gets its own copy too, so a run never depends on the cache.
+
+With ``split_by="patient"`` (the default) a split never puts one patient in two parts: one read from
+a file (the user's, or a cached one made before the patients were known) that does is refused,
+naming the patient; with ``"image"`` it is accepted with a warning. When patients group scans, the
+cache names end in ``_patients``, so a split by image is never taken for one by patient.
 """
 
 from __future__ import annotations
@@ -14,7 +19,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from savlt.data.discover import CenterData, DataError
-from savlt.data.splits import FewShot, Split, load_few_shot, load_split, ratio_split, sample_few_shot
+from savlt.data.splits import (
+    ACCEPT,
+    FewShot,
+    Split,
+    check_patients,
+    has_groups,
+    load_few_shot,
+    load_split,
+    ratio_split,
+    record_patients,
+    sample_few_shot,
+)
 from savlt.io import OutputError, writable_folder, write_json
 
 log = logging.getLogger(__name__)
@@ -37,18 +53,28 @@ def _digest(split: Split) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
+def _suffix(center: CenterData, split_by: str) -> str:
+    return "_patients" if split_by == "patient" and has_groups(center.records) else ""
+
+
 def resolve_split(
     center: CenterData,
     cache: Path | None,
     ratios: Sequence[float],
     seed: int,
     split_file: str | Path | None = None,
+    split_by: str = "patient",
 ) -> Split:
-    """The user's split file, else the cached ratio split, else a new ratio split (then cached)."""
+    """The user's split file, else the cached ratio split, else a new ratio split (then cached);
+    with the patients of each part recorded (see the module's docstring for `split_by`)."""
+    by_patient = split_by == "patient"
     if split_file:
-        return load_split(split_file, center)
+        split = load_split(split_file, center)
+        check_patients(split, center, by_patient, f"split file {split_file}")
+        return record_patients(split, center, split_by)
     ratio_text = "-".join(f"{round(r * 100)}" for r in ratios)
-    cached = cache / f"split_{center.name}_r{ratio_text}_seed{seed}.json" if cache else None
+    name = f"split_{center.name}_r{ratio_text}_seed{seed}{_suffix(center, split_by)}.json"
+    cached = cache / name if cache else None
     if cached is not None and cached.is_file():
         try:
             split = load_split(cached, center)
@@ -68,22 +94,28 @@ def resolve_split(
                 new[0],
                 cached,
             )
-        return split
-    split = ratio_split(center, list(ratios), seed)
+        fix = f"it was made before these patients were known: delete it to split again, or {ACCEPT}"
+        check_patients(split, center, by_patient, f"the cached split {cached}", fix)
+        return record_patients(split, center, split_by)
+    split = record_patients(ratio_split(center, list(ratios), seed, by_patient), center, split_by)
     if cached is not None:
         write_json(cached, split.to_json())
     return split
 
 
-def resolve_few_shot(split: Split, center: CenterData, shots: int, seed: int, cache: Path | None) -> FewShot:
-    """The seeded K-shot draw from `split`, read from the cache when it was drawn before."""
-    cached = cache / f"fewshot_{center.name}_{_digest(split)}_k{shots}_seed{seed}.json" if cache else None
+def resolve_few_shot(
+    split: Split, center: CenterData, shots: int, seed: int, cache: Path | None, split_by: str = "patient"
+) -> FewShot:
+    """The seeded K-shot draw from `split` (spread over patients unless ``split_by="image"``),
+    read from the cache when it was drawn before."""
+    name = f"fewshot_{center.name}_{_digest(split)}_k{shots}_seed{seed}{_suffix(center, split_by)}.json"
+    cached = cache / name if cache else None
     if cached is not None and cached.is_file():
         try:
             return load_few_shot(cached, center)
         except DataError as exc:  # the draw is a function of the split and the seed: draw it again
             log.warning("%s; drawing it again", exc)
-    few = sample_few_shot(split, center, shots, seed)
+    few = sample_few_shot(split, center, shots, seed, split_by == "patient")
     if cached is not None:
         write_json(cached, few.to_json())
     return few

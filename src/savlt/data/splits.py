@@ -4,6 +4,11 @@ Paths in split files are relative to the center folder (``images/cyst/a.png``), 
 with the data; paths relative to ``<center>/images/`` (``cyst/a.png``, the published code's split
 files, whose entries are ``[path, label, classname]``) are accepted too. Every path read from a file is checked to stay inside the center folder and to be
 one of the scanned images, and is reported by name otherwise.
+
+By patient (``by_patient``): the scans of one patient (``ImageRecord.patient_id``: the patient, else
+the volume, else the scan) stay together in one part, and the K shots of a class are spread over as
+many patients as it has. When no patient has more than one scan, both are exactly the per-image
+split and draw.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -35,12 +40,15 @@ class Split:
     val: list[str]
     test: list[str]
     source: str  # how it was made, e.g. "ratio 0.45/0.15/0.40 seed 0" or the split file's path
+    # The patients of each part ({"by": ..., "train": [...], ...}), recorded when patients are known.
+    patients: dict[str, Any] | None = None
 
     def part(self, name: str) -> list[str]:
         return getattr(self, name)
 
     def to_json(self) -> dict[str, Any]:
-        return {"center": self.center, "source": self.source, **{p: self.part(p) for p in PARTS}}
+        data = {"center": self.center, "source": self.source, **{p: self.part(p) for p in PARTS}}
+        return data if self.patients is None else {**data, "patients": self.patients}
 
 
 @dataclass
@@ -68,23 +76,70 @@ def _by_class(records: list[ImageRecord]) -> dict[str, list[str]]:
     return dict(sorted(groups.items()))
 
 
-def ratio_split(center: CenterData, ratios: list[float], seed: int) -> Split:
-    """Per class, shuffle (seeded) and cut into train/val/test by the given fractions."""
+def has_groups(records: list[ImageRecord]) -> bool:
+    """Whether some patient (or volume) has more than one scan, so that splitting by patient
+    differs from splitting by image."""
+    return len({r.patient_id for r in records}) < len(records)
+
+
+def _strata(records: list[ImageRecord], by_patient: bool) -> dict[str, list[list[str]]]:
+    """Per class (sorted by name), the groups of scans that stay together: one per patient (or,
+    not `by_patient`, per scan), each sorted, in the order of their first scan. A patient with
+    scans of several classes is filed, whole, under the class of most of its scans (a tie: the
+    first class by name)."""
+    members: dict[str, list[ImageRecord]] = defaultdict(list)
+    for record in sorted(records, key=lambda r: r.rel):
+        members[record.patient_id if by_patient else record.rel].append(record)
+    strata: dict[str, list[list[str]]] = defaultdict(list)
+    for scans in members.values():
+        counts = Counter(r.label for r in scans)
+        strata[min(counts, key=lambda c: (-counts[c], c))].append([r.rel for r in scans])
+    return {label: sorted(groups) for label, groups in sorted(strata.items())}
+
+
+def _cut(sizes: np.ndarray, target: int) -> int:
+    """How many groups (of these cumulative sizes, from 0) come closest to `target` scans."""
+    return int(np.argmin(np.abs(sizes - target)))
+
+
+def _every_part(train_end: int, val_end: int, groups: int, ratios: list[float]) -> tuple[int, int]:
+    """The cuts moved so that each part with a ratio above 0 gets at least one group, when there are
+    enough groups."""
+    wanted = [int(r > 0) for r in ratios]
+    if groups < sum(wanted):
+        return train_end, val_end
+    train_end = min(max(train_end, wanted[0]), groups - wanted[1] - wanted[2])
+    return train_end, min(max(val_end, train_end + wanted[1]), groups - wanted[2])
+
+
+def ratio_split(center: CenterData, ratios: list[float], seed: int, by_patient: bool = True) -> Split:
+    """Per class, shuffle the patients (seeded) and cut them into train/val/test as close to the
+    given fractions of scans as whole patients allow, each part with a fraction above 0 getting at
+    least one patient when the class has enough; every scan its own patient, or not `by_patient`:
+    the images themselves, exactly as before patients were known."""
     rng = np.random.default_rng(seed)
+    grouped = by_patient and has_groups(center.records)
     parts: dict[str, list[str]] = {p: [] for p in PARTS}
-    for label, rels in _by_class(center.records).items():
-        order = [rels[i] for i in rng.permutation(len(rels))]
-        n_train = int(round(ratios[0] * len(order)))
-        n_val = min(int(round(ratios[1] * len(order))), len(order) - n_train)
-        parts["train"] += order[:n_train]
-        parts["val"] += order[n_train : n_train + n_val]
-        parts["test"] += order[n_train + n_val :]
-        if n_train == 0:
+    for label, groups in _strata(center.records, grouped).items():
+        order = [groups[i] for i in rng.permutation(len(groups))]
+        sizes = np.cumsum([0, *(len(g) for g in order)])
+        n_train = int(round(ratios[0] * sizes[-1]))
+        n_val = min(int(round(ratios[1] * sizes[-1])), int(sizes[-1]) - n_train)
+        train_end = _cut(sizes, n_train)
+        val_end = max(train_end, _cut(sizes, n_train + n_val))
+        if grouped:  # whole patients: no part left empty for want of a fraction of a patient
+            train_end, val_end = _every_part(train_end, val_end, len(groups), ratios)
+        for part, chosen in zip(
+            PARTS, (order[:train_end], order[train_end:val_end], order[val_end:]), strict=True
+        ):
+            parts[part] += [rel for group in chosen for rel in group]
+        if train_end == 0:
             log.warning(
-                "class %s of center %s has too few images (%d) for a train part",
+                "class %s of center %s has too few %s (%d) for a train part",
                 label,
                 center.name,
-                len(rels),
+                "patients" if grouped else "images",
+                len(groups),
             )
     ratio_text = "/".join(f"{r:.2f}" for r in ratios)
     return Split(
@@ -92,8 +147,51 @@ def ratio_split(center: CenterData, ratios: list[float], seed: int) -> Split:
         sorted(parts["train"]),
         sorted(parts["val"]),
         sorted(parts["test"]),
-        source=f"ratio {ratio_text} seed {seed}",
+        source=f"ratio {ratio_text} seed {seed}" + (" by patient" if grouped else ""),
     )
+
+
+def patients_across_parts(split: Split, center: CenterData) -> dict[str, list[str]]:
+    """The patients with scans in more than one part of `split` -> those parts."""
+    records = center.by_rel()
+    found: dict[str, set[str]] = defaultdict(set)
+    for part in PARTS:
+        for rel in split.part(part):
+            found[records[rel].patient_id].add(part)
+    return {p: [x for x in PARTS if x in parts] for p, parts in sorted(found.items()) if len(parts) > 1}
+
+
+ACCEPT = "set data.split_by=image to accept it (recorded in metrics.json)"
+
+
+def check_patients(
+    split: Split, center: CenterData, by_patient: bool, what: str, fix: str = f"move them, or {ACCEPT}"
+) -> dict[str, list[str]]:
+    """The patients `split` (`what`: "split file X", …) puts in several parts. By patient that
+    is an error naming the first of them and saying how to `fix` it; by image they are returned
+    (the caller logs and records them)."""
+    across = patients_across_parts(split, center)
+    if not across or not by_patient:
+        return across
+    patient, parts = next(iter(across.items()))
+    records = center.by_rel()
+    examples = [next(r for r in split.part(part) if records[r].patient_id == patient) for part in parts[:2]]
+    others = f" (and {len(across) - 1} other patient(s))" if len(across) > 1 else ""
+    raise DataError(
+        f"{what} puts patient {patient!r} of center {center.name} in both {parts[0]!r} and {parts[1]!r} "
+        f"(e.g. {examples[0]} and {examples[1]}){others}: a patient's scans must stay in one part; {fix}"
+    )
+
+
+def record_patients(split: Split, center: CenterData, by: str) -> Split:
+    """`split` with the patients of each part recorded (when the center's patients are known or it
+    has volumes)."""
+    if center.patient_source is None and not has_groups(center.records):
+        return split
+    records = center.by_rel()
+    parts = {part: sorted({records[r].patient_id for r in split.part(part)}) for part in PARTS}
+    split.patients = {"by": by, "source": center.patient_source, **parts}
+    return split
 
 
 def _checked_rel(raw: Any, center: CenterData, known: dict[str, ImageRecord], file: Path, part: str) -> str:
@@ -147,9 +245,36 @@ def load_split(file: str | Path, center: CenterData) -> Split:
     return Split(center.name, parts["train"], parts["val"], parts["test"], source=str(file))
 
 
-def sample_few_shot(split: Split, center: CenterData, shots: int, seed: int) -> FewShot:
+def _units(rels: list[str], records: dict[str, ImageRecord], by_patient: bool) -> list[list[str]]:
+    """The scans `rels` (sorted) grouped by patient (or each alone), in the order of their first scan."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for rel in rels:
+        groups[records[rel].patient_id if by_patient else rel].append(rel)
+    return list(groups.values())
+
+
+def _spread(rng: np.random.Generator, units: list[list[str]], k: int) -> list[str]:
+    """k distinct scans (k at most the number of scans) spread over as many of the patients
+    `units` as possible: k patients at random and one scan of each, or, with fewer patients than
+    k, every patient in turn (a random order) until k scans are drawn. Singletons draw exactly
+    ``rng.choice(len(units), k, replace=False)``."""
+    if len(units) >= k:
+        chosen = [units[i] for i in rng.choice(len(units), size=k, replace=False)]
+        return [u[0] if len(u) == 1 else u[int(rng.integers(len(u)))] for u in chosen]
+    shuffled = [
+        u if len(u) == 1 else [u[i] for i in rng.permutation(len(u))]
+        for u in (units[i] for i in rng.permutation(len(units)))
+    ]
+    rounds = [u[depth] for depth in range(max(map(len, shuffled))) for u in shuffled if depth < len(u)]
+    return rounds[:k]
+
+
+def sample_few_shot(
+    split: Split, center: CenterData, shots: int, seed: int, by_patient: bool = True
+) -> FewShot:
     """K images per class from train (when a class has fewer: all of them, then repeats, and a warning),
-    and min(K, 16) per class from val."""
+    and min(K, 16) per class from val, each spread over as many patients as the class has (not
+    `by_patient`: drawn per image)."""
     records = center.by_rel()
     groups = _by_class([records[r] for r in split.train])
     largest = max((len(rels) for rels in groups.values()), default=0)
@@ -174,12 +299,12 @@ def sample_few_shot(split: Split, center: CenterData, shots: int, seed: int) -> 
             )
             # every image once, then repeats to reach K
             picks = [*range(len(rels)), *rng.choice(len(rels), size=shots - len(rels), replace=True).tolist()]
+            train += [rels[i] for i in picks]
         else:
-            picks = rng.choice(len(rels), size=shots, replace=False).tolist()
-        train += [rels[i] for i in picks]
+            train += _spread(rng, _units(rels, records, by_patient), shots)
     val_k = min(shots, VAL_CAP)
     for _, rels in _by_class([records[r] for r in split.val]).items():
-        val += [rels[i] for i in sorted(rng.choice(len(rels), size=min(val_k, len(rels)), replace=False))]
+        val += sorted(_spread(rng, _units(rels, records, by_patient), min(val_k, len(rels))))
     return FewShot(center.name, shots, seed, train, val)
 
 

@@ -21,7 +21,6 @@ from savlt.data.dataset import OCTDataset
 from savlt.data.discover import ImageRecord
 from savlt.data.masks import MaskStore
 from savlt.data.transforms import eval_transform
-from savlt.engine.metrics import probabilities
 from savlt.models.savlt import SavltModel
 
 
@@ -33,10 +32,6 @@ class Inference:
     features: np.ndarray  # (N, E) normalised image features
     boxes: np.ndarray  # (N, 4) ROI boxes
     fallback: np.ndarray  # (N,) bool
-
-    @property
-    def probs(self) -> np.ndarray:
-        return probabilities(self.logits)
 
 
 def loader_for(

@@ -14,11 +14,13 @@ import torch
 from accelerate import Accelerator
 
 from savlt.config import load_config
-from savlt.data.imageio import ImageDecodeError, decode_image
+from savlt.data.imageio import ImageDecodeError, decode_image, tiff_pages
 from savlt.data.quality import Thresholds, assess
 from savlt.data.transforms import eval_transform
+from savlt.engine.calibration import REFERRAL, load_calibration
 from savlt.engine.checkpoint import load_checkpoint
 from savlt.engine.inputs import reload_inputs
+from savlt.engine.metrics import high_risk_log_odds, high_risk_mask, probabilities
 from savlt.engine.rundir import (
     RunPaths,
     build_model,
@@ -48,6 +50,9 @@ class Prediction:
     assessable: bool = True
     reason: str | None = None  # why the scan cannot be assessed
     error: str | None = None  # why the file cannot be read
+    calibrated: bool = False  # probabilities scaled by the run's temperature (calibration.json)
+    referral: str | None = None  # "refer" / "no referral" at the run's threshold; None: no threshold
+    referral_threshold: float | None = None  # on high_risk_probability
 
     @classmethod
     def without_diagnosis(cls, path: str, reason: str | None = None, error: str | None = None) -> Prediction:
@@ -69,6 +74,7 @@ class Run:
         self.model, self.backbone_name = build_model(self.cfg, self.accelerator.device)
         load_checkpoint(self.model, self.paths.checkpoint)
         self.model.eval()
+        self.calibration = load_calibration(self.paths.calibration)  # None: a run made before it existed
         self.masks = tissue_masks(self.cfg, self.accelerator.device)
         self.transform = eval_transform(self.cfg.data.image_size, self.cfg.data.normalize)
 
@@ -94,17 +100,27 @@ class Run:
         sets = inputs.eval_sets()
         if centers is not None:
             sets = {c: r for c, r in sets.items() if c in centers}
-        header = run_header(cfg, self.backbone_name, inputs, self.masks)
+        header = run_header(cfg, self.backbone_name, inputs, self.masks, self.calibration)
         with log_to(target.root / "evaluate.log", self.accelerator.is_main_process):
             records = [r for center in sets.values() for r in center]
             check = partial(check_images, cfg, records, progress, "nothing was scored")
             unassessable = on_main(self.accelerator, check, share=True) or {}
             metrics, results = score_sets(
-                self.model, sets, cfg, self.accelerator, self.masks, target, header, progress, unassessable
+                self.model,
+                sets,
+                cfg,
+                self.accelerator,
+                self.masks,
+                target,
+                header,
+                progress,
+                unassessable,
+                self.calibration,
+                inputs.patient_sources(),
             )
             if self.accelerator.is_main_process:
                 title = f"SAVLT evaluation: {self.paths.root.name}"
-                write_run_report(target.root, metrics, results, cfg, [], title)
+                write_run_report(target.root, metrics, results, cfg, [], title, self.calibration)
         return metrics
 
     @torch.no_grad()
@@ -116,10 +132,13 @@ class Run:
         progress: bool = False,
         skip_unreadable: bool = False,
     ) -> list[Prediction]:
-        """Class, probabilities, high-risk probability and ROI of each scan (path or H×W[×3]
-        array), in the order given. A scan that cannot be assessed gets no diagnosis (``assessable``
-        false, with the reason); with `skip_unreadable`, a file that cannot be read comes back with
-        its ``error`` instead of stopping the others."""
+        """Class, probabilities, high-risk probability and ROI of each scan (path, a page of a
+        volume as ``<file>#<page>``, or an H×W[×3] array), in the order given. The probabilities
+        are calibrated with the run's temperature, and ``referral`` says "refer" when the
+        high-risk probability reaches the run's threshold (see ``savlt.engine.calibration``). A
+        scan that cannot be assessed gets no diagnosis (``assessable`` false, with the reason);
+        with `skip_unreadable`, a file that cannot be read comes back with its ``error`` instead of
+        stopping the others."""
         if heatmap_dir is not None and self.model.pool is None:
             raise SavltError("heat maps need attention pooling; this run uses model.pooling=cls")
         if heatmap_dir is not None:
@@ -151,7 +170,7 @@ class Run:
         self, ready: list[tuple[int, str, np.ndarray]], heatmap_dir: str | Path | None
     ) -> dict[int, Prediction]:
         """One forward pass over decoded, assessable scans: (position, name, RGB) -> Prediction."""
-        risk = [n in self.cfg.data.high_risk for n in self.class_names]
+        risk = high_risk_mask(self.class_names, self.cfg.data.high_risk)
         arrays = [rgb for _, _, rgb in ready]
         masks = (
             self.masks.masks_for_images(arrays)
@@ -163,7 +182,10 @@ class Run:
         mask = torch.stack([b["mask"] for b in batch]).to(self.accelerator.device)
         with self.accelerator.autocast():
             out = self.model(pixels, mask)
-            probs = self.model.logits(out).float().softmax(dim=1).cpu().numpy()
+            logits = self.model.logits(out).float().cpu().numpy()
+        calibration = self.calibration
+        probs = probabilities(logits) if calibration is None else calibration.probabilities(logits)
+        refer = None if calibration is None else calibration.refer(high_risk_log_odds(probs, risk))
         found: dict[int, Prediction] = {}
         for i, (position, name, rgb) in enumerate(ready):
             box = tuple(float(v) for v in out.boxes[i].cpu())
@@ -181,13 +203,21 @@ class Run:
                 roi_box=box,  # type: ignore[arg-type]
                 roi_fallback=bool(out.fallback[i]),
                 heatmap=heatmap,
+                calibrated=calibration is not None,
+                referral=None if refer is None else REFERRAL[bool(refer[i])],
+                referral_threshold=None if refer is None else calibration.threshold,
             )
         return found
 
 
 def _decoded(item: str | Path | np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray]:
-    """(8-bit RGB, the stored pixel values) of a file or an array."""
+    """(8-bit RGB, the stored pixel values) of a file (one page of a volume) or an array."""
     if isinstance(item, str | Path):
+        pages = tiff_pages(item)  # 1 for a page name (<file>#<page>)
+        if pages > 1:
+            raise ImageDecodeError(
+                item, f"it is a volume of {pages} B-scans: name one as {item}#0 … #{pages - 1}"
+            )
         return decode_image(item)
     array = np.asarray(item)
     if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
@@ -215,6 +245,7 @@ def write_prediction_csv(
         "not_assessable_because",
         "error",
         "heatmap",
+        "referral",
     ]
     rows = (
         [
@@ -228,6 +259,7 @@ def write_prediction_csv(
             p.reason or "",
             p.error or "",
             p.heatmap or "",
+            p.referral or "",
         ]
         for p in predictions
     )

@@ -38,7 +38,7 @@ from savlt.engine.inference import loader_for
 from savlt.engine.inputs import StepBatches
 from savlt.engine.rundir import log_to, make_accelerator, seed_everything
 from savlt.errors import SavltError
-from savlt.io import atomic_path, write_json, write_text
+from savlt.io import atomic_path, ordinary_permissions, write_json, write_text
 from savlt.models.adapters import add_adapters
 from savlt.models.backbone import Backbone, load_backbone
 
@@ -168,7 +168,10 @@ def _resume(paths: PretrainPaths, cfg: Config, towers: Towers, optimizer: torch.
     state_file = paths.checkpoint / "state.json"
     if not state_file.is_file():
         return 0
-    if load_config(paths.config) != cfg:
+    saved = load_config(paths.config)
+    # where the run stops does not change its trajectory, so a run may be continued or ended earlier
+    saved.pretrain.stop_after = cfg.pretrain.stop_after
+    if saved != cfg:
         raise ConfigError(
             f"{paths.root} holds a pretraining run with another configuration: use another --out "
             f"folder, or delete {paths.checkpoint} to start again"
@@ -199,16 +202,15 @@ def _model_card(
         "",
         f"- started from: `{cfg.model.backbone}`; {'LoRA adapters, merged' if p.adapters == 'lora' else 'full fine-tuning'}",
         f"- data: `{p.pairs}` ({n_train} training pairs, {n_val} held out)",
-        f"- {steps} steps of batch {p.batch_size} × {p.grad_accum}, AdamW lr {p.lr:g}, weight decay "
-        f"{p.weight_decay:g}, warm-up {p.warmup:g}, cosine decay; input {cfg.data.image_size}, "
-        f"normalisation {cfg.data.normalize}; seed {p.seed}",
+        f"- {steps} steps of batch {p.batch_size} × {p.grad_accum} (cosine schedule over {p.max_steps} steps), "
+        f"AdamW lr {p.lr:g}, weight decay {p.weight_decay:g}, warm-up {p.warmup:g}; input "
+        f"{cfg.data.image_size}, normalisation {cfg.data.normalize}; seed {p.seed}",
         f"- held-out recall: {figures}",
         "",
         "Load it with `savlt train --model " + str(paths.root) + "` (or `load_backbone`). Rebuild it with",
         "",
         "```bash",
-        f"savlt pretrain {p.pairs} --model {cfg.model.backbone} --out {paths.root} --max-steps {p.max_steps} "
-        f"--config {paths.config}",
+        f"savlt pretrain {p.pairs} --config {paths.config.name} --out NEW_FOLDER   # config.yaml of this folder",
         "```",
         "",
     ]
@@ -263,9 +265,10 @@ def pretrain(
             rank=accelerator.process_index,
             world=accelerator.num_processes,
         )
+        end = p.stop_after or p.max_steps
         batches = [
             b[accelerator.process_index :: accelerator.num_processes]
-            for b in sampler.batches[start * p.grad_accum :]
+            for b in sampler.batches[start * p.grad_accum : end * p.grad_accum]
         ]
         dataset = PairDataset(
             train_pairs,
@@ -274,9 +277,7 @@ def pretrain(
         loader = loader_for(dataset, cfg, 1, accelerator.device, batch_sampler=batches)
         wrapped, optimizer = accelerator.prepare(towers.clip, optimizer)
         towers.clip.train()
-        bar = tqdm(
-            total=p.max_steps, initial=start, desc="pretraining", unit="step", disable=not (progress and main)
-        )
+        bar = tqdm(total=end, initial=start, desc="pretraining", unit="step", disable=not (progress and main))
         recall: dict[str, float] = {}
         running = 0.0
         started = time.time()
@@ -314,13 +315,13 @@ def pretrain(
                 raise FloatingPointError(
                     f"pretraining diverged at step {step} (loss {entry['loss']}); try a lower pretrain.lr"
                 )
-            if step % p.eval_every == 0 or step == p.max_steps:
+            if step % p.eval_every == 0 or step == end:
                 recall = evaluate_recall(towers, val_pairs, cfg, accelerator)
                 entry.update(recall)
             if main:
                 with paths.history.open("a") as handle:
                     handle.write(json.dumps(entry) + "\n")
-                if step % p.save_every == 0 or step == p.max_steps:
+                if step % p.save_every == 0 or step == end:
                     _save_checkpoint(paths, towers, optimizer, step)
             bar.set_postfix(
                 loss=f"{entry['loss']:.3f}", **({"i2t_r1": f"{recall['i2t_r1']:.2f}"} if recall else {})
@@ -334,7 +335,10 @@ def pretrain(
             model = towers.clip.merge_and_unload() if isinstance(towers.clip, PeftModel) else towers.clip
             model.to("cpu", save_dtype).save_pretrained(paths.root)
             towers.tokenizer.save_pretrained(paths.root)
-            _model_card(paths, cfg, len(train_pairs), len(val_pairs), p.max_steps, recall)
+            for written in paths.root.iterdir():
+                if written.is_file():
+                    ordinary_permissions(written)
+            _model_card(paths, cfg, len(train_pairs), len(val_pairs), end, recall)
             log.info("pretraining took %.1f s; held-out recall %s", time.time() - started, recall)
     accelerator.wait_for_everyone()
     return recall

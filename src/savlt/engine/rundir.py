@@ -6,6 +6,7 @@ RUN/config.yaml        the full resolved configuration (a run is reproduced from
 RUN/split.json         the training center's split; RUN/fewshot.json the K-shot draw
 RUN/train.log          the log; RUN/history.jsonl loss / validation per step (written as it goes)
 RUN/adapter.safetensors  the trained tensors only (see engine.checkpoint)
+RUN/calibration.json   temperature and referral threshold (see engine.calibration)
 RUN/metrics.json       per-center metrics (written after each center)
 RUN/predictions/<center>.csv  per-scan predictions; RUN/report.md + PNGs
 """
@@ -30,9 +31,17 @@ from savlt.config import Config, ConfigError
 from savlt.data.discover import ImageRecord
 from savlt.data.masks import TissueMasks
 from savlt.data.quality import Thresholds, check_scans, unreadable_error
+from savlt.engine.calibration import REFERRAL, Calibration, decision_blocks
 from savlt.engine.inference import Inference, run_inference
 from savlt.engine.inputs import RunInputs
-from savlt.engine.metrics import center_metrics, risk_scores
+from savlt.engine.metrics import (
+    center_metrics,
+    high_risk_log_odds,
+    high_risk_mask,
+    probabilities,
+    reliability_bins,
+    risk_scores,
+)
 from savlt.engine.runfolder import RunPaths
 from savlt.errors import SavltError
 from savlt.io import write_csv, write_json
@@ -177,9 +186,12 @@ def structure_prior(cfg: Config, masks: TissueMasks, centers: Sequence[str]) -> 
     return record
 
 
-def run_header(cfg: Config, backbone: str, inputs: RunInputs, masks: TissueMasks) -> dict[str, Any]:
-    """The first keys of metrics.json: what was trained, on what, with which structure prior."""
-    return {
+def run_header(
+    cfg: Config, backbone: str, inputs: RunInputs, masks: TissueMasks, calibration: Calibration | None = None
+) -> dict[str, Any]:
+    """The first keys of metrics.json: what was trained, on what, with which structure prior, how
+    the training center was split, and what the calibration was fitted on."""
+    header = {
         "method": cfg.method,
         "backbone": backbone,
         "shots": cfg.train.shots,
@@ -187,7 +199,11 @@ def run_header(cfg: Config, backbone: str, inputs: RunInputs, masks: TissueMasks
         "train_center": inputs.train_center,
         "high_risk": list(cfg.data.high_risk),
         "structure_prior": structure_prior(cfg, masks, list(inputs.eval_sets())),
+        "split": inputs.split_summary(),
     }
+    if calibration is not None:
+        header["validation_fit"] = calibration.to_json()
+    return header
 
 
 def score_sets(
@@ -200,10 +216,15 @@ def score_sets(
     header: dict[str, Any],
     progress: bool,
     unassessable: Mapping[Path, str] | None = None,
+    calibration: Calibration | None = None,
+    patient_sources: Mapping[str, str | None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Inference]]:
     """Score every set, writing predictions and metrics.json after each center. Scans that
     cannot be assessed (`unassessable`, path -> reason) are counted per center and scored as
-    ``eval.unassessable`` says (left out by default)."""
+    ``eval.unassessable`` says (left out by default). The scan-level metrics come from the
+    model's own probabilities (the argmax is the same calibrated or not); `calibration` adds the
+    calibration, operating-point and patient blocks (see ``engine.calibration``), with the
+    centers' `patient_sources` (center -> "metadata.csv", "data.patient_pattern" or None)."""
     flagged = unassessable or {}
     metrics: dict[str, Any] = {**header, "unassessable_policy": cfg.eval.unassessable, "centers": {}}
     results: dict[str, Inference] = {}
@@ -222,12 +243,13 @@ def score_sets(
         del store
         unusable = np.array([r.path in flagged for r in result.records], dtype=bool)
         if accelerator.is_main_process:
-            write_predictions(out.predictions / f"{center}.csv", result, cfg.class_names, flagged)
+            write_predictions(out.predictions / f"{center}.csv", result, cfg, flagged, calibration)
         if cfg.eval.unassessable == "exclude" and unusable.any():
             result = _subset(result, ~unusable)
             if not result.records:
                 log.warning("center %s: none of its %d scans can be assessed: skipped", center, len(unusable))
                 continue
+        groups = [r.patient_id for r in result.records]
         scored = center_metrics(
             result.labels,
             result.logits,
@@ -237,6 +259,11 @@ def score_sets(
             level=cfg.eval.ci_level,
             seed=cfg.train.seed,
             screen_score=cfg.eval.auc_score,
+            groups=groups,
+        )
+        source = (patient_sources or {}).get(center)
+        scored.update(
+            decision_blocks(result.labels, result.logits, groups, source, cfg, calibration, cfg.train.seed)
         )
         scored["unassessable"] = int(unusable.sum())
         if model.uses_masks:
@@ -259,11 +286,21 @@ def _subset(result: Inference, keep: np.ndarray) -> Inference:
 
 
 def write_predictions(
-    path: Path, result: Inference, class_names: Sequence[str], unassessable: Mapping[Path, str] | None = None
+    path: Path,
+    result: Inference,
+    cfg: Config,
+    unassessable: Mapping[Path, str] | None = None,
+    calibration: Calibration | None = None,
 ) -> None:
-    """Per-scan CSV: class probabilities, ROI, and whether the scan could be assessed."""
-    probs = result.probs
+    """Per-scan CSV: class probabilities (calibrated when there is a `calibration`, as ``predict``
+    gives them), ROI, whether the scan could be assessed, the high-risk probability and referral,
+    and the scan's patient, volume and other metadata.csv columns."""
+    class_names = cfg.class_names
+    probs = probabilities(result.logits) if calibration is None else calibration.probabilities(result.logits)
+    risk = high_risk_mask(class_names, cfg.data.high_risk)
+    refer = None if calibration is None else calibration.refer(high_risk_log_odds(probs, risk))
     flagged = unassessable or {}
+    extra = list(dict.fromkeys(key for record in result.records for key, _ in record.metadata))
     header = [
         "path",
         "label",
@@ -273,6 +310,11 @@ def write_predictions(
         "roi_fallback",
         "assessable",
         "not_assessable_because",
+        "p_high_risk",
+        "referral",
+        "patient",
+        "volume",
+        *extra,
     ]
     rows = (
         [
@@ -284,6 +326,11 @@ def write_predictions(
             int(result.fallback[i]),
             int(record.path not in flagged),
             flagged.get(record.path, ""),
+            f"{probs[i][risk].sum():.6f}",
+            "" if refer is None else REFERRAL[bool(refer[i])],
+            record.patient or "",
+            record.volume or "",
+            *(dict(record.metadata).get(key, "") for key in extra),
         ]
         for i, record in enumerate(result.records)
     )
@@ -297,9 +344,23 @@ def write_run_report(
     cfg: Config,
     history: Sequence[dict[str, Any]],
     title: str,
+    calibration: Calibration | None = None,
 ) -> Path:
-    risk = np.array([n in cfg.data.high_risk for n in cfg.class_names])
+    risk = high_risk_mask(cfg.class_names, cfg.data.high_risk)
     scores = {
         c: (risk[r.labels], risk_scores(r.logits, risk, cfg.eval.auc_score)) for c, r in results.items()
     }
-    return write_report(folder, metrics, cfg.class_names, scores, history, title=title)
+    reliability = (
+        {
+            c: (
+                reliability_bins(probabilities(r.logits), r.labels),
+                reliability_bins(calibration.probabilities(r.logits), r.labels),
+            )
+            for c, r in results.items()
+        }
+        if calibration is not None
+        else None
+    )
+    return write_report(
+        folder, metrics, cfg.class_names, scores, history, title=title, reliability=reliability
+    )

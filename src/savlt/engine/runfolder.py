@@ -4,6 +4,7 @@ RUN/config.yaml        the full resolved configuration (a run is reproduced from
 RUN/split.json         the training center's split; RUN/fewshot.json the K-shot draw
 RUN/train.log          the log; RUN/history.jsonl loss / validation per step (written as it goes)
 RUN/adapter.safetensors  the trained tensors only (see engine.checkpoint)
+RUN/calibration.json   temperature and referral threshold fitted on the validation draw
 RUN/metrics.json       per-center metrics (written after each center; "complete": true at the end)
 RUN/predictions/<center>.csv  per-scan predictions; RUN/report.md + PNGs
 RUN/.savlt.lock        held by the process writing the run
@@ -39,6 +40,7 @@ class RunPaths:
         self.log = self.root / "train.log"
         self.history = self.root / "history.jsonl"
         self.checkpoint = self.root / "adapter.safetensors"
+        self.calibration = self.root / "calibration.json"
         self.metrics = self.root / "metrics.json"
         self.predictions = self.root / "predictions"
         self.lock = self.root / LOCK_NAME

@@ -2,7 +2,8 @@
 
 The folder layout is described in ``savlt.engine.runfolder``; ``train`` reads as its steps: claim
 and prepare the folder, draw the inputs, check that every scan decodes, build the model, fit it
-(the method's fit, ``savlt.engine.fit``), save the checkpoint, score every center, write the report.
+(the method's fit, ``savlt.engine.fit``), save the checkpoint, calibrate on the validation draw
+(``savlt.engine.calibration``), score every center, write the report.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from accelerate import Accelerator
 
 from savlt.config import Config
 from savlt.data.discover import ImageRecord
+from savlt.engine.calibration import calibrate
 from savlt.engine.checkpoint import save_checkpoint
 from savlt.engine.fit import FITS, FitJob
 from savlt.engine.inputs import RunInputs, prepare_inputs
@@ -46,7 +48,7 @@ def _start_folder(paths: RunPaths, cfg: Config, accelerator: Accelerator) -> Non
     """Create the folder, drop what an interrupted attempt left, save the configuration."""
     if accelerator.is_main_process:
         paths.root.mkdir(parents=True, exist_ok=True)
-        for stale in (paths.metrics, paths.history, paths.checkpoint):
+        for stale in (paths.metrics, paths.history, paths.checkpoint, paths.calibration):
             stale.unlink(missing_ok=True)
         cfg.save(paths.config)
     accelerator.wait_for_everyone()
@@ -138,15 +140,27 @@ def _train(cfg: Config, paths: RunPaths, accelerator: Accelerator, progress: boo
         if main:
             save_checkpoint(model, paths.checkpoint, backbone_name, cfg.method)
         log.info("training took %.1f s", time.time() - started)
+        calibration = calibrate(model, inputs.val_records(), cfg, accelerator, masks, progress)
+        if main:
+            calibration.save(paths.calibration)
 
-        header = run_header(cfg, backbone_name, inputs, masks)
+        header = run_header(cfg, backbone_name, inputs, masks, calibration)
         metrics, results = score_sets(
-            model, inputs.eval_sets(), cfg, accelerator, masks, paths, header, progress, unassessable
+            model,
+            inputs.eval_sets(),
+            cfg,
+            accelerator,
+            masks,
+            paths,
+            header,
+            progress,
+            unassessable,
+            calibration,
+            inputs.patient_sources(),
         )
         if main:
-            report = write_run_report(
-                paths.root, metrics, results, cfg, history, f"SAVLT run: {paths.root.name}"
-            )
+            title = f"SAVLT run: {paths.root.name}"
+            report = write_run_report(paths.root, metrics, results, cfg, history, title, calibration)
             log.info("report: %s", report)
             metrics["complete"] = True  # the marker a sweep uses to skip a finished point
             write_json(paths.metrics, metrics)

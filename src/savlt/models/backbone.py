@@ -1,9 +1,10 @@
-"""Loading the CLIP backbone: a hub id or local folder (offline-first), or the built-in ``tiny``.
+"""Loading the CLIP backbone: a hub id or local folder (offline-first), or a built-in one.
 
 Pretrained weights are never fetched silently: a hub id is looked up in the local Hugging Face
 cache, and only with ``model.allow_download`` may the hub be asked. When the weights are not
 there the error says how to provide them. ``tiny`` is a small CLIP with random weights (fixed
-seed) and a character-level tokenizer built in-process, for demos and tests.
+seed) and a character-level tokenizer built in-process, for tests; ``tiny-oct`` is a small CLIP
+pretrained on synthetic OCT scans by ``savlt pretrain`` and shipped inside the package.
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ def tiny_tokenizer(max_length: int = 128) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
-# Built-in CLIPs with random weights: "tiny" for demos and tests; "random-vit-b16" has the shapes of
-# openai/clip-vit-base-patch16, for speed and memory measurements without the weights.
+# Built-in CLIPs with random weights: "tiny" for tests; "small" the architecture of the shipped
+# ``tiny-oct``; "random-vit-b16" has the shapes of openai/clip-vit-base-patch16, for speed and
+# memory measurements without the weights.
 RANDOM_PRESETS: dict[str, dict[str, dict[str, int]]] = {
     TINY: {
         "vision": {
@@ -71,6 +73,22 @@ RANDOM_PRESETS: dict[str, dict[str, dict[str, int]]] = {
             "num_attention_heads": 4,
         },
         "projection": {"projection_dim": 64},
+    },
+    # The architecture of the shipped, pretrained ``tiny-oct`` (random weights here).
+    "small": {
+        "vision": {
+            "hidden_size": 144,
+            "intermediate_size": 576,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+        },
+        "text": {
+            "hidden_size": 128,
+            "intermediate_size": 512,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+        },
+        "projection": {"projection_dim": 128},
     },
     "random-vit-b16": {
         "vision": {
@@ -88,6 +106,10 @@ RANDOM_PRESETS: dict[str, dict[str, dict[str, int]]] = {
         "projection": {"projection_dim": 512},
     },
 }
+
+
+# Backbones pretrained by `savlt pretrain` and shipped inside the package, loaded offline by name.
+SHIPPED = ("tiny-oct",)
 
 
 def random_clip_config(preset: str, vocab_size: int, max_length: int = 128) -> CLIPConfig:
@@ -133,22 +155,44 @@ def _how_to_provide(name: str) -> str:
     )
 
 
-def _from_pretrained(source: str, local_only: bool) -> Backbone:
+def _from_pretrained(source: str, local_only: bool, name: str | None = None) -> Backbone:
     previous = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # a missing file is reported by us, in one message
+    hf_logging.disable_progress_bar()
     try:
-        clip = CLIPModel.from_pretrained(source, local_files_only=local_only)
+        # float32 whatever the file holds (the shipped tiny-oct is stored in float16)
+        clip = CLIPModel.from_pretrained(source, local_files_only=local_only, dtype=torch.float32)
         tokenizer = CLIPTokenizer.from_pretrained(source, local_files_only=local_only)
     finally:
         hf_logging.set_verbosity(previous)
-    return Backbone(clip.eval(), tokenizer, source)
+        if bars:
+            hf_logging.enable_progress_bar()
+    return Backbone(clip.eval(), tokenizer, name or source)
+
+
+def shipped_folder(name: str) -> Path:
+    """Where a backbone shipped with the package lives (``savlt/backbones/<name>``)."""
+    return Path(__file__).resolve().parents[1] / "backbones" / name
+
+
+def _shipped(name: str) -> Backbone:
+    folder = shipped_folder(name)
+    if not (folder / "model.safetensors").is_file():
+        raise BackboneError(
+            f"the weights of the built-in backbone {name!r} are missing from this installation "
+            f"({folder}); reinstall SAVLT, or rebuild them as the README's 'A pretrained OCT-CLIP' says"
+        )
+    return _from_pretrained(str(folder), local_only=True, name=name)
 
 
 def load_backbone(spec: str = DEFAULT_BACKBONE, allow_download: bool = False) -> Backbone:
-    """`tiny` (or another random preset), a local folder saved with save_pretrained, or a hub id
-    found in the local cache."""
+    """`tiny` (or another random preset), `tiny-oct` (shipped, pretrained), a local folder saved
+    with save_pretrained, or a hub id found in the local cache."""
     if spec in RANDOM_PRESETS:
         return build_random(spec)
+    if spec in SHIPPED:
+        return _shipped(spec)
     folder = Path(spec).expanduser()
     if folder.exists() or spec.startswith((".", "/", "~")):
         if not (folder / "config.json").is_file():

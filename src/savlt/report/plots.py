@@ -64,6 +64,33 @@ def roc_png(positive: np.ndarray, score: np.ndarray, auc: float | None, title: s
     plt.close(fig)
 
 
+Bins = tuple[np.ndarray, np.ndarray, np.ndarray]  # scans, mean confidence, accuracy per bin
+
+
+def reliability_png(before: Bins, after: Bins, title: str, path: Path) -> None:
+    """Reliability diagram: accuracy against mean top-class confidence per confidence bin, before
+    and after calibration (marker area ∝ scans in the bin), and the diagonal of perfect calibration."""
+    fig, ax = plt.subplots(figsize=(4.4, 4.2))
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
+    total = max(int(before[0].sum()), 1)
+    for (counts, confidence, accuracy), label, colour in (
+        (before, "before", "C1"),
+        (after, "after (temperature)", "C0"),
+    ):
+        filled = counts > 0
+        ax.plot(confidence[filled], accuracy[filled], "-", color=colour, lw=1.5, label=label)
+        ax.scatter(confidence[filled], accuracy[filled], s=20 + 400 * counts[filled] / total, color=colour)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top-class probability)")
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def training_curves_png(history: Sequence[dict[str, Any]], path: Path) -> None:
     steps = [h["step"] for h in history if "loss" in h]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))

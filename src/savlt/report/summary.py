@@ -1,4 +1,5 @@
-"""The results table of a run and its markdown report."""
+"""The results table of a run and its markdown report (with the screening decision, the patients
+and the calibration when metrics.json has them)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import numpy as np
 
 from savlt.classes import short_name
 from savlt.io import markdown_table, text_table, write_text
-from savlt.report.plots import confusion_png, roc_png, training_curves_png
+from savlt.report.plots import Bins, confusion_png, reliability_png, roc_png, training_curves_png
+
+SCREEN = ("sensitivity", "specificity", "ppv", "npv")
+SCREEN_TITLES = ("sensitivity", "specificity", "PPV", "NPV")
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
@@ -71,6 +75,175 @@ def results_rows(metrics: dict[str, Any], every_interval: bool = False) -> tuple
 
 def results_table(metrics: dict[str, Any]) -> str:
     return text_table(*results_rows(metrics))
+
+
+def _role(metrics: dict[str, Any], center: str) -> str:
+    return center + (" (internal test)" if center == metrics.get("train_center") else "")
+
+
+def decision_rows(metrics: dict[str, Any], every_interval: bool = True) -> tuple[list[str], list[list[str]]]:
+    """The screen at the referral threshold per center, beside the argmax screen's sensitivity
+    and specificity; no rows when the run has no threshold."""
+    more = " [95% CI]" if every_interval else ""
+    header = ["center", "threshold", *(t + more for t in SCREEN_TITLES), "argmax sens.", "argmax spec."]
+    rows = []
+    for center, m in metrics["centers"].items():
+        op = m.get("operating_point")
+        if not op:
+            continue
+        ci = op.get("ci95") or {}
+        rows.append(
+            [
+                _role(metrics, center),
+                fmt(op["threshold"]),
+                *(fmt_ci(op[k], ci.get(k)) if every_interval else fmt(op[k]) for k in SCREEN),
+                fmt(m["binary"]["sensitivity"]),
+                fmt(m["binary"]["specificity"]),
+            ]
+        )
+    return header, rows
+
+
+def patient_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Per center: patients, accuracy and the binary screen per patient (argmax, with intervals
+    over patients), and the sensitivity and specificity at the referral threshold."""
+    header = [
+        "center",
+        "patients",
+        "accuracy [95% CI]",
+        "AUC [95% CI]",
+        *(f"{t} [95% CI]" for t in SCREEN_TITLES),
+        "sens. / spec. at threshold",
+    ]
+    rows = []
+    for center, m in metrics["centers"].items():
+        pm = m.get("patient")
+        if not pm:
+            continue
+        ci = pm.get("ci95") or {}
+        b, bci = pm["binary"], ci.get("binary") or {}
+        op = pm.get("operating_point")
+        rows.append(
+            [
+                _role(metrics, center),
+                str(pm["n"]),
+                fmt_ci(pm["accuracy"], ci.get("accuracy")),
+                fmt_ci(b["auc"], bci.get("auc")),
+                *(fmt_ci(b[k], bci.get(k)) for k in SCREEN),
+                f"{fmt(op['sensitivity'])} / {fmt(op['specificity'])}" if op else "n/a",
+            ]
+        )
+    return header, rows
+
+
+def decision_table(metrics: dict[str, Any]) -> str:
+    """The terminal's screening table: per center, the screen at the referral threshold (per scan)
+    and the patients' accuracy and AUC; empty when the run has no threshold and no patients."""
+    header = ["center", "threshold", *SCREEN_TITLES, "patients", "patient acc.", "patient AUC"]
+    rows = []
+    for center, m in metrics["centers"].items():
+        op, pm = m.get("operating_point") or {}, m.get("patient") or {}
+        if not op and not pm:
+            continue
+        rows.append(
+            [
+                _role(metrics, center),
+                fmt(op.get("threshold")),
+                *(fmt(op.get(k)) for k in SCREEN),
+                str(pm.get("n", "n/a")),
+                fmt(pm.get("accuracy")),
+                fmt((pm.get("binary") or {}).get("auc")),
+            ]
+        )
+    return text_table(header, rows) if rows else ""
+
+
+def patient_source_text(source: str | None) -> str:
+    if source is None:
+        return "no patient information: every scan is its own patient"
+    return f"patients from {source}"
+
+
+def split_lines(metrics: dict[str, Any]) -> list[str]:
+    """How the training center was split, by patient or by image, with scans and patients per part."""
+    split = metrics.get("split")
+    if not split or "parts" not in split:
+        return []
+    parts = ", ".join(
+        f"{name} {p['scans']} scans / {p['patients']} patients" for name, p in split["parts"].items()
+    )
+    lines = [
+        f"**Split** of {metrics.get('train_center')} by {split['by']}; "
+        f"{patient_source_text(split.get('patient_source'))}: {parts}.",
+        "",
+    ]
+    if split.get("warning"):
+        lines += [f"**Warning**: {split['warning']}.", ""]
+    return lines
+
+
+def fit_lines(metrics: dict[str, Any]) -> list[str]:
+    """What the temperature and the referral threshold were fitted on, and their warnings."""
+    fit = metrics.get("validation_fit")
+    if not fit:
+        return ["This run has no calibration (made before calibration.json existed).", ""]
+    threshold = (
+        f"refer when p(high-risk) ≥ {fmt(fit['threshold'])}, the highest threshold reaching sensitivity "
+        f"{fit['target_sensitivity']:g} on the validation draw"
+        if fit.get("threshold") is not None
+        else "no referral threshold"
+    )
+    lines = [
+        f"Temperature {fit['temperature']:.3g} and threshold fitted on the validation draw only: "
+        f"{fit['scans']} scans ({fit['positives']} high-risk) from {fit['patients']} patients; {threshold}. "
+        "Probabilities below are calibrated; the argmax (and the table above) is the same either way.",
+        "",
+    ]
+    lines += [f"- **Warning**: {w}." for w in fit.get("warnings", [])]
+    return lines + ([""] if fit.get("warnings") else [])
+
+
+def decision_lines(metrics: dict[str, Any]) -> list[str]:
+    """The report's sections on the screening decision, the patients and the calibration."""
+    centers = metrics["centers"]
+    lines = ["## Screening decision", "", *fit_lines(metrics)]
+    header, rows = decision_rows(metrics)
+    if rows:
+        lines += [markdown_table(header, rows), ""]
+    header, rows = patient_rows(metrics)
+    if rows:
+        aggregate = next(iter(centers.values()))["patient"].get("aggregate")
+        how = "mean of its scans' class probabilities" if aggregate == "mean" else "its riskiest scan"
+        by_source: dict[str | None, list[str]] = {}
+        for c, m in centers.items():
+            if "patient" in m:
+                by_source.setdefault(m["patient"].get("source"), []).append(c)
+        sources = "; ".join(f"{', '.join(cs)}: {patient_source_text(src)}" for src, cs in by_source.items())
+        lines += [
+            "## Patients",
+            "",
+            f"A patient's probabilities: the {how} (eval.patient_aggregate={aggregate}); it is high-risk "
+            f"when any of its scans is. {sources}.",
+            "",
+            markdown_table(header, rows),
+            "",
+        ]
+    calibrated = [(c, m["calibration"]) for c, m in centers.items() if "calibration" in m]
+    if calibrated:
+        rows = [
+            [_role(metrics, c), f"{cal['temperature']:.3g}", fmt(cal["ece_before"]), fmt(cal["ece_after"])]
+            for c, cal in calibrated
+        ]
+        lines += [
+            "## Calibration",
+            "",
+            "Expected calibration error (top-class confidence, 10 bins) on each center's test scans, before "
+            "and after temperature scaling.",
+            "",
+            markdown_table(["center", "temperature", "ECE before", "ECE after"], rows),
+            "",
+        ]
+    return lines
 
 
 def class_rows(confusion: Sequence[Sequence[int]], class_names: Sequence[str]) -> list[list[str]]:
@@ -137,10 +310,13 @@ def write_report(
     scores: dict[str, tuple[np.ndarray, np.ndarray]],
     history: Sequence[dict[str, Any]] = (),
     title: str = "SAVLT run",
+    reliability: dict[str, tuple[Bins, Bins]] | None = None,
 ) -> Path:
-    """report.md with the results table, per-center confusion matrix and ROC, training curves.
+    """report.md with the results table, the screening decision, patients and calibration, per-center
+    confusion matrix, ROC and reliability diagram, training curves.
 
-    `scores` maps a center to (is_high_risk (N,) bool, high-risk probability (N,)) for the ROC.
+    `scores` maps a center to (is_high_risk (N,) bool, high-risk probability (N,)) for the ROC;
+    `reliability` a center to its reliability bins before and after calibration.
     """
     folder.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", ""]
@@ -148,12 +324,14 @@ def write_report(
     if info:
         lines += [", ".join(f"**{k}**: {v}" for k, v in info.items()), ""]
     lines += prior_lines(metrics.get("structure_prior"))
+    lines += split_lines(metrics)
     lines += [
         "Fractions in [0, 1]; brackets are 95 % percentile-bootstrap intervals. The binary screen is "
         "high-risk (" + ", ".join(metrics.get("high_risk", [])) + ") against the rest.",
         "",
         markdown_table(*results_rows(metrics, every_interval=True)),
         "",
+        *decision_lines(metrics),
     ]
     if history:
         training_curves_png(history, folder / "training_curves.png")
@@ -170,7 +348,13 @@ def write_report(
         lines += [f"## {center}", "", *center_lines(metrics, center, class_names)]
         if fallback is not None:
             lines += [f"ROI fell back to the whole image for {fallback} of {m['n']} scans.", ""]
-        lines += [f"![confusion]({f'confusion_{center}.png'}) ![ROC]({f'roc_{center}.png'})", ""]
+        figures = f"![confusion](confusion_{center}.png) ![ROC](roc_{center}.png)"
+        if reliability and center in reliability and "calibration" in m:
+            cal = m["calibration"]
+            title = f"{center}: ECE {cal['ece_before']:.3f} → {cal['ece_after']:.3f}"
+            reliability_png(*reliability[center], title, folder / f"reliability_{center}.png")
+            figures += f" ![reliability](reliability_{center}.png)"
+        lines += [figures, ""]
     path = folder / "report.md"
     write_text(path, "\n".join(lines))
     return path

@@ -68,7 +68,10 @@ def predict_dataset(
 ) -> PredictSummary:
     """Segment every image of the scanned centers and write the masks (default out: the data root)."""
     summary = PredictSummary(out=Path(out) if out is not None else scan.root)
-    records = [r for c in scan.centers.values() for r in c.records]
+    records = [r for c in scan.centers.values() for r in c.records if r.page is None]
+    pages = sum(len(c.records) for c in scan.centers.values()) - len(records)
+    if pages:
+        log.info("skipping %d page(s) of multi-page TIFF volumes: the masks layout holds no volumes", pages)
     todo: list[tuple[ImageRecord, Path]] = []
     for record in records:
         target = mask_target(record, summary.out)

@@ -12,8 +12,12 @@ part of the range, roughly 600..40000, so readers must rescale by the image's ow
 JPEG (quality 90); any other center name writes 8-bit PNG with a scanner signature derived from
 ``zlib.crc32`` of its name. Masks are always 8-bit PNG, 255 at and below the tissue surface, 0 in the air.
 
+With ``patients_per_class`` the scans of a class and center come from that many patients, a patient's
+scans being neighbouring B-scans of one tissue; a ``metadata.csv`` per center names them, and some patients
+can be written as multi-page TIFF volumes (see ``files.generate_dataset``).
+
 Modules: ``tissue`` (reflectivity per class), ``scanner`` (signatures and image formation), ``render``
-(one B-scan), ``files`` (the data set on disk), ``pretrain`` (the captioned pretraining corpus),
+(one B-scan, or a patient's B-scans), ``files`` (the data set on disk), ``pretrain`` (the captioned pretraining corpus),
 ``preview`` (the contact sheet), ``checks`` (arguments
 and ``SynthError``) and ``fields`` (random fields shared by tissue and scanner).
 """

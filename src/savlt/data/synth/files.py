@@ -1,7 +1,9 @@
-"""Writing the data set: image and mask files per center and class, and `generate_dataset`."""
+"""Writing the data set: image and mask files per center and class, and `generate_dataset`; with patients,
+several B-scans per patient, a metadata.csv per center, and some patients as multi-page TIFF volumes."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,9 +19,9 @@ from savlt.data.imageio import is_image_file
 from savlt.data.synth.checks import SynthError, check_centers, check_int, check_size
 from savlt.data.synth.fields import DEFAULT_H, DEFAULT_W
 from savlt.data.synth.preview import write_preview
-from savlt.data.synth.render import image_rng, render_bscan
+from savlt.data.synth.render import image_rng, patient_bscans, patient_rng, render_bscan
 from savlt.data.synth.scanner import ScannerSignature, scanner_signature
-from savlt.io import atomic_path
+from savlt.io import atomic_path, write_csv
 
 DEFAULT_CENTERS: tuple[str, ...] = ("mixed", "xiangya", "huaxi")
 _UINT16_PEDESTAL, _UINT16_PEAK = 600, 40000
@@ -43,8 +45,10 @@ def _encoded(path: Path, pixels: np.ndarray, file_format: str) -> bytes:
 
 
 def _write_pixels(path: Path, pixels: np.ndarray, file_format: str) -> None:
+    """One image (H×W) in `file_format`, or, for "tif16" and "tif", a stack of pages (N×H×W) as a
+    multi-page TIFF."""
     with atomic_path(path) as tmp:
-        if file_format == "tif16":
+        if file_format in ("tif16", "tif"):
             tifffile.imwrite(tmp, pixels, photometric="minisblack")
         else:
             tmp.write_bytes(_encoded(path, pixels, file_format))
@@ -72,9 +76,52 @@ def _render_and_write(
     _write_pixels(root / "masks" / class_name / f"{stem}.png", mask.astype(np.uint8) * 255, "png")
 
 
+METADATA_COLUMNS = ("file", "patient", "volume", "slice")
+
+
+def _is_volume(patient: int, fraction: float) -> bool:
+    """Whether patient number `patient` is written as a volume: a share `fraction` of the patients,
+    spread evenly (no randomness)."""
+    return math.floor((patient + 1) * fraction) > math.floor(patient * fraction)
+
+
+def _write_patient(
+    out: Path,
+    seed: int,
+    center: str,
+    class_index: int,
+    patient: int,
+    indices: Sequence[int],
+    size: tuple[int, int],
+    as_volume: bool,
+) -> list[tuple[str, str, str, int]]:
+    """The B-scans `indices` of one patient, as image and mask files or as one multi-page TIFF volume
+    (no mask files); returns their metadata rows (file, patient, volume, slice)."""
+    class_name = list(DEFAULT_CLASSES)[class_index]
+    sig = scanner_signature(center)
+    streams = [image_rng(seed, center, class_index, index) for index in indices]
+    scans = patient_bscans(center, class_name, patient_rng(seed, center, class_index, patient), streams, size)
+    name = f"{center}_{short_name(class_name).lower()}_p{patient:03d}"
+    volume = f"{name}_v1"
+    if as_volume:
+        rel = f"images/{class_name}/{name}.tif"
+        pages = np.stack([_file_pixels(image, sig) for image, _ in scans])
+        _write_pixels(out / center / rel, pages, "tif16" if sig.file_format == "tif16" else "tif")
+        return [(f"{rel}#{page}", name, volume, page) for page in range(len(indices))]
+    rows = []
+    for page, (index, (image, mask)) in enumerate(zip(indices, scans, strict=True)):
+        stem = f"{name}_{index:04d}"
+        write_scan(out / center / "images" / class_name / f"{stem}{sig.suffix}", image, center)
+        _write_pixels(out / center / "masks" / class_name / f"{stem}.png", mask.astype(np.uint8) * 255, "png")
+        rows.append((f"images/{class_name}/{stem}{sig.suffix}", name, volume, page))
+    return rows
+
+
 def _prepare_folders(out: Path, centers: Sequence[str]) -> None:
-    """Creates the class folders and removes images/masks a previous run left there for the same centers."""
+    """Creates the class folders and removes images/masks (and the metadata.csv) a previous run left
+    there for the same centers."""
     for center in centers:
+        (out / center / "metadata.csv").unlink(missing_ok=True)
         for class_name in DEFAULT_CLASSES:
             for kind in ("images", "masks"):
                 folder = out / center / kind / class_name
@@ -92,6 +139,8 @@ class SynthSummary:
     counts: dict[str, dict[str, int]]  # center -> class -> number of images
     preview: Path | None
     seconds: float
+    patients: int = 0  # patients written (every center and class); 0: one scan per patient
+    volumes: int = 0  # of them written as multi-page TIFF volumes
 
     @property
     def total(self) -> int:
@@ -107,11 +156,20 @@ def generate_dataset(
     size: tuple[int, int] = (DEFAULT_H, DEFAULT_W),
     preview: bool = True,
     progress: bool = True,
+    patients_per_class: int | None = None,
+    volume_fraction: float = 0.0,
 ) -> SynthSummary:
     """Writes the synthetic data set (formats per center: see the package docstring):
 
     OUT/<center>/images/<class>/<center>_<class-short>_<NNNN>.<ext>, OUT/<center>/masks/<class>/<stem>.png
     and OUT/preview.png when `preview`; <class-short> is the class's short name in lower case.
+
+    With `patients_per_class` N, the `per_class` scans of each class and center come from N patients
+    (consecutive scan numbers, as even as they divide): patient P's scans are neighbouring B-scans of one
+    tissue (``render.patient_bscans``), named <center>_<class-short>_p<PPP>_<NNNN>.<ext>, and
+    OUT/<center>/metadata.csv lists file, patient (<center>_<class-short>_p<PPP>), volume and slice. A
+    share `volume_fraction` of the patients is written as one multi-page TIFF volume each
+    (<center>_<class-short>_p<PPP>.tif, 16-bit for xiangya, else 8-bit; one page per scan, no mask files).
 
     Each image is seeded from (seed, crc32(center), class index, image index), so the same seed gives
     byte-identical files whatever else is generated. Re-running into the same folder overwrites the files of
@@ -125,21 +183,55 @@ def generate_dataset(
     per_class = check_int("per_class", per_class, 1)
     centers = check_centers(centers)
     size = check_size(size)
+    _check_patients(patients_per_class, per_class, volume_fraction)
     if out.exists() and not out.is_dir():
         raise SynthError(f"out must be a folder, but {out} is a file: choose another output path")
     _prepare_folders(out, centers)
-    jobs = [
-        (center, class_index, index)
-        for center in centers
-        for class_index in range(len(DEFAULT_CLASSES))
-        for index in range(per_class)
-    ]
-    for center, class_index, index in tqdm(jobs, desc="synth", unit="img", disable=not progress):
-        _render_and_write(out, seed, center, class_index, index, size)
+    patients = volumes = 0
+    if patients_per_class is None:
+        jobs = [
+            (center, class_index, index)
+            for center in centers
+            for class_index in range(len(DEFAULT_CLASSES))
+            for index in range(per_class)
+        ]
+        for center, class_index, index in tqdm(jobs, desc="synth", unit="img", disable=not progress):
+            _render_and_write(out, seed, center, class_index, index, size)
+    else:
+        total = len(centers) * len(DEFAULT_CLASSES) * per_class
+        bar = tqdm(total=total, desc="synth", unit="img", disable=not progress)
+        for center in centers:
+            rows = []
+            for class_index in range(len(DEFAULT_CLASSES)):
+                for patient, indices in enumerate(np.array_split(np.arange(per_class), patients_per_class)):
+                    as_volume = _is_volume(patient, volume_fraction)
+                    scans = indices.tolist()
+                    rows += _write_patient(out, seed, center, class_index, patient, scans, size, as_volume)
+                    patients, volumes = patients + 1, volumes + as_volume
+                    bar.update(len(scans))
+            write_csv(out / center / "metadata.csv", METADATA_COLUMNS, rows)
+        bar.close()
     preview_path = out / "preview.png"
     if preview:
         write_preview(out, centers=centers)
     else:
         preview_path.unlink(missing_ok=True)  # a sheet from an earlier run would no longer match
     counts = {center: dict.fromkeys(DEFAULT_CLASSES, per_class) for center in centers}
-    return SynthSummary(out, counts, preview_path if preview else None, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return SynthSummary(out, counts, preview_path if preview else None, seconds, patients, volumes)
+
+
+def _check_patients(patients_per_class: int | None, per_class: int, volume_fraction: float) -> None:
+    if patients_per_class is not None:
+        check_int("patients_per_class", patients_per_class, 1)
+        if patients_per_class > per_class:
+            raise SynthError(
+                f"patients_per_class ({patients_per_class}) must not exceed per_class ({per_class}): "
+                "every patient needs at least one scan"
+            )
+    if isinstance(volume_fraction, bool) or not isinstance(volume_fraction, int | float):
+        raise SynthError(f"volume_fraction must be a number from 0 to 1, got {volume_fraction!r}")
+    if not 0 <= volume_fraction <= 1:
+        raise SynthError(f"volume_fraction must lie in [0, 1], got {volume_fraction}")
+    if volume_fraction and patients_per_class is None:
+        raise SynthError("volume_fraction needs patients_per_class: volumes hold the scans of one patient")

@@ -132,7 +132,12 @@ def base_surface(
 def speckle(rng: np.random.Generator, shape: tuple[int, int], sig: ScannerSignature) -> np.ndarray:
     """Fully developed speckle (|filtered complex Gaussian|^2, exponentially distributed, mean 1) with the
     scanner's grain, raised to its speckle contrast."""
-    field = rng.standard_normal((2, *shape)).astype(np.float32)
+    return speckle_from(rng.standard_normal((2, *shape)).astype(np.float32), sig)
+
+
+def speckle_from(field: np.ndarray, sig: ScannerSignature) -> np.ndarray:
+    """`speckle` from a given (2, H, W) standard normal field (the real and imaginary parts)."""
+    shape = field.shape[1:]
     px = pixel_scale(*shape)
     sigma_x, sigma_y = sig.speckle_grain[1] * px, sig.speckle_grain[0] * px
     re = cv2.GaussianBlur(field[0], (0, 0), sigmaX=sigma_x, sigmaY=sigma_y)

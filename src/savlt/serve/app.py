@@ -1,0 +1,316 @@
+"""The prediction service of a loaded run (``savlt serve``): a FastAPI app with the review page.
+
+``GET /health`` (no token), ``GET /model`` and ``POST /predict`` (a bearer token when one is set),
+``GET /`` the review page and ``/static/`` its files (no token: the page asks for it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import io
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import numpy as np
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+
+from savlt.classes import short_name
+from savlt.data.quality import Thresholds, assess
+from savlt.engine.loaded import Prediction, Run
+from savlt.io import atomic_path
+from savlt.serve.batcher import MicroBatcher
+from savlt.serve.uploads import (
+    FIELD,
+    ApiError,
+    FileRejected,
+    Limits,
+    PixelBudget,
+    Scan,
+    Upload,
+    decode_upload,
+    read_uploads,
+    rejected,
+)
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+PREVIEW_SIDE = 1024  # the scan sent back to the page (?scan=true) is at most this many pixels wide or high
+# The page loads nothing but its own files; images come back as data: URLs.
+PAGE_POLICY = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    limits: Limits = field(default_factory=Limits)
+    max_batch: int = 16  # scans per model call; 1 turns micro-batching off
+    max_wait_ms: float = 5.0  # how long the first scan of a batch waits for others
+    token: str | None = None  # every API request but /health needs "Authorization: Bearer <token>"
+    keep_uploads: Path | None = None  # where accepted uploads are kept (None: nowhere, nothing on disk)
+
+
+def _memory_folder() -> str | None:
+    """A folder in memory (tmpfs) for the heat maps' short life, where the system has one."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
+def _png_data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _scan_preview(rgb: np.ndarray) -> str:
+    """The 8-bit scan the model saw, as a PNG data URL (shrunk to PREVIEW_SIDE)."""
+    image = Image.fromarray(rgb)
+    image.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return _png_data_url(buffer.getvalue())
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[-100:] or "upload"
+
+
+def run_summary(run: Run, options: ServeOptions) -> dict[str, Any]:
+    """What ``GET /model`` answers: the run's classes, method, backbone, shots, its per-center
+    metrics (metrics.json as written) and, when the run has one, its operating point."""
+    metrics: dict[str, Any] = {}
+    if run.paths.metrics.is_file():
+        try:
+            metrics = json.loads(run.paths.metrics.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read %s (%s): /model shows no metrics", run.paths.metrics, exc)
+    cfg = run.cfg
+    centers = metrics.get("centers") or {}
+    train_block = centers.get(cfg.data.train_center) or {}
+    return {
+        "run": run.paths.root.name,
+        "method": cfg.method,
+        "backbone": run.backbone_name,
+        "shots": cfg.train.shots,
+        "seed": cfg.train.seed,
+        "train_center": cfg.data.train_center,
+        "classes": list(run.class_names),
+        "labels": {name: short_name(name) for name in run.class_names},
+        "high_risk": list(cfg.data.high_risk),
+        "heatmaps": run.model.pool is not None,
+        "complete": metrics.get("complete") is True,
+        "unassessable_policy": metrics.get("unassessable_policy"),
+        "centers": centers,
+        "operating_point": metrics.get("operating_point") or train_block.get("operating_point"),
+        "limits": options.limits.to_json(),
+        "batching": {"max_batch": options.max_batch, "max_wait_ms": options.max_wait_ms},
+    }
+
+
+@dataclass
+class _Prepared:
+    """An accepted upload: its name, 8-bit scan, and either the model's input or a finished result."""
+
+    name: str
+    rgb: np.ndarray
+    model_input: np.ndarray | None
+    result: dict[str, Any] | None
+
+
+class Service:
+    """A loaded run behind a micro-batcher: uploads in, ``Prediction.to_json()`` per scan out."""
+
+    def __init__(self, run: Run, options: ServeOptions) -> None:
+        self.run = run
+        self.options = options
+        self.thresholds = Thresholds.of(run.cfg)
+        self.summary = run_summary(run, options)
+        self.batcher = MicroBatcher(self._predict_batch, options.max_batch, options.max_wait_ms / 1000)
+
+    def _predict_batch(self, images: Sequence[np.ndarray], heatmap: bool) -> list[dict[str, Any]]:
+        """One model call (in the batcher's thread); heat maps pass through a private folder in
+        memory and come back as PNG data URLs."""
+        if not heatmap:
+            return [p.to_json() for p in self.run.predict(list(images), batch_size=len(images))]
+        with tempfile.TemporaryDirectory(prefix="savlt-heatmaps-", dir=_memory_folder()) as folder:
+            predictions = self.run.predict(list(images), heatmap_dir=folder, batch_size=len(images))
+            results = [p.to_json() for p in predictions]
+            for result in results:
+                if result.get("heatmap"):
+                    result["heatmap"] = _png_data_url(Path(result["heatmap"]).read_bytes())
+        return results
+
+    def _prepare(self, uploads: list[Upload]) -> list[_Prepared]:
+        """Decode every upload (all rejected files are named together), keep them if asked, and
+        choose each scan's model input. An 8-bit grayscale or RGB scan goes to the model as
+        stored, exactly as ``savlt predict`` reads it; other scans (16-bit, float, with alpha) are
+        assessed on their stored values first, as ``savlt predict`` does, then go as 8-bit RGB."""
+        budget = PixelBudget(self.options.limits)
+        scans: list[Scan] = []
+        problems: list[FileRejected] = []
+        for upload in uploads:
+            try:
+                scans += decode_upload(upload, budget)
+            except FileRejected as problem:
+                problems.append(problem)
+        if problems:
+            raise rejected(problems, len(uploads))
+        if self.options.keep_uploads is not None:
+            stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
+            for upload in uploads:
+                target = self.options.keep_uploads / f"{stamp}-{uuid4().hex[:8]}-{_safe_name(upload.name)}"
+                with atomic_path(target) as tmp:
+                    tmp.write_bytes(upload.data)
+        prepared = []
+        for scan in scans:
+            raw = scan.raw
+            if raw.dtype == np.uint8 and (raw.ndim == 2 or raw.shape[2] == 3):
+                prepared.append(_Prepared(scan.name, scan.rgb, raw, None))
+                continue
+            reason = assess(scan.rgb, raw, self.thresholds)
+            if reason is None:
+                prepared.append(_Prepared(scan.name, scan.rgb, scan.rgb, None))
+            else:
+                result = Prediction.without_diagnosis(scan.name, reason=reason).to_json()
+                prepared.append(_Prepared(scan.name, scan.rgb, None, result))
+        return prepared
+
+    async def predict(self, uploads: list[Upload], heatmap: bool, scan: bool) -> list[dict[str, Any]]:
+        if heatmap and not self.summary["heatmaps"]:
+            raise ApiError(400, "heat maps need attention pooling; this run uses model.pooling=cls")
+        prepared = await run_in_threadpool(self._prepare, uploads)
+        waiting = [p for p in prepared if p.model_input is not None]
+        futures = self.batcher.submit([p.model_input for p in waiting], heatmap)
+        outcomes = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
+        for item, outcome in zip(waiting, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                raise ApiError(500, f"{item.name}: prediction failed ({outcome})")
+            item.result = outcome
+        results = []
+        for item in prepared:
+            result = dict(item.result or {})
+            result["path"] = item.name
+            if scan:
+                result["scan"] = await run_in_threadpool(_scan_preview, item.rgb)
+            results.append(result)
+        return results
+
+
+def create_app(run: Run, options: ServeOptions | None = None) -> FastAPI:
+    """The service of a loaded run; its micro-batcher runs while the app's lifespan does."""
+    options = options or ServeOptions()
+    service = Service(run, options)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        service.batcher.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(service.batcher.close)
+
+    app = FastAPI(
+        title="SAVLT",
+        summary="Cervical OCT scans diagnosed by a trained SAVLT run",
+        version="1",
+        lifespan=lifespan,
+        docs_url=None,  # the interactive docs load their scripts from a CDN; /openapi.json stays
+        redoc_url=None,
+    )
+
+    def authorised(request: Request) -> None:
+        if options.token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), options.token.encode()
+        ):
+            raise ApiError(401, "missing or wrong token: send the header 'Authorization: Bearer <token>'")
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error: %r", exc)
+        return JSONResponse(
+            {"error": f"internal error ({type(exc).__name__}): see the server log"}, status_code=500
+        )
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        headers = {"Content-Security-Policy": PAGE_POLICY, "X-Content-Type-Options": "nosniff"}
+        return FileResponse(STATIC / "index.html", headers=headers)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        """Ready (200) when the run is loaded and its prediction worker runs, else 503."""
+        ready = service.batcher.running
+        body = {"status": "ready" if ready else "not ready", "run": service.summary["run"]}
+        body["batches"] = service.batcher.stats.to_json()
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/model", dependencies=[Depends(authorised)])
+    async def model() -> dict[str, Any]:
+        """Classes, high-risk classes, backbone, method, shots, per-center metrics, operating point."""
+        return service.summary
+
+    @app.post(
+        "/predict",
+        dependencies=[Depends(authorised)],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": [FIELD],
+                            "properties": {
+                                FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}}
+                            },
+                        }
+                    }
+                },
+            }
+        },
+    )
+    async def predict(request: Request, heatmap: bool = False, scan: bool = False) -> dict[str, Any]:
+        """One result per uploaded scan (multipart field `files`), as ``savlt predict --json`` gives it,
+        `path` being the file's name; `heatmap=true`: the heat map as a PNG data URL in `heatmap`;
+        `scan=true`: the decoded scan as a PNG data URL in `scan`."""
+        if not service.batcher.running:
+            raise ApiError(503, "the service is not ready (its prediction worker is not running)")
+        try:
+            uploads = await read_uploads(
+                request.headers.get("content-type", ""),
+                request.headers.get("content-length"),
+                request.stream(),
+                options.limits,
+            )
+        except ClientDisconnect:
+            raise ApiError(400, "the client disconnected before the upload was complete") from None
+        return {"predictions": await service.predict(uploads, heatmap, scan)}
+
+    return app
