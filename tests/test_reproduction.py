@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fast_config, tiny_model
+from conftest import FAST, fast_config, tiny_model
 from sklearn.metrics import roc_auc_score
 
 from savlt.cli import main
@@ -324,16 +324,7 @@ def test_the_segmenter_learns_from_the_training_center_only_and_runs_record_it(
 def test_the_reference_profile_trains_end_to_end(synth_root: Path, tmp_path: Path, one_thread) -> None:
     cfg = load_config(
         CONFIGS / "paper_reference.yaml",
-        [
-            "model.backbone=tiny",
-            "roi.mask_source=classical",
-            "train.shots=4",
-            "train.max_steps=4",
-            "train.batch_size=8",
-            "data.num_workers=0",
-            "eval.bootstrap=20",
-            "data.test_centers=[]",
-        ],
+        [*FAST, "roi.mask_source=classical", "data.test_centers=[]"],
         {"data.root": synth_root, "data.cache_dir": tmp_path / "cache"},
     )
     metrics = train(cfg, tmp_path / "run", progress=False)

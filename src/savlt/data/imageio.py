@@ -110,16 +110,22 @@ def _read_raw(path: Path) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                img.load()  # forces a full decode, so truncated files fail here
-                if img.mode == "P":
-                    img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-                elif img.mode == "CMYK":
-                    img = img.convert("RGB")
-                return np.asarray(img)
+                return pil_pixels(img)
     except UnidentifiedImageError:
         raise ImageDecodeError(path, "not a recognised image format") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(path, f"corrupt or truncated image ({exc})") from None
+
+
+def pil_pixels(img: Image.Image) -> np.ndarray:
+    """The fully decoded pixels of an opened Pillow image (truncated files fail here); palette
+    images become RGB(A), CMYK becomes RGB."""
+    img.load()
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode == "CMYK":
+        img = img.convert("RGB")
+    return np.asarray(img)
 
 
 def to_uint8(pixels: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from savlt.data.imageio import ImageDecodeError, to_rgb, to_uint8
+from savlt.data.imageio import ImageDecodeError, pil_pixels, to_rgb, to_uint8
 
 FIELD = "files"
 MB = 2**20
@@ -268,12 +268,7 @@ def _pillow(name: str, data: bytes, budget: PixelBudget) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 budget.take(name, img.width, img.height)
-                img.load()
-                if img.mode == "P":
-                    img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-                elif img.mode == "CMYK":
-                    img = img.convert("RGB")
-                return np.asarray(img)
+                return pil_pixels(img)
     except UnidentifiedImageError:
         raise FileRejected(name, "not a recognised image format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
