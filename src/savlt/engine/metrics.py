@@ -178,7 +178,7 @@ def center_metrics(
         raise ValueError("no predictions to score")
     probs = probabilities(logits)
     n_classes = len(class_names)
-    risk = np.array([name in high_risk for name in class_names])
+    risk = high_risk_mask(class_names, high_risk)
     score = risk_scores(logits, risk, screen_score)
     confusion = np.bincount(labels * n_classes + probs.argmax(1), minlength=n_classes**2).reshape(
         n_classes, n_classes
@@ -211,11 +211,9 @@ def high_risk_mask(class_names: Sequence[str], high_risk: Sequence[str]) -> np.n
 
 
 def high_risk_log_odds(probs: np.ndarray, high_risk: np.ndarray) -> np.ndarray:
-    """(N,) float64 log p(high-risk) − log p(other) from class probabilities (N, C); finite, as
-    both masses are floored at 1e-300."""
-    positive = np.maximum(probs[:, high_risk].sum(axis=1), 1e-300)
-    negative = np.maximum(probs[:, ~high_risk].sum(axis=1), 1e-300)
-    return np.log(positive) - np.log(negative)
+    """(N,) float64 log p(high-risk) − log p(other) from class probabilities (N, C): the
+    "probability" score of ``risk_scores`` on their logarithms (floored at 1e-300, so finite)."""
+    return risk_scores(np.log(np.maximum(np.asarray(probs, dtype=np.float64), 1e-300)), high_risk)
 
 
 def screen_intervals(
