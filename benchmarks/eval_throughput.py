@@ -19,12 +19,12 @@ def main() -> None:
     model = model_for("savlt", args.preset, args.device).eval()
     pixels, masks, _ = batch_for(args.batch, args.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.bf16 else nullcontext()
-    vision = model.clip_model.vision_model
+    backbone = model.clip_model
 
     @torch.no_grad()
     def bare() -> None:
         with autocast:
-            vision(pixel_values=pixels)
+            backbone.project_image(backbone.cls_feature(backbone.vision_tokens(pixels)))
 
     @torch.no_grad()
     def full() -> None:

@@ -22,7 +22,7 @@ from savlt.data.discover import DataError, scan_dataset
 from savlt.data.imageio import ImageDecodeError, read_image, read_mask
 from savlt.data.prepare import resolve_few_shot, resolve_split
 from savlt.data.splits import load_split, ratio_split, sample_few_shot
-from savlt.data.transforms import eval_transform, train_transform
+from savlt.data.transforms import NORMALIZATION, eval_transform, train_transform
 
 CLASSES = ClassMap(tuple(DEFAULT_CLASSES))
 
@@ -238,7 +238,9 @@ def test_dataset_applies_one_geometry_to_image_and_mask(small_tree: Path) -> Non
     center = scan_dataset(small_tree, CLASSES, ["mixed"]).center("mixed")
     records = center.records
     masks = {r.path: read_mask(r.mask_path) for r in records}
-    ds = OCTDataset(records, list(DEFAULT_CLASSES), train_transform(64, (0.75, 1.0)), masks)
+    ds = OCTDataset(
+        records, list(DEFAULT_CLASSES), train_transform(64, (0.75, 1.0), True, NORMALIZATION["clip"]), masks
+    )
     image, mask, label, path = ds[(0, 123)]
     assert image.shape == (3, 64, 64) and image.dtype == torch.float32
     assert mask.shape == (64, 64) and set(mask.unique().tolist()) <= {0, 1}
@@ -252,7 +254,7 @@ def test_dataset_applies_one_geometry_to_image_and_mask(small_tree: Path) -> Non
 
 def test_eval_transform_is_deterministic(small_tree: Path) -> None:
     records = scan_dataset(small_tree, CLASSES, ["mixed"]).center("mixed").records
-    ds = OCTDataset(records, list(DEFAULT_CLASSES), eval_transform(32))
+    ds = OCTDataset(records, list(DEFAULT_CLASSES), eval_transform(32, NORMALIZATION["clip"]))
     assert torch.equal(ds[1][0], ds[1][0])
     assert ds[1][1].all()  # no masks given: the whole image counts as tissue
 

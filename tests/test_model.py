@@ -11,7 +11,8 @@ from conftest import tiny_model
 
 from savlt.config import ConfigError
 from savlt.models.adapters import adalora_factors, adalora_orthogonality, parameter_counts
-from savlt.models.backbone import BackboneError, backbone_fingerprint, build_random, load_backbone
+from savlt.models.backbone import build_random, load_backbone
+from savlt.models.vision_language import BackboneError
 
 
 def batch(size: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -27,23 +28,21 @@ def test_tiny_backbone_is_the_same_every_time_and_leaves_the_global_rng_alone() 
     state = torch.random.get_rng_state()
     first, second = build_random(), build_random()
     assert torch.equal(torch.random.get_rng_state(), state)
-    assert backbone_fingerprint(first.clip) == backbone_fingerprint(second.clip)
+    assert first.fingerprint() == second.fingerprint()
     assert first.patch_grid == 14 and first.image_size == 224
 
 
 def test_a_saved_backbone_folder_loads_back(tmp_path: Path) -> None:
     tiny = build_random()
-    tiny.clip.save_pretrained(tmp_path / "clip")
-    tiny.tokenizer.save_pretrained(tmp_path / "clip")
+    tiny.save_pretrained(tmp_path / "clip")
     loaded = load_backbone(str(tmp_path / "clip"))
-    assert backbone_fingerprint(loaded.clip) == backbone_fingerprint(tiny.clip)
-    text = "Medical OCT image with oval dark areas"
-    assert loaded.tokenizer(text)["input_ids"] == tiny.tokenizer(text)["input_ids"]
+    assert loaded.fingerprint() == tiny.fingerprint()
+    text = ["Medical OCT image with oval dark areas"]
+    assert torch.equal(loaded.tokenize(text)[0], tiny.tokenize(text)[0])
     pixels = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.allclose(
-            loaded.clip.vision_model(pixel_values=pixels).pooler_output,
-            tiny.clip.vision_model(pixel_values=pixels).pooler_output,
+            loaded.cls_feature(loaded.vision_tokens(pixels)), tiny.cls_feature(tiny.vision_tokens(pixels))
         )
 
 
@@ -55,7 +54,7 @@ def test_missing_weights_say_how_to_provide_them(tmp_path: Path, monkeypatch) ->
     assert "hf download openai/clip-vit-base-patch16" in message
     assert "--model DIR" in message and str(tmp_path / "empty-cache") in message
     (tmp_path / "not-a-model").mkdir()
-    with pytest.raises(BackboneError, match="holds no config.json"):
+    with pytest.raises(BackboneError, match="holds neither config.json"):
         load_backbone(str(tmp_path / "not-a-model"))
 
 

@@ -17,12 +17,13 @@ from savlt.cli import main
 from savlt.config import load_config
 from savlt.data.discover import scan_dataset
 from savlt.data.splits import load_split
-from savlt.data.transforms import NORMALIZATION, eval_transform
+from savlt.data.transforms import NORMALIZATION, eval_transform, normalization
 from savlt.engine.fit import _update_again
 from savlt.engine.inputs import StepBatches, prepare_inputs
 from savlt.engine.metrics import center_metrics, risk_scores
 from savlt.engine.training import train
 from savlt.models.adapters import adapter_config
+from savlt.models.backbone import build_random
 from savlt.models.pooling import RoiAttentionPool
 from savlt.models.roi import patches_in_boxes, roi_boxes
 from savlt.models.savlt import SavltModel
@@ -44,7 +45,9 @@ def test_pre_layernorm_tokens_are_pooled_as_published() -> None:
     with torch.no_grad():
         features = published(pixels).features
         clip = published.clip_model
-        tokens = clip.vision_model(pixel_values=pixels).last_hidden_state[:, 1:]  # before the final LN
+        tokens = clip.vision_model(pixel_values=pixels).last_hidden_state[
+            :, 1:
+        ]  # HF's own forward, before the final LN
         pooled, _ = published.pool(tokens, None)
         expected = F.normalize(clip.visual_projection(pooled), dim=-1)
         after_ln, _ = published.pool(clip.vision_model.post_layernorm(tokens), None)
@@ -71,11 +74,11 @@ def test_reference_pool_init_is_the_published_one() -> None:
 
 def test_imagenet_normalisation_of_pixels() -> None:
     image = np.full((40, 40, 3), 128, dtype=np.uint8)
-    pixels = eval_transform(32, "imagenet")(image=image)["image"]
+    pixels = eval_transform(32, NORMALIZATION["imagenet"])(image=image)["image"]
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     for c in range(3):
         assert pixels[c].flatten()[0].item() == pytest.approx((128 / 255 - mean[c]) / std[c], abs=1e-5)
-    clip = eval_transform(32)(image=image)["image"]
+    clip = eval_transform(32, normalization("backbone", build_random().normalization))(image=image)["image"]
     assert clip[0, 0, 0].item() == pytest.approx(
         (128 / 255 - NORMALIZATION["clip"][0][0]) / NORMALIZATION["clip"][1][0], abs=1e-5
     )
@@ -179,11 +182,12 @@ def test_a_fixed_fewshot_seed_shares_one_draw(synth_root: Path) -> None:
 
 def test_published_adapter_variants() -> None:
     cfg = load_config(overrides=["peft.type=adalora", "peft.variant=published"]).peft
-    ada = adapter_config(cfg, 12, total_steps=320)
+    tiny = build_random()
+    ada = adapter_config(cfg, tiny, total_steps=320)
     assert (ada.init_r, ada.target_r, ada.total_step, ada.lora_dropout) == (32, 8, 1000, 0.0)
-    ours = adapter_config(load_config(overrides=["peft.type=adalora"]).peft, 12, total_steps=320)
+    ours = adapter_config(load_config(overrides=["peft.type=adalora"]).peft, tiny, total_steps=320)
     assert (ours.init_r, ours.total_step) == (12, 320)
-    loha = adapter_config(load_config(overrides=["peft.type=loha", "peft.variant=published"]).peft, 12, 320)
+    loha = adapter_config(load_config(overrides=["peft.type=loha", "peft.variant=published"]).peft, tiny, 320)
     assert (loha.module_dropout, loha.rank_dropout) == (0.1, 0.0)
     text = tiny_model("peft.text=true", "peft.variant=published")
     trainable = {n for n, p in text.named_parameters() if p.requires_grad}

@@ -195,7 +195,7 @@ def test_overrides_set_base_values_and_grid_axes(tmp_path: Path) -> None:
 
 def test_paper_sweep_file_is_the_published_protocol() -> None:
     sweep = load_sweep(CONFIGS / "sweep_paper.yaml")
-    assert len(sweep.points) == 7 * 2 * 3
+    assert len(sweep.points) == 8 * 2 * 3
     assert sweep.grid["train.shots"] == [16, 32] and sweep.grid["train.seed"] == [5, 42, 123]
     assert set(sweep.grid["method"]) == {
         "zero_shot",
@@ -203,6 +203,7 @@ def test_paper_sweep_file_is_the_published_protocol() -> None:
         "clip_lora",
         "savlt",
         "savlt_no_roi",
+        "savlt_every_block",
         "savlt_no_proto",
         "savlt_proto_only",
     }

@@ -162,9 +162,8 @@ def test_a_checkpoint_from_another_backbone_is_refused(fast_run, tmp_path: Path)
     out, _ = fast_run
     other = build_random()
     with torch.no_grad():
-        other.clip.vision_model.embeddings.patch_embedding.weight.mul_(1.5)  # same shapes, other weights
-    other.clip.save_pretrained(tmp_path / "other-clip")
-    other.tokenizer.save_pretrained(tmp_path / "other-clip")
+        other.vision_model.embeddings.patch_embedding.weight.mul_(1.5)  # same shapes, other weights
+    other.save_pretrained(tmp_path / "other-clip")
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
     text = (

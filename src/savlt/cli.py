@@ -316,7 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, help="images per class (train.shots)")
     p.add_argument("--seed", type=int, help="training seed (train.seed)")
     p.add_argument("--out", type=Path, required=True, help="run folder")
-    p.add_argument("--model", help="backbone: tiny, a hub id or a local folder (model.backbone)")
+    p.add_argument(
+        "--model",
+        help="backbone: a Hugging Face CLIP id or folder, an open_clip folder, hf-hub:ORG/NAME (open_clip, "
+        "e.g. BiomedCLIP), open_clip:ARCH (with --set model.weights=FILE), tiny-oct, tiny, tiny-openclip "
+        "(model.backbone)",
+    )
     p.add_argument("--method", choices=list(METHODS), help="the method to train (default savlt)")
     p.add_argument("--segmenter", help="tissue-segmenter checkpoint folder (roi.segmenter)")
     p.add_argument(

@@ -25,7 +25,7 @@ import yaml
 from savlt.classes import DEFAULT_CLASSES, DEFAULT_HIGH_RISK, ClassMap
 from savlt.errors import SavltError
 from savlt.io import write_text
-from savlt.methods import METHODS, Method, Pooling
+from savlt.methods import METHODS, Method, Pooling, RoiMasking
 
 
 class ConfigError(SavltError):
@@ -70,8 +70,10 @@ class DataConfig:
     # Where splits and few-shot lists are cached; None = <root>/.savlt (skipped if not writable).
     cache_dir: str | None = None
     image_size: int = 224
-    # Pixel normalisation: CLIP's own statistics, or ImageNet's (what the published code uses).
-    normalize: Literal["clip", "imagenet"] = "clip"
+    # Pixel normalisation: the backbone's own statistics (CLIP's for every OpenAI CLIP and for
+    # BiomedCLIP; an open_clip folder's preprocess_cfg), CLIP's, or ImageNet's (what the published
+    # code uses).
+    normalize: Literal["backbone", "clip", "imagenet"] = "backbone"
     # Seed of the few-shot draw; None = train.seed (every seed draws its own shots). The published
     # code fixes one draw (seed 42) for every training seed.
     fewshot_seed: int | None = None
@@ -156,10 +158,19 @@ class PeftConfig:
 
 @dataclass
 class ModelConfig:
-    # A Hugging Face hub id (read from the local cache), a local folder, or "tiny" (built in,
-    # random weights, for demos and tests).
+    # A Hugging Face CLIP hub id (read from the local cache), a local folder (Hugging Face or
+    # open_clip), hf-hub:ORG/NAME (an open_clip model such as BiomedCLIP, from the local cache),
+    # open_clip:ARCH (with model.weights), tiny-oct (shipped), or a built-in random model (tiny,
+    # tiny-openclip, …; for demos and tests). See the README's "Medical CLIP backbones".
     backbone: str = "openai/clip-vit-base-patch16"
+    # The local weights file of an open_clip:ARCH backbone.
+    weights: str | None = None
     pooling: Pooling = "roi"
+    # Where the ROI acts: only in the pooling ("pool"); also inside the backbone, zeroing the
+    # non-ROI patch tokens after every block as the published BiomedCLIP code does ("every_block");
+    # or after every block and before the first, so no pixel outside the ROI reaches the ROI or
+    # CLS tokens ("isolated").
+    roi_masking: RoiMasking = "pool"
     heads: int = 4
     # Pool the patch tokens after the vision tower's final LayerNorm (true), or before it as the
     # published code does (false).
@@ -361,6 +372,11 @@ class Config:
 
     def __post_init__(self) -> None:
         _need(self.method in METHODS, f"method: {self.method!r} is not one of {', '.join(METHODS)}")
+        _need(
+            self.model.roi_masking == "pool" or self.model.pooling != "attn",
+            f"model.roi_masking={self.model.roi_masking} needs ROI or CLS pooling (model.pooling=roi or cls), "
+            "not attention pooling over every patch",
+        )
 
     @property
     def method_spec(self) -> Method:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Pooling = Literal["roi", "attn", "cls"]
+RoiMasking = Literal["pool", "every_block", "isolated"]
 Head = Literal["alignment", "linear"]
 Fit = Literal["gradient", "closed_form", "none"]
 
@@ -21,16 +22,22 @@ Fit = Literal["gradient", "closed_form", "none"]
 class Method:
     name: str
     summary: str  # one line for the README and --help
-    # What the method fixes; None leaves the configuration's value (model.pooling, model.alpha) free.
+    # What the method fixes; None leaves the configuration's value (model.pooling, model.alpha,
+    # model.roi_masking) free.
     pooling: Pooling | None = None
     alpha: float | None = None
+    roi_masking: RoiMasking | None = None
     adapters: bool = True  # peft adapters (and the visual projection) are trained
     head: Head = "alignment"  # alignment: text anchors and prototypes mixed by alpha; linear: a linear layer
     fit: Fit = "gradient"  # gradient: AdamW on the loss; closed_form: fitted on features; none: no training
 
     def fixed(self) -> dict[str, Any]:
         """The configuration values this method sets (dotted keys)."""
-        values = {"model.pooling": self.pooling, "model.alpha": self.alpha}
+        values = {
+            "model.pooling": self.pooling,
+            "model.alpha": self.alpha,
+            "model.roi_masking": self.roi_masking,
+        }
         return {key: value for key, value in values.items() if value is not None}
 
 
@@ -59,6 +66,12 @@ METHODS: dict[str, Method] = {
             "savlt_no_roi",
             "SAVLT with attention pooling over all patches (no structure prior)",
             pooling="attn",
+        ),
+        Method(
+            "savlt_every_block",
+            "SAVLT with the published in-backbone ROI masking (non-ROI patch tokens zeroed after every block)",
+            pooling="roi",
+            roi_masking="every_block",
         ),
         Method("savlt_no_proto", "SAVLT with text anchors only (α = 0)", alpha=0.0),
         Method("savlt_proto_only", "SAVLT with prototypes only (α = 1)", alpha=1.0),

@@ -2,7 +2,8 @@
 
 Training: RandomResizedCrop (bicubic for the image, nearest for the mask) + horizontal flip +
 normalisation. Evaluation: a deterministic resize + normalisation, never a random crop.
-Normalisation uses CLIP's statistics by default, or ImageNet's (``data.normalize``).
+Normalisation uses the backbone's own statistics by default, or CLIP's or ImageNet's
+(``data.normalize``; ``normalization`` turns the setting into a mean and std).
 """
 
 from __future__ import annotations
@@ -11,17 +12,22 @@ import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
 
-# Per-channel (mean, std) on the 0..1 scale: what every CLIP checkpoint was trained with, and
-# ImageNet's (the published SAVLT code and most segmentation encoders).
-NORMALIZATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
+
+# Per-channel (mean, std) on the 0..1 scale: what every OpenAI CLIP checkpoint was trained with,
+# and ImageNet's (the published SAVLT code and most segmentation encoders).
+NORMALIZATION: dict[str, Stats] = {
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
 
-def train_transform(
-    size: int, crop_scale: tuple[float, float] = (0.75, 1.0), hflip: bool = True, normalize: str = "clip"
-) -> A.Compose:
+def normalization(setting: str, backbone: Stats) -> Stats:
+    """``data.normalize`` as a mean and std: "backbone" takes the backbone's own."""
+    return backbone if setting == "backbone" else NORMALIZATION[setting]
+
+
+def train_transform(size: int, crop_scale: tuple[float, float], hflip: bool, stats: Stats) -> A.Compose:
     steps: list[A.BasicTransform] = [
         A.RandomResizedCrop(
             size=(size, size),
@@ -32,13 +38,13 @@ def train_transform(
     ]
     if hflip:
         steps.append(A.HorizontalFlip(p=0.5))
-    mean, std = NORMALIZATION[normalize]
+    mean, std = stats
     steps += [A.Normalize(mean=mean, std=std), ToTensorV2()]
     return A.Compose(steps)
 
 
-def eval_transform(size: int, normalize: str = "clip") -> A.Compose:
-    mean, std = NORMALIZATION[normalize]
+def eval_transform(size: int, stats: Stats) -> A.Compose:
+    mean, std = stats
     return A.Compose(
         [
             A.Resize(size, size, interpolation=cv2.INTER_CUBIC, mask_interpolation=cv2.INTER_NEAREST),

@@ -15,7 +15,6 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from savlt.errors import SavltError
 from savlt.io import atomic_path, state_mismatch
-from savlt.models.backbone import backbone_fingerprint
 from savlt.models.savlt import SavltModel
 
 FORMAT = "savlt-adapter-1"
@@ -33,7 +32,7 @@ def save_checkpoint(model: SavltModel, path: str | Path, backbone_name: str, met
     metadata = {
         "format": FORMAT,
         "backbone": backbone_name,
-        "fingerprint": backbone_fingerprint(model.clip_model),
+        "fingerprint": model.clip_model.fingerprint(),
         "method": method,
     }
     with atomic_path(path) as tmp:
@@ -58,7 +57,7 @@ def load_checkpoint(model: SavltModel, path: str | Path) -> None:
     """Load trained tensors into `model`, after checking backbone, names and shapes."""
     path = Path(path)
     metadata = read_metadata(path)
-    fingerprint = backbone_fingerprint(model.clip_model)
+    fingerprint = model.clip_model.fingerprint()
     if metadata.get("fingerprint") != fingerprint:
         raise CheckpointError(
             f"checkpoint {path} was trained on backbone {metadata.get('backbone')!r} "

@@ -30,7 +30,7 @@ from savlt.config import Config
 from savlt.data.dataset import OCTDataset
 from savlt.data.discover import ImageRecord
 from savlt.data.masks import MaskStore, TissueMasks
-from savlt.data.transforms import train_transform
+from savlt.data.transforms import normalization, train_transform
 from savlt.engine.inference import loader_for, run_inference
 from savlt.engine.inputs import StepBatches
 from savlt.models.adapters import adalora_factors, adalora_orthogonality
@@ -92,7 +92,12 @@ def train_steps(
     dataset = OCTDataset(
         train_records,
         cfg.class_names,
-        train_transform(cfg.data.image_size, t.crop_scale, t.hflip, cfg.data.normalize),
+        train_transform(
+            cfg.data.image_size,
+            t.crop_scale,
+            t.hflip,
+            normalization(cfg.data.normalize, model.clip_model.normalization),
+        ),
         masks,
     )
     sampler = StepBatches(

@@ -20,7 +20,7 @@ from savlt.config import Config
 from savlt.data.dataset import OCTDataset
 from savlt.data.discover import ImageRecord
 from savlt.data.masks import MaskStore
-from savlt.data.transforms import eval_transform
+from savlt.data.transforms import eval_transform, normalization
 from savlt.models.savlt import SavltModel
 
 
@@ -63,7 +63,9 @@ def run_inference(
     dataset = OCTDataset(
         [records[i] for i in mine],
         cfg.class_names,
-        eval_transform(cfg.data.image_size, cfg.data.normalize),
+        eval_transform(
+            cfg.data.image_size, normalization(cfg.data.normalize, model.clip_model.normalization)
+        ),
         masks,
     )
     was_training = model.training

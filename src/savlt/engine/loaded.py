@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from savlt.config import load_config
 from savlt.data.imageio import ImageDecodeError, decode_image, tiff_pages
 from savlt.data.quality import Thresholds, assess
-from savlt.data.transforms import eval_transform
+from savlt.data.transforms import eval_transform, normalization
 from savlt.engine.calibration import REFERRAL, load_calibration
 from savlt.engine.checkpoint import load_checkpoint
 from savlt.engine.inputs import reload_inputs
@@ -76,7 +76,8 @@ class Run:
         self.model.eval()
         self.calibration = load_calibration(self.paths.calibration)  # None: a run made before it existed
         self.masks = tissue_masks(self.cfg, self.accelerator.device)
-        self.transform = eval_transform(self.cfg.data.image_size, self.cfg.data.normalize)
+        stats = normalization(self.cfg.data.normalize, self.model.clip_model.normalization)
+        self.transform = eval_transform(self.cfg.data.image_size, stats)
 
     @property
     def class_names(self) -> list[str]:

@@ -10,6 +10,9 @@ OUT/config.yaml          the configuration (pretrain.*, model.backbone, data.ima
 OUT/history.jsonl        loss, lr and held-out recall per step, written as it goes
 OUT/checkpoint/          the last resumable state (trained tensors, optimiser, step)
 OUT/config.json, model.safetensors, tokenizer files   the pretrained CLIP: ``--model OUT`` loads it
+
+It trains Hugging Face CLIP backbones (the output is a Hugging Face CLIP folder); open_clip
+backbones are refused with a one-line error.
 OUT/README.md            the model card: data, steps, recall figures, how to rebuild it
 """
 
@@ -33,14 +36,14 @@ from tqdm import tqdm
 
 from savlt.config import Config, ConfigError, PeftConfig, load_config
 from savlt.data.pairs import Pair, PairDataset, load_pairs, split_pairs
-from savlt.data.transforms import eval_transform, train_transform
+from savlt.data.transforms import eval_transform, normalization, train_transform
 from savlt.engine.inference import loader_for
 from savlt.engine.inputs import StepBatches
-from savlt.engine.rundir import log_to, make_accelerator, seed_everything
+from savlt.engine.rundir import backbone_for, log_to, make_accelerator, seed_everything
 from savlt.errors import SavltError
 from savlt.io import atomic_path, ordinary_permissions, write_json, write_text
 from savlt.models.adapters import add_adapters
-from savlt.models.backbone import Backbone, load_backbone
+from savlt.models.hf_clip import HFClip
 
 log = logging.getLogger("savlt")
 
@@ -71,25 +74,20 @@ def recall_at(similarity: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[st
 class Towers:
     """The two encoders of a (possibly adapted) CLIP, as the loss and the recall need them."""
 
-    clip: nn.Module  # a CLIPModel, or a PeftModel around one
-    tokenizer: Any
+    clip: nn.Module  # an HFClip, or a PeftModel around one
 
     @property
-    def base(self) -> nn.Module:
+    def base(self) -> HFClip:
         return self.clip.base_model.model if isinstance(self.clip, PeftModel) else self.clip
 
     def images(self, pixels: torch.Tensor) -> torch.Tensor:
         base = self.base
-        pooled = base.vision_model(pixel_values=pixels).pooler_output
-        return F.normalize(base.visual_projection(pooled).float(), dim=-1)
+        pooled = base.cls_feature(base.vision_tokens(pixels))
+        return F.normalize(base.project_image(pooled).float(), dim=-1)
 
     def texts(self, texts: list[str], device: torch.device) -> torch.Tensor:
-        tokens = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(device)
-        base = self.base
-        pooled = base.text_model(
-            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
-        ).pooler_output
-        return F.normalize(base.text_projection(pooled).float(), dim=-1)
+        ids, mask = self.base.tokenize(texts)
+        return F.normalize(self.base.encode_text(ids.to(device), mask.to(device)).float(), dim=-1)
 
 
 class PretrainPaths:
@@ -101,23 +99,22 @@ class PretrainPaths:
         self.card = self.root / "README.md"
 
 
-def _towers(cfg: Config, backbone: Backbone) -> Towers:
-    clip = backbone.clip
+def _towers(cfg: Config, backbone: HFClip) -> Towers:
+    clip: nn.Module = backbone
     if cfg.pretrain.adapters == "lora":
-        clip.requires_grad_(False)
+        backbone.requires_grad_(False)
         clip = add_adapters(
-            clip, PeftConfig(text=True, text_r=8, text_alpha=16.0, r=8, alpha=16.0, dropout=0.0), 1
+            backbone, PeftConfig(text=True, text_r=8, text_alpha=16.0, r=8, alpha=16.0, dropout=0.0), 1
         )
-        base = clip.base_model.model
-        base.text_projection.weight.requires_grad_(True)
+        for param in backbone.projections(text=True):
+            param.requires_grad_(True)
     else:
-        clip.requires_grad_(True)
-        base = clip
-    base.logit_scale.requires_grad_(True)
+        backbone.requires_grad_(True)
+    backbone.logit_scale.requires_grad_(True)
     if cfg.pretrain.init_temperature is not None:
         with torch.no_grad():
-            base.logit_scale.fill_(math.log(1 / cfg.pretrain.init_temperature))
-    return Towers(clip, backbone.tokenizer)
+            backbone.logit_scale.fill_(math.log(1 / cfg.pretrain.init_temperature))
+    return Towers(clip)
 
 
 def _lr_at(step: int, total: int, cfg: Config) -> float:
@@ -136,7 +133,8 @@ def evaluate_recall(
     """Recall@1/5 image→text and text→image over the held-out pairs (one process scores them)."""
     was = towers.clip.training
     towers.clip.eval()
-    dataset = PairDataset(pairs, eval_transform(cfg.data.image_size, cfg.data.normalize))
+    stats = normalization(cfg.data.normalize, towers.base.normalization)
+    dataset = PairDataset(pairs, eval_transform(cfg.data.image_size, stats))
     loader = loader_for(dataset, cfg, cfg.eval.batch_size, accelerator.device, shuffle=False)
     images, texts = [], []
     for pixels, index in loader:
@@ -236,10 +234,11 @@ def pretrain(
             p.pairs, cfg.class_map(), {c.name: c.description for c in cfg.data.classes}, progress and main
         )
         train_pairs, val_pairs = split_pairs(pairs, p.val_fraction, p.seed)
-        backbone = load_backbone(cfg.model.backbone, cfg.model.allow_download)
-        if cfg.data.image_size != backbone.image_size:
+        backbone = backbone_for(cfg)
+        if not isinstance(backbone, HFClip):
             raise ConfigError(
-                f"data.image_size={cfg.data.image_size} but the backbone takes {backbone.image_size}: set data.image_size={backbone.image_size}"
+                f"savlt pretrain trains Hugging Face CLIP backbones; {cfg.model.backbone!r} is an open_clip "
+                "model: start from a Hugging Face CLIP (e.g. --model small) instead"
             )
         torch.manual_seed(p.seed)
         towers = _towers(cfg, backbone)
@@ -272,7 +271,12 @@ def pretrain(
         ]
         dataset = PairDataset(
             train_pairs,
-            train_transform(cfg.data.image_size, cfg.train.crop_scale, cfg.train.hflip, cfg.data.normalize),
+            train_transform(
+                cfg.data.image_size,
+                cfg.train.crop_scale,
+                cfg.train.hflip,
+                normalization(cfg.data.normalize, backbone.normalization),
+            ),
         )
         loader = loader_for(dataset, cfg, 1, accelerator.device, batch_sampler=batches)
         wrapped, optimizer = accelerator.prepare(towers.clip, optimizer)
@@ -334,7 +338,6 @@ def pretrain(
         if main:
             model = towers.clip.merge_and_unload() if isinstance(towers.clip, PeftModel) else towers.clip
             model.to("cpu", save_dtype).save_pretrained(paths.root)
-            towers.tokenizer.save_pretrained(paths.root)
             for written in paths.root.iterdir():
                 if written.is_file():
                     ordinary_permissions(written)

@@ -47,6 +47,7 @@ from savlt.errors import SavltError
 from savlt.io import write_csv, write_json
 from savlt.models.backbone import load_backbone
 from savlt.models.savlt import SavltModel, model_from_config
+from savlt.models.vision_language import VisionLanguage
 from savlt.report.summary import write_report
 
 log = logging.getLogger("savlt")
@@ -145,16 +146,22 @@ def log_to(path: Path, enabled: bool):
         handler.close()
 
 
-def build_model(cfg: Config, device: torch.device) -> tuple[SavltModel, str]:
-    """The run's backbone and model (initialised from ``train.seed``); returns the backbone's name."""
-    backbone = load_backbone(cfg.model.backbone, cfg.model.allow_download)
+def backbone_for(cfg: Config) -> VisionLanguage:
+    """The configured backbone, checked against data.image_size."""
+    backbone = load_backbone(cfg.model.backbone, cfg.model.allow_download, cfg.model.weights)
     if cfg.data.image_size != backbone.image_size:
         raise ConfigError(
-            f"data.image_size={cfg.data.image_size} but backbone {backbone.name!r} takes "
+            f"data.image_size={cfg.data.image_size} but backbone {backbone.source!r} takes "
             f"{backbone.image_size}×{backbone.image_size} inputs: set data.image_size={backbone.image_size}"
         )
+    return backbone
+
+
+def build_model(cfg: Config, device: torch.device) -> tuple[SavltModel, str]:
+    """The run's backbone and model (initialised from ``train.seed``); returns the backbone's name."""
+    backbone = backbone_for(cfg)
     torch.manual_seed(cfg.train.seed)
-    return model_from_config(cfg, backbone).to(device), backbone.name
+    return model_from_config(cfg, backbone).to(device), backbone.source
 
 
 def tissue_masks(cfg: Config, device: torch.device) -> TissueMasks:

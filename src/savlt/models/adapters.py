@@ -1,8 +1,9 @@
-"""Parameter-efficient tuning of CLIP with ``peft``.
+"""Parameter-efficient tuning of the backbone with ``peft``.
 
-Adapters go on the q, k, v and out projections of the self-attention of the last
-``gradual_step`` vision layers, and optionally of every text layer (with their own rank and
-alpha). Everything else in the backbone stays frozen except the visual projection.
+Adapters go on the attention projections (q, k, v and out; which modules those are is the
+backbone's ``adapter_targets``) of the last ``gradual_step`` vision layers, and optionally of
+every text layer (with their own rank and alpha). Everything else in the backbone stays frozen
+except the visual projection.
 
 ``peft.variant="published"`` builds the published code's set-ups instead: AdaLoRA with init_r 32,
 total_step 1000 and peft's defaults otherwise (the training loop then neither re-allocates ranks
@@ -17,24 +18,21 @@ import warnings
 import torch
 from peft import AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import CLIPModel
 
 from savlt.config import ConfigError, PeftConfig
+from savlt.models.vision_language import VisionLanguage
 
-_PROJECTIONS = r"self_attn\.(q_proj|k_proj|v_proj|out_proj)"
 
-
-def target_patterns(num_vision_layers: int, gradual_step: int | None, text: bool) -> tuple[str, str | None]:
+def target_patterns(backbone: VisionLanguage, gradual_step: int | None, text: bool) -> tuple[str, str | None]:
     """Regexes (full module names) for the adapted vision layers and, if wanted, the text layers."""
-    last = num_vision_layers if gradual_step is None else min(gradual_step, num_vision_layers)
-    layers = "|".join(str(i) for i in range(num_vision_layers - last, num_vision_layers))
-    vision = rf"vision_model\.encoder\.layers\.({layers})\.{_PROJECTIONS}"
-    return vision, (rf"text_model\.encoder\.layers\.\d+\.{_PROJECTIONS}" if text else None)
+    layers = backbone.vision_layers
+    last = layers if gradual_step is None else min(gradual_step, layers)
+    return backbone.adapter_targets(layers - last, text)
 
 
-def adapter_config(cfg: PeftConfig, num_vision_layers: int, total_steps: int):
+def adapter_config(cfg: PeftConfig, backbone: VisionLanguage, total_steps: int):
     """The peft config for the chosen adapter type (LoRA, DoRA, AdaLoRA, LoHa, LoKr)."""
-    vision, text = target_patterns(num_vision_layers, cfg.gradual_step, cfg.text)
+    vision, text = target_patterns(backbone, cfg.gradual_step, cfg.text)
     targets = rf".*({vision}|{text})$" if text else rf".*{vision}$"
     published = cfg.variant == "published"
     ranks = {text: cfg.text_r} if text and not published else {}
@@ -80,9 +78,9 @@ def adapter_config(cfg: PeftConfig, num_vision_layers: int, total_steps: int):
     )
 
 
-def add_adapters(clip: CLIPModel, cfg: PeftConfig, total_steps: int) -> PeftModel:
-    """Wrap `clip` with adapters; only the adapters and the visual projection are trainable."""
-    num_layers = int(clip.config.vision_config.num_hidden_layers)
+def add_adapters(backbone: VisionLanguage, cfg: PeftConfig, total_steps: int) -> PeftModel:
+    """Wrap `backbone` with adapters; only the adapters and the visual projection are trainable."""
+    num_layers = backbone.vision_layers
     if cfg.gradual_step is not None and cfg.gradual_step > num_layers:
         raise ConfigError(
             f"peft.gradual_step={cfg.gradual_step} exceeds the backbone's {num_layers} vision layers"
@@ -91,10 +89,15 @@ def add_adapters(clip: CLIPModel, cfg: PeftConfig, total_steps: int) -> PeftMode
         raise ConfigError(f"peft.type=adalora needs at least 10 training steps (this run has {total_steps})")
     with warnings.catch_warnings():  # peft calls a transformers method deprecated in 5.x
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model = get_peft_model(clip, adapter_config(cfg, num_layers, total_steps))
-    clip.visual_projection.weight.requires_grad_(True)
-    if cfg.text and cfg.variant == "published":
-        clip.text_projection.weight.requires_grad_(True)
+        try:
+            model = get_peft_model(backbone, adapter_config(cfg, backbone, total_steps))
+        except (ValueError, TypeError) as exc:  # e.g. an adapter type peft cannot put on these layers
+            raise ConfigError(
+                f"peft.type={cfg.type} cannot be attached to backbone {backbone.source!r} ({exc}); "
+                "use peft.type=lora"
+            ) from None
+    for param in backbone.projections(text=cfg.text and cfg.variant == "published"):
+        param.requires_grad_(True)
     return model
 
 

@@ -1,0 +1,247 @@
+"""Hugging Face ``CLIPModel`` backbones behind the ``VisionLanguage`` interface.
+
+``HFClip`` holds the CLIP's own towers under their own names (``vision_model``, ``text_model``,
+``visual_projection``, ``text_projection``, ``logit_scale``), so adapter and checkpoint tensor
+names are those of the ``CLIPModel``. Built-in random presets (``tiny`` for tests, ``small`` the
+shape of the shipped ``tiny-oct``, ``random-vit-b16`` the shapes of openai/clip-vit-base-patch16)
+use a character-level tokenizer made in-process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import pre_tokenizers
+from torch import nn
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+from transformers.utils import logging as hf_logging
+
+from savlt.models.vision_language import CLIP_STATS, BackboneError, Stats, VisionLanguage
+
+_PROJECTIONS = r"self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+
+
+class HFClip(nn.Module, VisionLanguage):
+    kind = "hf"
+
+    def __init__(
+        self, clip: CLIPModel, tokenizer: CLIPTokenizer, source: str, normalization: Stats = CLIP_STATS
+    ) -> None:
+        super().__init__()
+        self.vision_model = clip.vision_model
+        self.text_model = clip.text_model
+        self.visual_projection = clip.visual_projection
+        self.text_projection = clip.text_projection
+        self.logit_scale = clip.logit_scale
+        self.clip_config = clip.config  # not "config": peft would take this wrapper for a transformers model
+        self._clip = (clip,)  # the CLIPModel itself (same modules), for save_pretrained; not a child
+        self.tokenizer = tokenizer
+        self.source = source
+        self.normalization = normalization
+        vision = clip.config.vision_config
+        self.image_size = int(vision.image_size)
+        self.patch_size = int(vision.patch_size)
+        self.width = int(vision.hidden_size)
+        self.vision_layers = int(vision.num_hidden_layers)
+        self.embed_dim = int(clip.config.projection_dim)
+
+    @property
+    def hf_model(self) -> CLIPModel:
+        """The ``CLIPModel`` sharing these modules (adapters merged in place stay merged there)."""
+        return self._clip[0]
+
+    def embed_patches(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vision_model.pre_layrnorm(self.vision_model.embeddings(pixels))
+
+    def vision_blocks(self) -> Sequence[nn.Module]:
+        return self.vision_model.encoder.layers
+
+    def run_block(self, block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        return block(tokens, None)
+
+    def final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.vision_model.post_layernorm(tokens)
+
+    def cls_feature(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.vision_model.post_layernorm(tokens[:, 0])
+
+    def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.visual_projection(pooled)
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
+        return tokens["input_ids"], tokens["attention_mask"]
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.text_projection(self.text_model(input_ids=ids, attention_mask=mask).pooler_output)
+
+    def adapter_targets(self, first_layer: int, text: bool) -> tuple[str, str | None]:
+        layers = "|".join(str(i) for i in range(first_layer, self.vision_layers))
+        vision = rf"vision_model\.encoder\.layers\.({layers})\.{_PROJECTIONS}"
+        return vision, (rf"text_model\.encoder\.layers\.\d+\.{_PROJECTIONS}" if text else None)
+
+    def projections(self, text: bool) -> list[nn.Parameter]:
+        return [self.visual_projection.weight] + ([self.text_projection.weight] if text else [])
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        vision, text = self.clip_config.vision_config, self.clip_config.text_config
+        shape = (
+            vision.hidden_size,
+            vision.num_hidden_layers,
+            vision.patch_size,
+            vision.image_size,
+            text.hidden_size,
+            text.num_hidden_layers,
+            self.clip_config.projection_dim,
+        )
+        digest.update(repr(shape).encode())
+        for tensor in (
+            self.vision_model.embeddings.patch_embedding.weight,
+            self.vision_model.embeddings.class_embedding,
+            self.text_model.embeddings.token_embedding.weight[:256],
+        ):
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """A Hugging Face CLIP folder (float32 or the current dtype) with its tokenizer."""
+        self.hf_model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+
+
+# ---------------------------------------------------------------------- built-in random CLIPs
+
+
+def tiny_tokenizer(max_length: int = 128) -> CLIPTokenizer:
+    """A CLIP byte-level BPE tokenizer without merges: one token per character."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    vocab.update({ch: i + 2 for i, ch in enumerate(alphabet)})
+    vocab.update({ch + "</w>": i + 2 + len(alphabet) for i, ch in enumerate(alphabet)})
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def _tower(hidden: int, layers: int, heads: int) -> dict[str, int]:
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": 4 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+    }
+
+
+# "tiny" for tests; "small" the architecture of the shipped ``tiny-oct``; "random-vit-b16" the
+# shapes of openai/clip-vit-base-patch16, for speed and memory measurements without the weights.
+RANDOM_PRESETS: dict[str, dict[str, dict[str, int]]] = {
+    "tiny": {"vision": _tower(96, 4, 4), "text": _tower(64, 2, 4), "projection": {"projection_dim": 64}},
+    "small": {"vision": _tower(144, 4, 4), "text": _tower(128, 4, 4), "projection": {"projection_dim": 128}},
+    "random-vit-b16": {
+        "vision": _tower(768, 12, 12),
+        "text": _tower(512, 12, 8),
+        "projection": {"projection_dim": 512},
+    },
+}
+
+
+def random_clip_config(preset: str, vocab_size: int, max_length: int = 128) -> CLIPConfig:
+    """ViT with 16-pixel patches at 224 (the 14×14 token grid of ViT-B/16)."""
+    shapes = RANDOM_PRESETS[preset]
+    return CLIPConfig(
+        text_config={
+            **shapes["text"],
+            "vocab_size": vocab_size,
+            "max_position_embeddings": max_length,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+        },
+        vision_config={**shapes["vision"], "image_size": 224, "patch_size": 16},
+        projection_dim=shapes["projection"]["projection_dim"],
+        logit_scale_init_value=math.log(100.0),  # CLIP's trained scale, so train and test agree
+    )
+
+
+def build_random_hf(preset: str) -> HFClip:
+    """The same random CLIP every time (its own seed; the global RNG is left alone)."""
+    tokenizer = tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        clip = CLIPModel(random_clip_config(preset, len(tokenizer)))
+    return HFClip(clip.eval(), tokenizer, preset).eval()
+
+
+# ---------------------------------------------------------------------- pretrained, offline first
+
+
+def hub_cache() -> str:
+    return os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
+    )
+
+
+def how_to_provide(name: str) -> str:
+    return (
+        f"The weights of {name!r} are not available on this machine. Either\n"
+        f"  - on a machine with internet run `hf download {name}` (or "
+        f"`huggingface-cli download {name}`) and copy its cache folder to {hub_cache()} here "
+        "(set HF_HOME or HF_HUB_CACHE to use another cache location), or\n"
+        f"  - save it with CLIPModel.from_pretrained({name!r}).save_pretrained(DIR) plus the "
+        "tokenizer's save_pretrained(DIR), copy DIR here and pass --model DIR, or\n"
+        "  - allow a download with --set model.allow_download=true on a machine that can reach the hub.\n"
+        "For a quick try without weights use --model tiny."
+    )
+
+
+def _stats_of(folder: Path) -> Stats:
+    """The image processor's mean and std when the folder has one, else CLIP's."""
+    processor = folder / "preprocessor_config.json"
+    if processor.is_file():
+        values = json.loads(processor.read_text())
+        mean, std = values.get("image_mean"), values.get("image_std")
+        if isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == 3:
+            return (tuple(float(v) for v in mean), tuple(float(v) for v in std))  # type: ignore[return-value]
+    return CLIP_STATS
+
+
+def load_hf(source: str, local_only: bool, name: str | None = None) -> HFClip:
+    """A CLIPModel and its tokenizer from a folder or hub id (float32 whatever the file holds)."""
+    previous = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # a missing file is reported by us, in one message
+    hf_logging.disable_progress_bar()
+    try:
+        clip = CLIPModel.from_pretrained(source, local_files_only=local_only, dtype=torch.float32)
+        tokenizer = CLIPTokenizer.from_pretrained(source, local_files_only=local_only)
+    finally:
+        hf_logging.set_verbosity(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
+    folder = Path(source)
+    stats = _stats_of(folder) if folder.is_dir() else CLIP_STATS
+    return HFClip(clip.eval(), tokenizer, name or source, stats).eval()
+
+
+def load_hf_folder(folder: Path) -> HFClip:
+    try:
+        return load_hf(str(folder), local_only=True)
+    except (OSError, ValueError) as exc:
+        raise BackboneError(f"cannot load the CLIP model in {folder}: {exc}") from None
+
+
+def load_hf_hub(spec: str, allow_download: bool) -> HFClip:
+    try:
+        return load_hf(spec, local_only=True)
+    except (OSError, ValueError) as exc:
+        if not allow_download:
+            raise BackboneError(f"{how_to_provide(spec)}\n(detail: {exc})") from None
+    try:
+        return load_hf(spec, local_only=False)
+    except (OSError, ValueError) as exc:
+        raise BackboneError(f"download of {spec!r} failed ({exc}).\n{how_to_provide(spec)}") from None

@@ -1,0 +1,438 @@
+"""open_clip backbones behind the ``VisionLanguage`` interface: BiomedCLIP and other open_clip ViTs.
+
+Supported vision towers: a timm ``VisionTransformer`` trunk with one class token (BiomedCLIP:
+``vit_base_patch16_224``, its CLS pooled and projected by ``visual.head``) and open_clip's own
+``VisionTransformer`` with CLS pooling. Text towers: a Hugging Face encoder (BiomedCLIP's
+PubMedBERT) or open_clip's own text transformer.
+
+Adapters (see ``adapter_targets``): on a timm trunk the fused ``attn.qkv`` projection and
+``attn.proj`` of each adapted block. One adapter on the fused qkv layer adapts the query, key and
+value projections together: its update ΔW = B·A has one rank-r down-projection A shared by the
+three and an up-projection B whose rows split into the q, k and v parts (not three independent
+rank-r adapters as on a Hugging Face CLIP). On open_clip's own towers the blocks use PyTorch's
+``nn.MultiheadAttention``, which peft adapts as a whole (in and out projections), with LoRA only.
+
+Loading is offline first: a folder holding ``open_clip_config.json`` and the weights (the layout
+of an open_clip hub repository), ``hf-hub:ORG/NAME`` from the local Hugging Face cache, or
+``open_clip:ARCH`` (a built-in open_clip architecture) with ``model.weights`` a local file. A
+Hugging Face text tower's own config (BiomedCLIP: microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract)
+is read from a local folder or the cache too; its weights come with the CLIP checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import timm
+import torch
+from huggingface_hub import snapshot_download
+from open_clip.hf_model import HFTextEncoder
+from open_clip.timm_model import TimmModel
+from open_clip.transformer import VisionTransformer as OpenClipViT
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordPiece
+from torch import nn
+from transformers import AutoTokenizer, BertConfig, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
+
+from savlt.models.hf_clip import hub_cache
+from savlt.models.vision_language import CLIP_STATS, BackboneError, Stats, VisionLanguage
+
+PREFIX = "open_clip:"
+HUB_PREFIX = "hf-hub:"
+BIOMEDCLIP = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+BIOMEDBERT = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
+WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+_HF_ATTENTION = r"attention\.(self\.(query|key|value)|output\.dense)"  # BERT / RoBERTa names
+
+
+class OpenClip(nn.Module, VisionLanguage):
+    kind = "open_clip"
+
+    def __init__(self, model: nn.Module, tokenizer: Any, source: str, normalization: Stats = CLIP_STATS):
+        super().__init__()
+        self.clip = model
+        self.tokenizer = tokenizer  # a transformers tokenizer (HF text tower) or open_clip's SimpleTokenizer
+        self.source = source
+        self.normalization = normalization
+        visual = model.visual
+        if isinstance(visual, TimmModel) and isinstance(visual.trunk, timm.models.VisionTransformer):
+            trunk = visual.trunk
+            if trunk.cls_token is None or trunk.num_prefix_tokens != 1:
+                raise BackboneError(
+                    f"{source}: SAVLT needs a ViT trunk with exactly one class token "
+                    f"(this one has {trunk.num_prefix_tokens} prefix tokens)"
+                )
+            self.timm = True
+            self.image_size = int(trunk.patch_embed.img_size[0])
+            self.patch_size = int(trunk.patch_embed.patch_size[0])
+            self.width = int(trunk.embed_dim)
+            self.vision_layers = len(trunk.blocks)
+        elif isinstance(visual, OpenClipViT):
+            if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
+                raise BackboneError(f"{source}: SAVLT needs a ViT pooled by its class token")
+            if not visual.transformer.batch_first:
+                raise BackboneError(
+                    f"{source}: open_clip ViTs built with batch_first=False are not supported"
+                )
+            self.timm = False
+            self.image_size = int(visual.image_size[0])
+            self.patch_size = int(visual.patch_size[0])
+            self.width = int(visual.conv1.out_channels)
+            self.vision_layers = len(visual.transformer.resblocks)
+        else:
+            raise BackboneError(
+                f"{source}: the vision tower {type(visual).__name__} is not a ViT; SAVLT's ROI pooling "
+                "needs a ViT (a timm VisionTransformer trunk or open_clip's VisionTransformer)"
+            )
+        self.hf_text = isinstance(getattr(model, "text", None), HFTextEncoder)
+        self.context_length = (
+            int(model.text.config.max_position_embeddings) if self.hf_text else int(model.context_length)
+        )
+        self.logit_scale = model.logit_scale
+        with torch.no_grad():
+            probe = self.project_image(torch.zeros(1, self.width))
+        self.embed_dim = int(probe.shape[-1])
+
+    # ------------------------------------------------------------------ vision tower
+    def embed_patches(self, pixels: torch.Tensor) -> torch.Tensor:
+        visual = self.clip.visual
+        if not self.timm:
+            return visual._embeds(pixels)
+        trunk = visual.trunk
+        tokens = trunk._pos_embed(trunk.patch_embed(pixels))  # class token and positions
+        return trunk.norm_pre(trunk.patch_drop(tokens))
+
+    def vision_blocks(self) -> Sequence[nn.Module]:
+        visual = self.clip.visual
+        return visual.trunk.blocks if self.timm else visual.transformer.resblocks
+
+    def run_block(self, block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        return block(tokens)
+
+    def final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
+        visual = self.clip.visual
+        return visual.trunk.norm(tokens) if self.timm else visual.ln_post(tokens)
+
+    def cls_feature(self, tokens: torch.Tensor) -> torch.Tensor:
+        visual = self.clip.visual
+        if self.timm:
+            return visual.trunk.forward_head(visual.trunk.norm(tokens), pre_logits=True)
+        return visual.ln_post(tokens[:, 0])
+
+    def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
+        visual = self.clip.visual
+        if self.timm:
+            return visual.head(visual.trunk.head(pooled))
+        return pooled @ visual.proj
+
+    # ------------------------------------------------------------------ text tower
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.hf_text:
+            # as open_clip's HFTokenizer: whitespace cleaned, padded to the context length
+            cleaned = [" ".join(text.split()) for text in texts]
+            ids = self.tokenizer(
+                cleaned,
+                padding="max_length",
+                max_length=self.context_length,
+                truncation=True,
+                return_tensors="pt",
+            )["input_ids"]
+            return ids, (ids != self.clip.text.config.pad_token_id).long()
+        ids = self.tokenizer(list(texts))
+        return ids, (ids != 0).long()
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_text(ids)  # each text tower derives its own mask from the ids
+
+    # ------------------------------------------------------------------ tuning and identity
+    def adapter_targets(self, first_layer: int, text: bool) -> tuple[str, str | None]:
+        layers = "|".join(str(i) for i in range(first_layer, self.vision_layers))
+        if self.timm:
+            vision = rf"clip\.visual\.trunk\.blocks\.({layers})\.attn\.(qkv|proj)"
+        else:
+            vision = rf"clip\.visual\.transformer\.resblocks\.({layers})\.attn"
+        if not text:
+            return vision, None
+        if self.hf_text:
+            return vision, rf"clip\.text\.transformer\.encoder\.layer\.\d+\.{_HF_ATTENTION}"
+        return vision, r"clip\.transformer\.resblocks\.\d+\.attn"
+
+    def projections(self, text: bool) -> list[nn.Parameter]:
+        visual = self.clip.visual
+        params = [*visual.head.parameters(), *visual.trunk.head.parameters()] if self.timm else [visual.proj]
+        if text:
+            params += list(self.clip.text.proj.parameters()) if self.hf_text else [self.clip.text_projection]
+        return params
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(
+            repr(
+                (self.kind, self.image_size, self.patch_size, self.width, self.vision_layers, self.embed_dim)
+            ).encode()
+        )
+        visual = self.clip.visual
+        if self.timm:
+            vision = (visual.trunk.patch_embed.proj.weight, visual.trunk.cls_token)
+        else:
+            vision = (visual.conv1.weight, visual.class_embedding)
+        words = (
+            self.clip.text.transformer.get_input_embeddings().weight
+            if self.hf_text
+            else self.clip.token_embedding.weight
+        )
+        for tensor in (*vision, words[:256]):
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------- built-in random models
+
+
+def char_tokenizer(max_length: int) -> PreTrainedTokenizerFast:
+    """A BERT-style WordPiece tokenizer with one token per character, built in-process."""
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = {tok: i for i, tok in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])}
+    for ch in chars:
+        vocab[ch] = len(vocab)
+    for ch in chars:
+        vocab["##" + ch] = len(vocab)
+    tokenizer = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tokenizer.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=max_length,
+    )
+
+
+# Random open_clip models shaped like BiomedCLIP (timm ViT trunk + BERT text tower, projected to
+# the joint space by a linear head and a two-layer MLP): "tiny-openclip" for tests and demos,
+# "random-biomedclip" with BiomedCLIP's own shapes (ViT-B/16, BERT-base, 512-d) for speed and
+# memory measurements without the weights.
+OPEN_CLIP_PRESETS: dict[str, dict[str, int]] = {
+    "tiny-openclip": {"width": 96, "layers": 4, "heads": 4, "text_width": 64, "text_layers": 2, "embed": 64},
+    "random-biomedclip": {
+        "width": 768,
+        "layers": 12,
+        "heads": 12,
+        "text_width": 768,
+        "text_layers": 12,
+        "embed": 512,
+    },
+}
+
+
+def build_random_open_clip(preset: str) -> OpenClip:
+    """The same random model every time (its own seed; the global RNG is left alone)."""
+    shape = OPEN_CLIP_PRESETS[preset]
+    context = 256 if preset == "random-biomedclip" else 128
+    tokenizer = char_tokenizer(context)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        with torch.device("meta"):  # only the shell: every tensor in it is replaced below
+            model = open_clip.CustomTextCLIP(
+                embed_dim=shape["embed"],
+                vision_cfg={
+                    "timm_model_name": "vit_base_patch16_224",
+                    "timm_pool": "",
+                    "timm_proj": "linear",
+                },
+                text_cfg={"width": 32, "layers": 1, "heads": 2, "context_length": 8, "vocab_size": 8},
+            )
+        model.visual.trunk = timm.models.VisionTransformer(
+            img_size=224,
+            patch_size=16,
+            embed_dim=shape["width"],
+            depth=shape["layers"],
+            num_heads=shape["heads"],
+            num_classes=0,
+        )
+        model.visual.head.proj = nn.Linear(shape["width"], shape["embed"], bias=False)
+        text = BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=shape["text_width"],
+            num_hidden_layers=shape["text_layers"],
+            num_attention_heads=max(1, shape["text_width"] // 64),
+            intermediate_size=4 * shape["text_width"],
+            max_position_embeddings=context,
+            pad_token_id=0,
+        )
+        model.text = HFTextEncoder(
+            "bert", shape["embed"], config=text, pooler_type="cls_last_hidden_state_pooler", proj_type="mlp"
+        )
+        model.logit_scale = nn.Parameter(torch.tensor(math.log(100.0)))  # CLIP's trained scale
+    return OpenClip(model.eval(), tokenizer, preset).eval()
+
+
+# ---------------------------------------------------------------------- pretrained, offline first
+
+
+def how_to_provide(spec: str) -> str:
+    """One line: which files to copy where, for an open_clip hub model (BiomedCLIP's text config too)."""
+    repo = spec.removeprefix(HUB_PREFIX)
+    return (
+        f"the open_clip model {spec!r} is not on this machine: on one with internet run `hf download {repo}`"
+        f"{f' and `hf download {BIOMEDBERT} --include *.json vocab.txt`' if repo == BIOMEDCLIP else ''} and copy the cache "
+        f"folder to {hub_cache()} here (or set HF_HUB_CACHE), or copy the repository's files "
+        f"(open_clip_config.json, {' or '.join(WEIGHT_FILES)}, tokenizer files) into a folder DIR and "
+        "pass --model DIR, or allow a download with --set model.allow_download=true; see the README's "
+        "'Medical CLIP backbones'"
+    )
+
+
+def _quiet() -> tuple[int, bool]:
+    previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    return previous, bars
+
+
+def _cached_repo(repo: str, allow_download: bool) -> Path | None:
+    """The local snapshot folder of a hub repository, or None when it is not cached."""
+    try:
+        return Path(snapshot_download(repo, local_files_only=True, cache_dir=hub_cache()))
+    except (OSError, ValueError):  # not cached, or not a valid repository id
+        if not allow_download:
+            return None
+    try:
+        return Path(snapshot_download(repo, cache_dir=hub_cache()))
+    except (OSError, ValueError) as exc:  # HTTP errors are OSErrors too
+        raise BackboneError(
+            f"download of {repo!r} failed ({exc}); {how_to_provide(HUB_PREFIX + repo)}"
+        ) from None
+
+
+def _local_hf(name: str, what: str, allow_download: bool, spec: str) -> Path:
+    """A Hugging Face model named by an open_clip config (a folder, or a repository in the cache)."""
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return folder
+    cached = _cached_repo(name, allow_download)
+    if cached is None:
+        raise BackboneError(
+            f"{spec}: its {what} {name!r} is not available offline: on a machine with internet run "
+            f"`hf download {name} --include *.json vocab.txt` (its config and tokenizer files, not its "
+            f"weights) and copy the cache "
+            f"folder to {hub_cache()} here, or write a local folder's path in open_clip_config.json"
+        )
+    return cached
+
+
+def _tokenizer_folder(folder: Path | None, text_cfg: dict[str, Any], allow: bool, spec: str) -> Path:
+    if folder is not None and any(
+        (folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+    ):
+        return folder  # an open_clip hub repository ships its tokenizer (as BiomedCLIP does)
+    name = text_cfg.get("hf_tokenizer_name") or text_cfg["hf_model_name"]
+    return _local_hf(name, "tokenizer", allow, spec)
+
+
+def build_open_clip(
+    model_cfg: dict[str, Any],
+    weights: Path | None,
+    source: str,
+    stats: Stats,
+    folder: Path | None,
+    allow_download: bool,
+) -> OpenClip:
+    """An open_clip model from its config dict and a weights file, with nothing fetched online."""
+    cfg = json.loads(json.dumps(model_cfg))  # a deep copy
+    if "multimodal_cfg" in cfg:
+        raise BackboneError(
+            f"{source}: CoCa models (multimodal_cfg) are not supported; use a CLIP-style model"
+        )
+    vision, text = cfg.setdefault("vision_cfg", {}), cfg.setdefault("text_cfg", {})
+    vision["timm_model_pretrained"] = False  # every weight comes from the CLIP checkpoint
+    hf_text = bool(text.get("hf_model_name"))
+    tokenizer: Any
+    previous, bars = _quiet()
+    try:
+        if hf_text:
+            text["hf_model_name"] = str(
+                _local_hf(text["hf_model_name"], "text tower", allow_download, source)
+            )
+            text["hf_model_pretrained"] = False
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(_tokenizer_folder(folder, text, allow_download, source))
+            )
+        else:
+            tokenizer = open_clip.SimpleTokenizer(context_length=int(text.get("context_length", 77)))
+        model_class = open_clip.CustomTextCLIP if hf_text or cfg.pop("custom_text", False) else open_clip.CLIP
+        cfg.pop("custom_text", None)
+        model = model_class(**cfg)
+        if weights is not None:
+            open_clip.load_checkpoint(model, str(weights), strict=True, weights_only=True)
+    except BackboneError:
+        raise
+    except Exception as exc:  # open_clip, timm and torch raise many types for a bad file or config
+        raise BackboneError(
+            f"cannot build the open_clip model {source} ({type(exc).__name__}: {exc})"
+        ) from None
+    finally:
+        hf_logging.set_verbosity(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
+    return OpenClip(model.float().eval(), tokenizer, source, stats).eval()
+
+
+def _read_folder(folder: Path) -> tuple[dict[str, Any], Stats, Path]:
+    config_file = folder / "open_clip_config.json"
+    try:
+        config = json.loads(config_file.read_text())
+        model_cfg = config["model_cfg"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise BackboneError(f"{config_file} is not an open_clip config ({exc})") from None
+    preprocess = config.get("preprocess_cfg", {})
+    mean, std = preprocess.get("mean", CLIP_STATS[0]), preprocess.get("std", CLIP_STATS[1])
+    found = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
+    if not found:
+        raise BackboneError(f"open_clip folder {folder} holds no weights ({' or '.join(WEIGHT_FILES)})")
+    return model_cfg, (tuple(mean), tuple(std)), found[0]  # type: ignore[return-value]
+
+
+def load_open_clip_folder(folder: Path, allow_download: bool = False, source: str | None = None) -> OpenClip:
+    model_cfg, stats, weights = _read_folder(folder)
+    return build_open_clip(model_cfg, weights, source or str(folder), stats, folder, allow_download)
+
+
+def load_open_clip(spec: str, weights: str | None, allow_download: bool) -> OpenClip:
+    """``hf-hub:ORG/NAME`` (local cache first) or ``open_clip:ARCH`` with a local weights file."""
+    if spec.startswith(HUB_PREFIX):
+        repo = spec.removeprefix(HUB_PREFIX)
+        folder = _cached_repo(repo, allow_download)
+        if folder is None or not (folder / "open_clip_config.json").is_file():
+            raise BackboneError(how_to_provide(spec))
+        return load_open_clip_folder(folder, allow_download, source=spec)
+    arch = spec.removeprefix(PREFIX)
+    model_cfg = open_clip.get_model_config(arch)
+    if model_cfg is None:
+        raise BackboneError(
+            f"{spec}: {arch!r} is not an open_clip architecture; choose one of open_clip.list_models() "
+            "(e.g. ViT-B-16) or pass an open_clip folder"
+        )
+    if weights is None:
+        raise BackboneError(
+            f"{spec} needs its weights file: add --set model.weights=FILE (a .safetensors, .bin or .pt "
+            "state dict saved from open_clip)"
+        )
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise BackboneError(f"model.weights: {path} does not exist")
+    return build_open_clip(model_cfg, path, spec, CLIP_STATS, None, allow_download)

@@ -1,0 +1,123 @@
+"""What SAVLT needs from a CLIP-like backbone: one small interface, two implementations.
+
+``VisionLanguage`` is the interface the model code talks to (``savlt.models.savlt``, the
+pretraining loop, checkpoints); ``savlt.models.hf_clip`` implements it for Hugging Face
+``CLIPModel`` checkpoints and ``savlt.models.openclip`` for open_clip models (BiomedCLIP and
+other timm-trunk ViTs). The model code never asks which one it holds.
+
+Vision side: ``vision_tokens`` runs the ViT block by block and returns the last block's tokens
+(CLS first, before the tower's final norm). Given an ROI keep-mask it zeroes the non-ROI patch
+tokens after every block (the published BiomedCLIP variant; CLS kept), and with ``isolate`` also
+before the first block, so that no pixel outside the ROI reaches the ROI or CLS tokens. Both are
+one multiplication per block on the whole batch.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from savlt.data.transforms import NORMALIZATION, Stats
+from savlt.errors import SavltError
+
+CLIP_STATS: Stats = NORMALIZATION["clip"]  # every OpenAI CLIP checkpoint's, and BiomedCLIP's
+
+
+class BackboneError(SavltError):
+    """The backbone cannot be loaded or used; the message says what to provide or change."""
+
+
+class VisionLanguage(ABC):
+    """Mixin for an ``nn.Module`` holding a CLIP-like backbone (see the module docstring).
+
+    Attributes every implementation sets: ``source`` (what ``--model`` named), ``kind``
+    ("hf" or "open_clip"), ``image_size``, ``patch_size``, ``width`` (token width D),
+    ``embed_dim`` (joint embedding E), ``vision_layers``, ``normalization`` (its own mean and std)
+    and ``logit_scale`` (a parameter holding log of the logit scale).
+    """
+
+    source: str
+    kind: str
+    image_size: int
+    patch_size: int
+    width: int
+    embed_dim: int
+    vision_layers: int
+    normalization: Stats
+    logit_scale: nn.Parameter
+
+    @property
+    def patch_grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    # ------------------------------------------------------------------ vision tower
+    @abstractmethod
+    def embed_patches(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalised pixels -> (B, 1 + N, D) tokens entering the first block."""
+
+    @abstractmethod
+    def vision_blocks(self) -> Sequence[nn.Module]:
+        """The transformer blocks of the vision tower, in order."""
+
+    @abstractmethod
+    def run_block(self, block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """One block on (B, 1 + N, D) tokens."""
+
+    @abstractmethod
+    def final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The vision tower's final LayerNorm, on tokens (..., D)."""
+
+    @abstractmethod
+    def cls_feature(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + N, D) last-block tokens -> (B, D): the tower's own pooled feature (CLS)."""
+
+    @abstractmethod
+    def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, E): the vision head's projection into the joint space."""
+
+    def vision_tokens(
+        self, pixels: torch.Tensor, keep: torch.Tensor | None = None, isolate: bool = False
+    ) -> torch.Tensor:
+        """(B, 1 + N, D) tokens after the last block, before the final norm.
+
+        keep (B, N) bool: the ROI patches. Given, the other patch tokens are zeroed after every
+        block (CLS kept), and also before the first block when ``isolate`` is set.
+        """
+        tokens = self.embed_patches(pixels)
+        mask = None
+        if keep is not None:
+            cls = torch.ones_like(keep[:, :1])
+            mask = torch.cat([cls, keep], dim=1)[..., None].to(tokens.dtype)  # (B, 1 + N, 1)
+            if isolate:
+                tokens = tokens * mask
+        for block in self.vision_blocks():
+            tokens = self.run_block(block, tokens)
+            if mask is not None:
+                tokens = tokens * mask
+        return tokens
+
+    # ------------------------------------------------------------------ text tower
+    @abstractmethod
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (T, L) and attention mask (T, L) for the text tower."""
+
+    @abstractmethod
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(T, E) projected, not normalised, text features."""
+
+    # ------------------------------------------------------------------ tuning and identity
+    @abstractmethod
+    def adapter_targets(self, first_layer: int, text: bool) -> tuple[str, str | None]:
+        """Regexes (full module names) of the adapted attention projections: the vision blocks from
+        ``first_layer`` on and, when ``text``, every text block."""
+
+    @abstractmethod
+    def projections(self, text: bool) -> list[nn.Parameter]:
+        """The visual projection's parameters, and the text projection's when ``text``."""
+
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """A short hash of the frozen weights, to refuse a checkpoint trained on another backbone."""

@@ -1,0 +1,354 @@
+"""The backbone interface: Hugging Face CLIP and open_clip (BiomedCLIP-style) models, loaded
+offline, adapted, and the in-backbone ROI masking. Every model here is random and built or saved
+in-process; nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import fast_config
+from safetensors.torch import save_file
+from transformers import BertConfig
+
+from savlt.config import ConfigError, load_config
+from savlt.engine.loaded import load_run
+from savlt.engine.training import train
+from savlt.models.backbone import build_random, load_backbone
+from savlt.models.openclip import BIOMEDBERT, BIOMEDCLIP, build_open_clip
+from savlt.models.savlt import model_from_config
+from savlt.models.vision_language import CLIP_STATS, BackboneError, VisionLanguage
+
+KINDS = ["tiny", "tiny-openclip"]
+
+
+# ---------------------------------------------------------------------- building test models
+
+
+def write_tiny_bert(folder: Path) -> Path:
+    """A BERT-style text tower's config and WordPiece vocabulary, as a Hugging Face folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = string.ascii_lowercase + string.digits + ".,-()'"
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars)]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 64})
+    )
+    BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    ).save_pretrained(folder)
+    return folder
+
+
+def biomedclip_like_cfg(text_tower: str) -> dict:
+    """BiomedCLIP's open_clip config with a small timm trunk and a tiny BERT text tower."""
+    return {
+        "embed_dim": 32,
+        "vision_cfg": {
+            "timm_model_name": "vit_tiny_patch16_224",
+            "timm_model_pretrained": False,
+            "timm_pool": "",
+            "timm_proj": "linear",
+            "image_size": 224,
+        },
+        "text_cfg": {
+            "hf_model_name": text_tower,
+            "hf_tokenizer_name": text_tower,
+            "hf_proj_type": "mlp",
+            "hf_pooler_type": "cls_last_hidden_state_pooler",
+            "context_length": 64,
+        },
+    }
+
+
+# open_clip's own ViT and text transformer, both tiny.
+NATIVE_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def save_open_clip_folder(folder: Path, model_cfg: dict, seed: int = 0) -> VisionLanguage:
+    """An open_clip hub repository's layout: open_clip_config.json and the weights."""
+    torch.manual_seed(seed)
+    model = build_open_clip(model_cfg, None, "test", CLIP_STATS, None, False)
+    folder.mkdir(parents=True, exist_ok=True)
+    preprocess = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    (folder / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess})
+    )
+    state = {k: v.contiguous() for k, v in model.clip.state_dict().items()}
+    save_file(state, str(folder / "open_clip_model.safetensors"))
+    return model
+
+
+@pytest.fixture(scope="module")
+def biomed_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, VisionLanguage]:
+    root = tmp_path_factory.mktemp("biomed")
+    bert = write_tiny_bert(root / "tiny-bert")
+    folder = root / "tiny-biomedclip"
+    return folder, save_open_clip_folder(folder, biomedclip_like_cfg(str(bert)))
+
+
+@pytest.fixture(scope="module")
+def native_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, VisionLanguage]:
+    folder = tmp_path_factory.mktemp("native") / "tiny-vit"
+    return folder, save_open_clip_folder(folder, NATIVE_CFG)
+
+
+def roi_masks(size: int = 2) -> torch.Tensor:
+    masks = torch.zeros(size, 224, 224, dtype=torch.uint8)
+    masks[:, 96:] = 1  # tissue from row 96: the ROI is patch rows 6..13
+    return masks
+
+
+# ---------------------------------------------------------------------- the interface
+
+
+def test_the_hf_block_loop_is_transformers_own_forward() -> None:
+    tiny = build_random("tiny")
+    pixels = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        hf = tiny.vision_model(pixel_values=pixels)
+        tokens = tiny.vision_tokens(pixels)
+    assert torch.equal(tokens, hf.last_hidden_state)
+    assert torch.equal(tiny.cls_feature(tokens), hf.pooler_output)
+
+
+@pytest.mark.parametrize("which", ["tiny-openclip", "biomed", "native"])
+def test_open_clip_features_match_open_clips_own_encoders(which: str, request) -> None:
+    if which == "tiny-openclip":
+        backbone = build_random(which)
+    else:
+        backbone = request.getfixturevalue(f"{which}_folder")[1]
+    pixels = torch.randn(2, 3, 224, 224)
+    ids, mask = backbone.tokenize(["Medical OCT image of normal tissue", "cervical cancer"])
+    with torch.no_grad():
+        image = backbone.project_image(backbone.cls_feature(backbone.vision_tokens(pixels)))
+        text = backbone.encode_text(ids, mask)
+        assert torch.allclose(image, backbone.clip.encode_image(pixels), atol=1e-5)
+    assert image.shape == (2, backbone.embed_dim) and text.shape == (2, backbone.embed_dim)
+    assert backbone.patch_grid == 14 and backbone.image_size == 224
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_features_and_logits_have_the_expected_shapes(kind: str) -> None:
+    cfg = load_config(overrides=[f"model.backbone={kind}", "train.max_steps=20"])
+    torch.manual_seed(0)
+    model = model_from_config(cfg, build_random(kind))
+    out = model(torch.randn(3, 3, 224, 224), roi_masks(3))
+    assert out.features.shape == (3, model.clip_model.embed_dim)
+    assert model.logits(out).shape == (3, 5) and out.attention.shape == (3, 4, 196)
+    loss = model.loss(out, torch.tensor([0, 1, 2]))
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n)
+
+
+def test_adapters_go_on_the_timm_trunks_attention_and_the_bert_text_tower() -> None:
+    model = model_from_config(
+        load_config(overrides=["model.backbone=tiny-openclip", "peft.gradual_step=2", "peft.text=true"]),
+        build_random("tiny-openclip"),
+    )
+    adapted = {n.split(".lora_")[0] for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n}
+    prefix = "clip.base_model.model.clip."
+    vision = {f"{prefix}visual.trunk.blocks.{i}.attn.{m}" for i in (2, 3) for m in ("qkv", "proj")}
+    text = {
+        f"{prefix}text.transformer.encoder.layer.{i}.attention.{m}"
+        for i in (0, 1)
+        for m in ("self.query", "self.key", "self.value", "output.dense")
+    }
+    assert adapted == vision | text
+    rest = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert rest == {
+        "clip.base_model.model.clip.visual.head.proj.weight",
+        "pool.queries",
+        "pool.proj.weight",
+        "pool.proj.bias",
+        "head.prototypes",
+    }
+
+
+def test_open_clips_own_towers_take_lora_on_their_attention_and_refuse_loha(native_folder) -> None:
+    folder, _ = native_folder
+    cfg = load_config(overrides=[f"model.backbone={folder}", "peft.text=true"])
+    model = model_from_config(cfg, load_backbone(str(folder)))
+    adapted = {n.split(".lora_")[0] for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n}
+    prefix = "clip.base_model.model.clip."
+    blocks = ("visual.transformer.resblocks.0", "visual.transformer.resblocks.1", "transformer.resblocks.0")
+    # peft adapts a MultiheadAttention's in-projection and (nested) out-projection
+    assert adapted == {f"{prefix}{b}.attn{part}" for b in blocks for part in ("", ".base_layer.out_proj")}
+    out = model(torch.randn(2, 3, 224, 224), roi_masks())
+    model.loss(out, torch.tensor([0, 1])).backward()
+    cfg = load_config(overrides=[f"model.backbone={folder}", "peft.type=loha", "train.max_steps=20"])
+    with pytest.raises(ConfigError, match="peft.type=loha cannot be attached.*use peft.type=lora"):
+        model_from_config(cfg, load_backbone(str(folder)))
+
+
+# ---------------------------------------------------------------------- in-backbone ROI masking
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_block_masking_keeps_cls_and_roi_tokens_and_zeroes_the_rest(kind: str) -> None:
+    backbone = build_random(kind)
+    keep = torch.zeros(2, 196, dtype=torch.bool)
+    keep[:, 6 * 14 :] = True
+    keep[1, 9 * 14 :] = False  # another ROI in the second image
+    pixels = torch.randn(2, 3, 224, 224)
+    first = backbone.vision_blocks()[0]
+    with torch.no_grad():
+        unmasked_first = backbone.run_block(first, backbone.embed_patches(pixels))
+        # one block of the masked forward: the first block sees every token (as published)
+        original = backbone.vision_blocks
+        backbone.vision_blocks = lambda: [first]
+        try:
+            masked_first = backbone.vision_tokens(pixels, keep)
+        finally:
+            backbone.vision_blocks = original
+        masked = backbone.vision_tokens(pixels, keep)
+    rows = torch.cat([torch.ones(2, 1, dtype=torch.bool), keep], dim=1)
+    assert torch.equal(masked_first[rows], unmasked_first[rows])  # CLS and ROI tokens unchanged
+    assert not masked_first[~rows].any() and not masked[~rows].any()  # the others are zero
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_isolated_masking_makes_roi_features_independent_of_pixels_outside(kind: str) -> None:
+    cfg_overrides = [f"model.backbone={kind}", "train.max_steps=20"]
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 224, 224)
+    changed = pixels.clone()
+    changed[:, :, :96] = torch.randn(2, 3, 96, 224)  # only rows above the ROI (patch rows 0..5)
+    features = {}
+    for masking in ("pool", "every_block", "isolated"):
+        torch.manual_seed(0)
+        model = model_from_config(
+            load_config(overrides=[*cfg_overrides, f"model.roi_masking={masking}"]), build_random(kind)
+        ).eval()
+        with torch.no_grad():
+            features[masking] = [model(p, roi_masks()).features for p in (pixels, changed)]
+    before, after = features["isolated"]
+    assert torch.allclose(before, after, atol=1e-6)
+    # every_block (the published order) lets the first block mix outside tokens in; pool does not mask
+    for masking in ("pool", "every_block"):
+        assert not torch.allclose(*features[masking], atol=1e-4)
+
+
+def test_masking_needs_roi_or_cls_pooling_and_the_ablation_method_sets_it() -> None:
+    with pytest.raises(ConfigError, match="roi_masking=every_block needs ROI or CLS pooling"):
+        load_config(overrides=["method=savlt_no_roi", "model.roi_masking=every_block"])
+    cfg = load_config(overrides=["method=savlt_every_block"])
+    assert cfg.model.roi_masking == "every_block" and cfg.model.pooling == "roi"
+
+
+# ---------------------------------------------------------------------- loading, offline
+
+
+def test_an_open_clip_folder_loads_with_its_own_normalisation(biomed_folder) -> None:
+    folder, saved = biomed_folder
+    loaded = load_backbone(str(folder))
+    assert loaded.fingerprint() == saved.fingerprint() and loaded.kind == "open_clip"
+    assert loaded.normalization == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    pixels = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(loaded.clip.encode_image(pixels), saved.clip.encode_image(pixels))
+    other = save_open_clip_folder(
+        folder.parent / "other", biomedclip_like_cfg(str(folder.parent / "tiny-bert")), 1
+    )
+    assert other.fingerprint() != saved.fingerprint()
+
+
+def _cache_repo(cache: Path, repo: str, files: dict[str, Path]) -> None:
+    """The Hugging Face cache layout of a downloaded repository."""
+    base = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = base / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text("0123abcd")
+    for name, source in files.items():
+        (snapshot / name).write_bytes(source.read_bytes())
+
+
+def test_hf_hub_ids_resolve_from_the_local_cache_only(biomed_folder, tmp_path: Path, monkeypatch) -> None:
+    folder, saved = biomed_folder
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    config["model_cfg"]["text_cfg"]["hf_model_name"] = "savlt-test/tiny-bert"
+    config["model_cfg"]["text_cfg"]["hf_tokenizer_name"] = "savlt-test/tiny-bert"
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    bert = folder.parent / "tiny-bert"
+    _cache_repo(
+        cache,
+        "savlt-test/tiny-bert",
+        {n: bert / n for n in ("config.json", "vocab.txt", "tokenizer_config.json")},
+    )
+    with pytest.raises(BackboneError, match="hf download savlt-test/tiny-biomedclip"):
+        load_backbone("hf-hub:savlt-test/tiny-biomedclip")
+    weights = folder / "open_clip_model.safetensors"
+    _cache_repo(
+        cache,
+        "savlt-test/tiny-biomedclip",
+        {"open_clip_config.json": tmp_path / "open_clip_config.json", weights.name: weights},
+    )
+    loaded = load_backbone("hf-hub:savlt-test/tiny-biomedclip")
+    assert (
+        loaded.fingerprint() == saved.fingerprint() and loaded.source == "hf-hub:savlt-test/tiny-biomedclip"
+    )
+
+
+def test_a_missing_biomedclip_says_which_files_to_copy(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(BackboneError) as info:
+        load_backbone(f"hf-hub:{BIOMEDCLIP}")
+    message = str(info.value)
+    assert "\n" not in message and f"hf download {BIOMEDCLIP}" in message
+    assert (
+        f"hf download {BIOMEDBERT} --include *.json vocab.txt" in message
+        and str(tmp_path / "empty") in message
+    )
+
+
+def test_open_clip_architectures_need_a_local_weights_file(native_folder, tmp_path: Path) -> None:
+    with pytest.raises(BackboneError, match="needs its weights file: add --set model.weights=FILE"):
+        load_backbone("open_clip:ViT-B-16")
+    with pytest.raises(BackboneError, match="not an open_clip architecture"):
+        load_backbone("open_clip:ViT-Q-99", weights=str(tmp_path / "w.bin"))
+    with pytest.raises(BackboneError, match="model.weights is only for open_clip:ARCH"):
+        load_backbone("tiny", weights=str(tmp_path / "w.bin"))
+    folder, saved = native_folder
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "open_clip_config.json").write_text(json.dumps({"model_cfg": NATIVE_CFG}))
+    (broken / "open_clip_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(BackboneError, match="cannot build the open_clip model"):
+        load_backbone(str(broken))
+
+
+# ---------------------------------------------------------------------- end to end
+
+
+def test_a_run_on_an_open_clip_backbone_saves_reloads_and_predicts_the_same(
+    synth_root: Path, tmp_path: Path, one_thread
+) -> None:
+    cfg = fast_config(
+        synth_root, "model.backbone=tiny-openclip", "method=savlt_every_block", "data.test_centers=[xiangya]"
+    )
+    metrics = train(cfg, tmp_path, progress=False)
+    assert metrics["backbone"] == "tiny-openclip"
+    import csv
+
+    with (tmp_path / "predictions" / "xiangya.csv").open() as handle:
+        rows = list(csv.DictReader(handle))[:4]
+    run = load_run(tmp_path)
+    for row, pred in zip(rows, run.predict([row["path"] for row in rows]), strict=True):
+        saved = [float(row[f"p_{n}"]) for n in run.class_names]
+        assert [pred.probabilities[n] for n in run.class_names] == pytest.approx(saved, abs=2e-6)
+    assert load_run(tmp_path).evaluate(progress=False)["centers"] == metrics["centers"]
