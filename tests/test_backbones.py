@@ -4,19 +4,21 @@ in-process; nothing is downloaded."""
 
 from __future__ import annotations
 
+import csv
 import json
 import string
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import fast_config
+from conftest import FAST
+from open_clip.tokenizer import HFTokenizer
 from safetensors.torch import save_file
 from transformers import BertConfig
 
+from savlt.cli import main
 from savlt.config import ConfigError, load_config
 from savlt.engine.loaded import load_run
-from savlt.engine.training import train
 from savlt.models.backbone import build_random, load_backbone
 from savlt.models.openclip import BIOMEDBERT, BIOMEDCLIP, build_open_clip
 from savlt.models.savlt import model_from_config
@@ -96,7 +98,12 @@ def biomed_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Visio
     root = tmp_path_factory.mktemp("biomed")
     bert = write_tiny_bert(root / "tiny-bert")
     folder = root / "tiny-biomedclip"
-    return folder, save_open_clip_folder(folder, biomedclip_like_cfg(str(bert)))
+    saved = save_open_clip_folder(folder, biomedclip_like_cfg(str(bert)))
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        config["model_cfg"]["text_cfg"][key] = "../tiny-bert"  # relative to the open_clip folder
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    return folder, saved
 
 
 @pytest.fixture(scope="module")
@@ -259,6 +266,9 @@ def test_an_open_clip_folder_loads_with_its_own_normalisation(biomed_folder) -> 
     pixels = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(loaded.clip.encode_image(pixels), saved.clip.encode_image(pixels))
+    texts = ["Medical OCT image of  normal cervical tissue", "cancer"]
+    open_clips_own = HFTokenizer(str(folder.parent / "tiny-bert"), context_length=64)(texts)
+    assert torch.equal(loaded.tokenize(texts)[0], open_clips_own)
     other = save_open_clip_folder(
         folder.parent / "other", biomedclip_like_cfg(str(folder.parent / "tiny-bert")), 1
     )
@@ -311,9 +321,11 @@ def test_a_missing_biomedclip_says_which_files_to_copy(tmp_path: Path, monkeypat
     message = str(info.value)
     assert "\n" not in message and f"hf download {BIOMEDCLIP}" in message
     assert (
-        f"hf download {BIOMEDBERT} --include *.json vocab.txt" in message
+        f'hf download {BIOMEDBERT} --include "*.json" vocab.txt' in message
         and str(tmp_path / "empty") in message
     )
+    with pytest.raises(BackboneError, match=f"name it --model hf-hub:{BIOMEDCLIP}"):
+        load_backbone(BIOMEDCLIP)  # without the prefix it is taken for a Hugging Face CLIP id
 
 
 def test_open_clip_architectures_need_a_local_weights_file(native_folder, tmp_path: Path) -> None:
@@ -330,25 +342,72 @@ def test_open_clip_architectures_need_a_local_weights_file(native_folder, tmp_pa
     (broken / "open_clip_model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(BackboneError, match="cannot build the open_clip model"):
         load_backbone(str(broken))
+    (broken / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": NATIVE_CFG, "preprocess_cfg": {"mean": 0.5, "std": [1, 2]}})
+    )
+    with pytest.raises(BackboneError, match="preprocess_cfg mean and std must be lists of three numbers"):
+        load_backbone(str(broken))
+    (broken / "open_clip_config.json").write_text("{not json")
+    with pytest.raises(BackboneError, match="is not an open_clip config"):
+        load_backbone(str(broken))
+    (broken / "open_clip_model.safetensors").unlink()
+    (broken / "open_clip_config.json").write_text(json.dumps({"model_cfg": NATIVE_CFG}))
+    with pytest.raises(BackboneError, match="holds no weights: copy open_clip_model.safetensors"):
+        load_backbone(str(broken))
+
+
+def test_patch_dropout_is_switched_off_so_roi_masks_fit_the_tokens(native_folder, tmp_path: Path) -> None:
+    folder, _ = native_folder
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    config["model_cfg"]["vision_cfg"]["patch_dropout"] = 0.5
+    dropped = tmp_path / "dropped"
+    dropped.mkdir()
+    (dropped / "open_clip_config.json").write_text(json.dumps(config))
+    (dropped / "open_clip_model.safetensors").symlink_to(folder / "open_clip_model.safetensors")
+    model = model_from_config(
+        load_config(overrides=[f"model.backbone={dropped}"]), load_backbone(str(dropped))
+    )
+    out = model.train()(torch.randn(2, 3, 224, 224), roi_masks())
+    assert out.attention.shape == (2, 4, 196)
+
+
+def test_configs_saved_before_backbones_brought_their_normalisation_still_match(biomed_folder) -> None:
+    from savlt.engine.runfolder import same_run
+
+    old = load_config(overrides=["model.backbone=tiny", "data.normalize=clip"])  # the old default, saved
+    assert old != load_config(overrides=["model.backbone=tiny"]) and same_run(
+        old, load_config(overrides=["model.backbone=tiny"])
+    )
+    assert not same_run(old, load_config(overrides=["model.backbone=tiny", "data.normalize=imagenet"]))
+    folder, _ = biomed_folder  # declares mean 0.5 and std 0.25: "backbone" is not "clip" there
+    assert not same_run(
+        load_config(overrides=[f"model.backbone={folder}", "data.normalize=clip"]),
+        load_config(overrides=[f"model.backbone={folder}"]),
+    )
 
 
 # ---------------------------------------------------------------------- end to end
 
 
 def test_a_run_on_an_open_clip_backbone_saves_reloads_and_predicts_the_same(
-    synth_root: Path, tmp_path: Path, one_thread
+    synth_root: Path, tmp_path: Path, one_thread, capsys
 ) -> None:
-    cfg = fast_config(
-        synth_root, "model.backbone=tiny-openclip", "method=savlt_every_block", "data.test_centers=[xiangya]"
-    )
-    metrics = train(cfg, tmp_path, progress=False)
-    assert metrics["backbone"] == "tiny-openclip"
-    import csv
-
-    with (tmp_path / "predictions" / "xiangya.csv").open() as handle:
+    sets = [s for s in FAST if not s.startswith("model.backbone")] + [
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.test_centers=[xiangya]",
+    ]
+    out = tmp_path / "run"
+    args = ["train", "--data", str(synth_root), "--out", str(out), "--model", "tiny-openclip"]
+    assert main([*args, "--method", "savlt_every_block", "-q", *(f"--set={s}" for s in sets)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["backbone"] == "tiny-openclip" and metrics["method"] == "savlt_every_block"
+    with (out / "predictions" / "xiangya.csv").open() as handle:
         rows = list(csv.DictReader(handle))[:4]
-    run = load_run(tmp_path)
-    for row, pred in zip(rows, run.predict([row["path"] for row in rows]), strict=True):
+    capsys.readouterr()
+    assert main(["predict", str(out), *(row["path"] for row in rows), "--json", "-q"]) == 0
+    predicted = json.loads(capsys.readouterr().out)
+    run = load_run(out)
+    for row, pred in zip(rows, predicted, strict=True):
         saved = [float(row[f"p_{n}"]) for n in run.class_names]
-        assert [pred.probabilities[n] for n in run.class_names] == pytest.approx(saved, abs=2e-6)
-    assert load_run(tmp_path).evaluate(progress=False)["centers"] == metrics["centers"]
+        assert [pred["probabilities"][n] for n in run.class_names] == pytest.approx(saved, abs=2e-6)
+    assert run.evaluate(progress=False)["centers"] == metrics["centers"]

@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_model
 
 from savlt.config import ConfigError
+from savlt.data.transforms import NORMALIZATION
 from savlt.models.adapters import adalora_factors, adalora_orthogonality, parameter_counts
 from savlt.models.backbone import build_random, load_backbone
 from savlt.models.vision_language import BackboneError
@@ -37,6 +38,9 @@ def test_a_saved_backbone_folder_loads_back(tmp_path: Path) -> None:
     tiny.save_pretrained(tmp_path / "clip")
     loaded = load_backbone(str(tmp_path / "clip"))
     assert loaded.fingerprint() == tiny.fingerprint()
+    assert loaded.normalization == tiny.normalization == NORMALIZATION["clip"]
+    tiny.save_pretrained(tmp_path / "imagenet", NORMALIZATION["imagenet"])  # trained with ImageNet's
+    assert load_backbone(str(tmp_path / "imagenet")).normalization == NORMALIZATION["imagenet"]
     text = ["Medical OCT image with oval dark areas"]
     assert torch.equal(loaded.tokenize(text)[0], tiny.tokenize(text)[0])
     pixels = torch.randn(1, 3, 224, 224)

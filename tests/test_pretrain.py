@@ -107,6 +107,7 @@ def test_a_short_pretraining_beats_chance_and_its_output_is_a_backbone(
     assert oct((tmp_path / "pt" / "model.safetensors").stat().st_mode)[-3:] == "644"
     backbone = load_backbone(str(tmp_path / "pt"))
     assert backbone.image_size == 224 and backbone.logit_scale.dtype == torch.float32
+    assert (tmp_path / "pt" / "preprocessor_config.json").is_file()  # the mean and std it was trained with
     run = tmp_path / "run"
     metrics = train(
         fast_config(synth_root, f"model.backbone={tmp_path / 'pt'}", "data.test_centers=[]"),

@@ -9,11 +9,13 @@ batch. A held-out share of the pairs gives image→text and text→image recall@
 OUT/config.yaml          the configuration (pretrain.*, model.backbone, data.image_size …)
 OUT/history.jsonl        loss, lr and held-out recall per step, written as it goes
 OUT/checkpoint/          the last resumable state (trained tensors, optimiser, step)
-OUT/config.json, model.safetensors, tokenizer files   the pretrained CLIP: ``--model OUT`` loads it
+OUT/config.json, model.safetensors, tokenizer files, preprocessor_config.json
+                         the pretrained CLIP: ``--model OUT`` loads it (with the mean and std it
+                         was trained with, for ``data.normalize=backbone``)
+OUT/README.md            the model card: data, steps, recall figures, how to rebuild it
 
 It trains Hugging Face CLIP backbones (the output is a Hugging Face CLIP folder); open_clip
 backbones are refused with a one-line error.
-OUT/README.md            the model card: data, steps, recall figures, how to rebuild it
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from savlt.data.transforms import eval_transform, normalization, train_transform
 from savlt.engine.inference import loader_for
 from savlt.engine.inputs import StepBatches
 from savlt.engine.rundir import backbone_for, log_to, make_accelerator, seed_everything
+from savlt.engine.runfolder import same_run
 from savlt.errors import SavltError
 from savlt.io import atomic_path, ordinary_permissions, write_json, write_text
 from savlt.models.adapters import add_adapters
@@ -169,7 +172,7 @@ def _resume(paths: PretrainPaths, cfg: Config, towers: Towers, optimizer: torch.
     saved = load_config(paths.config)
     # where the run stops does not change its trajectory, so a run may be continued or ended earlier
     saved.pretrain.stop_after = cfg.pretrain.stop_after
-    if saved != cfg:
+    if not same_run(saved, cfg):
         raise ConfigError(
             f"{paths.root} holds a pretraining run with another configuration: use another --out "
             f"folder, or delete {paths.checkpoint} to start again"
@@ -269,14 +272,9 @@ def pretrain(
             b[accelerator.process_index :: accelerator.num_processes]
             for b in sampler.batches[start * p.grad_accum : end * p.grad_accum]
         ]
+        stats = normalization(cfg.data.normalize, backbone.normalization)
         dataset = PairDataset(
-            train_pairs,
-            train_transform(
-                cfg.data.image_size,
-                cfg.train.crop_scale,
-                cfg.train.hflip,
-                normalization(cfg.data.normalize, backbone.normalization),
-            ),
+            train_pairs, train_transform(cfg.data.image_size, cfg.train.crop_scale, cfg.train.hflip, stats)
         )
         loader = loader_for(dataset, cfg, 1, accelerator.device, batch_sampler=batches)
         wrapped, optimizer = accelerator.prepare(towers.clip, optimizer)
@@ -337,7 +335,7 @@ def pretrain(
         del wrapped
         if main:
             model = towers.clip.merge_and_unload() if isinstance(towers.clip, PeftModel) else towers.clip
-            model.to("cpu", save_dtype).save_pretrained(paths.root)
+            model.to("cpu", save_dtype).save_pretrained(paths.root, stats)
             for written in paths.root.iterdir():
                 if written.is_file():
                     ordinary_permissions(written)

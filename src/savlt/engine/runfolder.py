@@ -22,10 +22,13 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from savlt.config import Config, load_config
+from savlt.data.transforms import normalization
 from savlt.errors import SavltError
 from savlt.io import OutputError, exclusive, writable_folder
+from savlt.models.backbone import declared_normalization
 
 LOCK_NAME = ".savlt.lock"
 SHOWN = 6
@@ -61,11 +64,26 @@ def _entries(folder: Path) -> list[str]:
     )
 
 
+def run_identity(cfg: Config) -> dict[str, Any]:
+    """The configuration as it decides a run: ``data.normalize`` as the mean and std it stands for,
+    so a run saved with ``clip`` (the default before backbones brought their own) equals the same
+    run with ``backbone`` on a CLIP backbone."""
+    tree = cfg.to_dict()
+    stats = normalization(cfg.data.normalize, declared_normalization(cfg.model.backbone))
+    tree["data"]["normalize"] = [list(part) for part in stats]
+    return tree
+
+
+def same_run(a: Config, b: Config) -> bool:
+    """Whether two configurations make the same run (see ``run_identity``)."""
+    return a == b or run_identity(a) == run_identity(b)
+
+
 def _same_unfinished_run(paths: RunPaths, cfg: Config) -> bool:
     if is_complete(paths.root) or not paths.config.is_file():
         return False
     try:
-        return load_config(paths.config) == cfg
+        return same_run(load_config(paths.config), cfg)
     except (SavltError, OSError):
         return False
 

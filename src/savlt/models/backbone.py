@@ -16,13 +16,52 @@ asked, and when the files are missing the error says how to provide them.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
-from savlt.models.hf_clip import RANDOM_PRESETS, build_random_hf, load_hf, load_hf_folder, load_hf_hub
-from savlt.models.vision_language import BackboneError, VisionLanguage
+from huggingface_hub import try_to_load_from_cache
+
+from savlt.data.transforms import Stats
+from savlt.models.hf_clip import (
+    RANDOM_PRESETS,
+    build_random_hf,
+    hf_folder_stats,
+    hub_cache,
+    load_hf,
+    load_hf_folder,
+    load_hf_hub,
+)
+from savlt.models.vision_language import CLIP_STATS, BackboneError, VisionLanguage
 
 DEFAULT_BACKBONE = "openai/clip-vit-base-patch16"
-OPEN_CLIP_RANDOM = ("tiny-openclip", "random-biomedclip")
+OPEN_CLIP_PREFIX = "open_clip:"
+HUB_PREFIX = "hf-hub:"
+WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # an open_clip folder's
+
+# Random open_clip models shaped like BiomedCLIP: "tiny-openclip" for tests and demos,
+# "random-biomedclip" with BiomedCLIP's own shapes (timm ViT-B/16 trunk, BERT-base text tower,
+# 512-d, context 256) for speed and memory measurements without the weights.
+OPEN_CLIP_PRESETS: dict[str, dict[str, int]] = {
+    "tiny-openclip": {
+        "width": 96,
+        "layers": 4,
+        "heads": 4,
+        "text_width": 64,
+        "text_layers": 2,
+        "embed": 64,
+        "context": 128,
+    },
+    "random-biomedclip": {
+        "width": 768,
+        "layers": 12,
+        "heads": 12,
+        "text_width": 768,
+        "text_layers": 12,
+        "embed": 512,
+        "context": 256,
+    },
+}
 
 # Backbones pretrained by `savlt pretrain` and shipped inside the package, loaded offline by name.
 SHIPPED = ("tiny-oct",)
@@ -30,10 +69,10 @@ SHIPPED = ("tiny-oct",)
 
 def build_random(preset: str = "tiny") -> VisionLanguage:
     """A built-in backbone with random weights, the same every time."""
-    if preset in OPEN_CLIP_RANDOM:
-        from savlt.models.openclip import build_random_open_clip
+    if preset in OPEN_CLIP_PRESETS:
+        from savlt.models.openclip import build_random_open_clip  # imports open_clip: only when needed
 
-        return build_random_open_clip(preset)
+        return build_random_open_clip(preset, OPEN_CLIP_PRESETS[preset])
     return build_random_hf(preset)
 
 
@@ -57,16 +96,16 @@ def load_backbone(
 ) -> VisionLanguage:
     """The backbone ``spec`` names (see the module docstring); ``weights`` is the local weights
     file of an ``open_clip:ARCH`` backbone."""
-    if weights is not None and not spec.startswith("open_clip:"):
+    if weights is not None and not spec.startswith(OPEN_CLIP_PREFIX):
         raise BackboneError(
             f"model.weights is only for open_clip:ARCH backbones; {spec!r} brings its own weights "
             "(remove model.weights)"
         )
-    if spec in RANDOM_PRESETS or spec in OPEN_CLIP_RANDOM:
+    if spec in RANDOM_PRESETS or spec in OPEN_CLIP_PRESETS:
         return build_random(spec)
     if spec in SHIPPED:
         return _shipped(spec)
-    if spec.startswith(("open_clip:", "hf-hub:")):
+    if spec.startswith((OPEN_CLIP_PREFIX, HUB_PREFIX)):
         from savlt.models.openclip import load_open_clip
 
         return load_open_clip(spec, weights, allow_download)
@@ -83,3 +122,48 @@ def load_backbone(
             )
         return load_hf_folder(folder)
     return load_hf_hub(spec, allow_download)
+
+
+def preprocess_stats(config: dict[str, Any], where: Path) -> Stats:
+    """The mean and std of an open_clip config's preprocess_cfg (CLIP's when it names none)."""
+    preprocess = config.get("preprocess_cfg") or {}
+    mean, std = preprocess.get("mean", CLIP_STATS[0]), preprocess.get("std", CLIP_STATS[1])
+    if not (isinstance(mean, list | tuple) and isinstance(std, list | tuple) and len(mean) == len(std) == 3):
+        raise BackboneError(f"{where}: preprocess_cfg mean and std must be lists of three numbers")
+    try:
+        return (tuple(float(v) for v in mean), tuple(float(v) for v in std))  # type: ignore[return-value]
+    except (TypeError, ValueError):
+        raise BackboneError(f"{where}: preprocess_cfg mean and std must be lists of three numbers") from None
+
+
+def read_open_clip_config(folder: Path) -> dict[str, Any]:
+    config_file = folder / "open_clip_config.json"
+    try:
+        config = json.loads(config_file.read_text())
+        config["model_cfg"]  # noqa: B018 (must be there)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BackboneError(
+            f"{config_file} is not an open_clip config ({type(exc).__name__}: {exc})"
+        ) from None
+    return config
+
+
+def declared_normalization(spec: str) -> Stats:
+    """The mean and std the backbone `spec` declares, read from its files without building it
+    (CLIP's when it declares none): what ``data.normalize=backbone`` stands for."""
+    if spec in SHIPPED:
+        return hf_folder_stats(shipped_folder(spec))
+    folder = Path(spec).expanduser()
+    if spec.startswith(HUB_PREFIX):
+        try:
+            cached = try_to_load_from_cache(
+                spec.removeprefix(HUB_PREFIX), "open_clip_config.json", cache_dir=hub_cache()
+            )
+        except ValueError:  # not a valid repository id: loading it says so
+            cached = None
+        folder = Path(cached).parent if isinstance(cached, str) else folder
+    if (folder / "open_clip_config.json").is_file():
+        return preprocess_stats(read_open_clip_config(folder), folder / "open_clip_config.json")
+    if folder.is_dir():
+        return hf_folder_stats(folder)
+    return CLIP_STATS

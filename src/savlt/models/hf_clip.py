@@ -9,17 +9,18 @@ use a character-level tokenizer made in-process.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from tokenizers import pre_tokenizers
 from torch import nn
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 from transformers.utils import logging as hf_logging
 
 from savlt.models.vision_language import CLIP_STATS, BackboneError, Stats, VisionLanguage
@@ -110,10 +111,19 @@ class HFClip(nn.Module, VisionLanguage):
             digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
 
-    def save_pretrained(self, folder: str | Path) -> None:
-        """A Hugging Face CLIP folder (float32 or the current dtype) with its tokenizer."""
+    def save_pretrained(self, folder: str | Path, normalization: Stats | None = None) -> None:
+        """A Hugging Face CLIP folder (the current dtype) with its tokenizer and an image processor
+        holding `normalization` (default: the backbone's own), which loading reads back."""
+        mean, std = normalization or self.normalization
         self.hf_model.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
+        size = self.image_size
+        CLIPImageProcessor(
+            image_mean=list(mean),
+            image_std=list(std),
+            size={"shortest_edge": size},
+            crop_size={"height": size, "width": size},
+        ).save_pretrained(folder)
 
 
 # ---------------------------------------------------------------------- built-in random CLIPs
@@ -195,11 +205,12 @@ def how_to_provide(name: str) -> str:
         f"  - save it with CLIPModel.from_pretrained({name!r}).save_pretrained(DIR) plus the "
         "tokenizer's save_pretrained(DIR), copy DIR here and pass --model DIR, or\n"
         "  - allow a download with --set model.allow_download=true on a machine that can reach the hub.\n"
+        f"If {name!r} is an open_clip model (such as BiomedCLIP), name it --model hf-hub:{name}.\n"
         "For a quick try without weights use --model tiny."
     )
 
 
-def _stats_of(folder: Path) -> Stats:
+def hf_folder_stats(folder: Path) -> Stats:
     """The image processor's mean and std when the folder has one, else CLIP's."""
     processor = folder / "preprocessor_config.json"
     if processor.is_file():
@@ -210,21 +221,29 @@ def _stats_of(folder: Path) -> Stats:
     return CLIP_STATS
 
 
-def load_hf(source: str, local_only: bool, name: str | None = None) -> HFClip:
-    """A CLIPModel and its tokenizer from a folder or hub id (float32 whatever the file holds)."""
+@contextlib.contextmanager
+def quiet_hf() -> Iterator[None]:
+    """transformers without its warnings and progress bars: a missing file is reported by us, in
+    one message."""
     previous = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # a missing file is reported by us, in one message
+    hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        clip = CLIPModel.from_pretrained(source, local_files_only=local_only, dtype=torch.float32)
-        tokenizer = CLIPTokenizer.from_pretrained(source, local_files_only=local_only)
+        yield
     finally:
         hf_logging.set_verbosity(previous)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def load_hf(source: str, local_only: bool, name: str | None = None) -> HFClip:
+    """A CLIPModel and its tokenizer from a folder or hub id (float32 whatever the file holds)."""
+    with quiet_hf():
+        clip = CLIPModel.from_pretrained(source, local_files_only=local_only, dtype=torch.float32)
+        tokenizer = CLIPTokenizer.from_pretrained(source, local_files_only=local_only)
     folder = Path(source)
-    stats = _stats_of(folder) if folder.is_dir() else CLIP_STATS
+    stats = hf_folder_stats(folder) if folder.is_dir() else CLIP_STATS
     return HFClip(clip.eval(), tokenizer, name or source, stats).eval()
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,31 +34,41 @@ import torch
 from huggingface_hub import snapshot_download
 from open_clip.hf_model import HFTextEncoder
 from open_clip.timm_model import TimmModel
+from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, HFTokenizer
 from open_clip.transformer import VisionTransformer as OpenClipViT
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 from torch import nn
-from transformers import AutoTokenizer, BertConfig, PreTrainedTokenizerFast
-from transformers.utils import logging as hf_logging
+from transformers import BertConfig, PreTrainedTokenizerFast
 
-from savlt.models.hf_clip import hub_cache
+from savlt.models.backbone import (
+    HUB_PREFIX,
+    OPEN_CLIP_PREFIX,
+    WEIGHT_FILES,
+    preprocess_stats,
+    read_open_clip_config,
+)
+from savlt.models.hf_clip import hub_cache, quiet_hf
 from savlt.models.vision_language import CLIP_STATS, BackboneError, Stats, VisionLanguage
 
-PREFIX = "open_clip:"
-HUB_PREFIX = "hf-hub:"
 BIOMEDCLIP = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 BIOMEDBERT = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
-WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 _HF_ATTENTION = r"attention\.(self\.(query|key|value)|output\.dense)"  # BERT / RoBERTa names
 
 
 class OpenClip(nn.Module, VisionLanguage):
     kind = "open_clip"
 
-    def __init__(self, model: nn.Module, tokenizer: Any, source: str, normalization: Stats = CLIP_STATS):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        source: str,
+        normalization: Stats = CLIP_STATS,
+    ):
         super().__init__()
         self.clip = model
-        self.tokenizer = tokenizer  # a transformers tokenizer (HF text tower) or open_clip's SimpleTokenizer
+        self.tokenizer = tokenizer  # texts -> (T, context) ids: open_clip's HFTokenizer or SimpleTokenizer
         self.source = source
         self.normalization = normalization
         visual = model.visual
@@ -92,9 +102,6 @@ class OpenClip(nn.Module, VisionLanguage):
                 "needs a ViT (a timm VisionTransformer trunk or open_clip's VisionTransformer)"
             )
         self.hf_text = isinstance(getattr(model, "text", None), HFTextEncoder)
-        self.context_length = (
-            int(model.text.config.max_position_embeddings) if self.hf_text else int(model.context_length)
-        )
         self.logit_scale = model.logit_scale
         with torch.no_grad():
             probe = self.project_image(torch.zeros(1, self.width))
@@ -134,19 +141,9 @@ class OpenClip(nn.Module, VisionLanguage):
 
     # ------------------------------------------------------------------ text tower
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.hf_text:
-            # as open_clip's HFTokenizer: whitespace cleaned, padded to the context length
-            cleaned = [" ".join(text.split()) for text in texts]
-            ids = self.tokenizer(
-                cleaned,
-                padding="max_length",
-                max_length=self.context_length,
-                truncation=True,
-                return_tensors="pt",
-            )["input_ids"]
-            return ids, (ids != self.clip.text.config.pad_token_id).long()
         ids = self.tokenizer(list(texts))
-        return ids, (ids != 0).long()
+        pad = self.clip.text.config.pad_token_id if self.hf_text else 0
+        return ids, (ids != pad).long()
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.clip.encode_text(ids)  # each text tower derives its own mask from the ids
@@ -222,28 +219,19 @@ def char_tokenizer(max_length: int) -> PreTrainedTokenizerFast:
     )
 
 
-# Random open_clip models shaped like BiomedCLIP (timm ViT trunk + BERT text tower, projected to
-# the joint space by a linear head and a two-layer MLP): "tiny-openclip" for tests and demos,
-# "random-biomedclip" with BiomedCLIP's own shapes (ViT-B/16, BERT-base, 512-d) for speed and
-# memory measurements without the weights.
-OPEN_CLIP_PRESETS: dict[str, dict[str, int]] = {
-    "tiny-openclip": {"width": 96, "layers": 4, "heads": 4, "text_width": 64, "text_layers": 2, "embed": 64},
-    "random-biomedclip": {
-        "width": 768,
-        "layers": 12,
-        "heads": 12,
-        "text_width": 768,
-        "text_layers": 12,
-        "embed": 512,
-    },
-}
+def build_random_open_clip(name: str, shape: dict[str, int]) -> OpenClip:
+    """A random open_clip model shaped like BiomedCLIP (timm ViT trunk, BERT text tower, a linear
+    image head and a two-layer MLP text head), the same every time (its own seed; the global RNG
+    is left alone). `shape`: width, layers, heads, text_width, text_layers, embed, context."""
+    context = shape["context"]
+    chars = char_tokenizer(context)
 
+    def tokenizer(texts: list[str]) -> torch.Tensor:
+        cleaned = [" ".join(text.split()) for text in texts]  # as open_clip's HFTokenizer
+        return chars(cleaned, padding="max_length", max_length=context, truncation=True, return_tensors="pt")[
+            "input_ids"
+        ]
 
-def build_random_open_clip(preset: str) -> OpenClip:
-    """The same random model every time (its own seed; the global RNG is left alone)."""
-    shape = OPEN_CLIP_PRESETS[preset]
-    context = 256 if preset == "random-biomedclip" else 128
-    tokenizer = char_tokenizer(context)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         with torch.device("meta"):  # only the shell: every tensor in it is replaced below
@@ -266,7 +254,7 @@ def build_random_open_clip(preset: str) -> OpenClip:
         )
         model.visual.head.proj = nn.Linear(shape["width"], shape["embed"], bias=False)
         text = BertConfig(
-            vocab_size=len(tokenizer),
+            vocab_size=len(chars),
             hidden_size=shape["text_width"],
             num_hidden_layers=shape["text_layers"],
             num_attention_heads=max(1, shape["text_width"] // 64),
@@ -278,7 +266,7 @@ def build_random_open_clip(preset: str) -> OpenClip:
             "bert", shape["embed"], config=text, pooler_type="cls_last_hidden_state_pooler", proj_type="mlp"
         )
         model.logit_scale = nn.Parameter(torch.tensor(math.log(100.0)))  # CLIP's trained scale
-    return OpenClip(model.eval(), tokenizer, preset).eval()
+    return OpenClip(model.eval(), tokenizer, name).eval()
 
 
 # ---------------------------------------------------------------------- pretrained, offline first
@@ -287,61 +275,66 @@ def build_random_open_clip(preset: str) -> OpenClip:
 def how_to_provide(spec: str) -> str:
     """One line: which files to copy where, for an open_clip hub model (BiomedCLIP's text config too)."""
     repo = spec.removeprefix(HUB_PREFIX)
+    text_tower = f' and `hf download {BIOMEDBERT} --include "*.json" vocab.txt`' if repo == BIOMEDCLIP else ""
     return (
-        f"the open_clip model {spec!r} is not on this machine: on one with internet run `hf download {repo}`"
-        f"{f' and `hf download {BIOMEDBERT} --include *.json vocab.txt`' if repo == BIOMEDCLIP else ''} and copy the cache "
-        f"folder to {hub_cache()} here (or set HF_HUB_CACHE), or copy the repository's files "
-        f"(open_clip_config.json, {' or '.join(WEIGHT_FILES)}, tokenizer files) into a folder DIR and "
-        "pass --model DIR, or allow a download with --set model.allow_download=true; see the README's "
-        "'Medical CLIP backbones'"
+        f"the open_clip model {spec!r} is not on this machine: on one with internet run "
+        f"`hf download {repo}`{text_tower} and copy the cache folder to {hub_cache()} here (or set "
+        f"HF_HUB_CACHE), or copy the repository's files (open_clip_config.json, "
+        f"{' or '.join(WEIGHT_FILES)}, tokenizer files) into a folder DIR and pass --model DIR, or allow "
+        "a download with --set model.allow_download=true; see the README's 'Medical CLIP backbones'"
     )
 
 
-def _quiet() -> tuple[int, bool]:
-    previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    return previous, bars
-
-
-def _cached_repo(repo: str, allow_download: bool) -> Path | None:
-    """The local snapshot folder of a hub repository, or None when it is not cached."""
+def _cached_repo(repo: str, allow_download: bool, patterns: list[str] | None = None) -> Path | None:
+    """The local snapshot folder of a hub repository, or None when it is not cached (and may not
+    be downloaded); `patterns` limits a download to those files."""
     try:
         return Path(snapshot_download(repo, local_files_only=True, cache_dir=hub_cache()))
     except (OSError, ValueError):  # not cached, or not a valid repository id
         if not allow_download:
             return None
     try:
-        return Path(snapshot_download(repo, cache_dir=hub_cache()))
+        return Path(snapshot_download(repo, cache_dir=hub_cache(), allow_patterns=patterns))
     except (OSError, ValueError) as exc:  # HTTP errors are OSErrors too
         raise BackboneError(
             f"download of {repo!r} failed ({exc}); {how_to_provide(HUB_PREFIX + repo)}"
         ) from None
 
 
-def _local_hf(name: str, what: str, allow_download: bool, spec: str) -> Path:
-    """A Hugging Face model named by an open_clip config (a folder, or a repository in the cache)."""
-    folder = Path(name).expanduser()
-    if folder.is_dir():
-        return folder
-    cached = _cached_repo(name, allow_download)
+def _local_hf(name: str, what: str, allow_download: bool, spec: str, base: Path | None) -> Path:
+    """A Hugging Face model named by an open_clip config: a folder (relative to the open_clip
+    folder, `base`), or a repository in the cache (only its config and tokenizer files)."""
+    for folder in ([base / name] if base is not None else []) + [Path(name).expanduser()]:
+        if folder.is_dir():
+            return folder
+    cached = _cached_repo(name, allow_download, ["*.json", "*.txt", "*.model"])
     if cached is None:
         raise BackboneError(
             f"{spec}: its {what} {name!r} is not available offline: on a machine with internet run "
-            f"`hf download {name} --include *.json vocab.txt` (its config and tokenizer files, not its "
-            f"weights) and copy the cache "
-            f"folder to {hub_cache()} here, or write a local folder's path in open_clip_config.json"
+            f'`hf download {name} --include "*.json" vocab.txt` (its config and tokenizer files, not '
+            f"its weights) and copy the cache folder to {hub_cache()} here, or write a local folder's "
+            "path in open_clip_config.json"
         )
     return cached
 
 
-def _tokenizer_folder(folder: Path | None, text_cfg: dict[str, Any], allow: bool, spec: str) -> Path:
+def _tokenizer(
+    text: dict[str, Any], folder: Path | None, allow: bool, spec: str
+) -> Callable[[list[str]], torch.Tensor]:
+    """open_clip's own tokenizer for this config (its rules: an HF tokenizer when the config names
+    one, else CLIP's BPE), read from local files only."""
+    context = int(text.get("context_length", DEFAULT_CONTEXT_LENGTH))
+    kwargs = dict(text.get("tokenizer_kwargs") or {})
+    name = text.get("hf_tokenizer_name")
+    if not name:
+        return open_clip.SimpleTokenizer(context_length=context, **kwargs)
     if folder is not None and any(
-        (folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+        (folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
     ):
-        return folder  # an open_clip hub repository ships its tokenizer (as BiomedCLIP does)
-    name = text_cfg.get("hf_tokenizer_name") or text_cfg["hf_model_name"]
-    return _local_hf(name, "tokenizer", allow, spec)
+        local = folder  # an open_clip hub repository with its tokenizer files
+    else:
+        local = _local_hf(name, "tokenizer", allow, spec, folder)
+    return HFTokenizer(str(local), context_length=context, **kwargs)
 
 
 def build_open_clip(
@@ -353,6 +346,8 @@ def build_open_clip(
     allow_download: bool,
 ) -> OpenClip:
     """An open_clip model from its config dict and a weights file, with nothing fetched online."""
+    if not isinstance(model_cfg, dict):
+        raise BackboneError(f"{source}: model_cfg must be a mapping, not {type(model_cfg).__name__}")
     cfg = json.loads(json.dumps(model_cfg))  # a deep copy
     if "multimodal_cfg" in cfg:
         raise BackboneError(
@@ -360,56 +355,40 @@ def build_open_clip(
         )
     vision, text = cfg.setdefault("vision_cfg", {}), cfg.setdefault("text_cfg", {})
     vision["timm_model_pretrained"] = False  # every weight comes from the CLIP checkpoint
-    hf_text = bool(text.get("hf_model_name"))
-    tokenizer: Any
-    previous, bars = _quiet()
+    vision["patch_dropout"] = 0.0  # the ROI keep-masks index every patch token
     try:
-        if hf_text:
-            text["hf_model_name"] = str(
-                _local_hf(text["hf_model_name"], "text tower", allow_download, source)
-            )
-            text["hf_model_pretrained"] = False
-            tokenizer = AutoTokenizer.from_pretrained(
-                str(_tokenizer_folder(folder, text, allow_download, source))
-            )
-        else:
-            tokenizer = open_clip.SimpleTokenizer(context_length=int(text.get("context_length", 77)))
-        model_class = open_clip.CustomTextCLIP if hf_text or cfg.pop("custom_text", False) else open_clip.CLIP
-        cfg.pop("custom_text", None)
-        model = model_class(**cfg)
-        if weights is not None:
-            open_clip.load_checkpoint(model, str(weights), strict=True, weights_only=True)
+        with quiet_hf():
+            if text.get("hf_model_name"):
+                text["hf_model_name"] = str(
+                    _local_hf(text["hf_model_name"], "text tower", allow_download, source, folder)
+                )
+                text["hf_model_pretrained"] = False
+            tokenizer = _tokenizer(text, folder, allow_download, source)
+            custom = cfg.pop("custom_text", False) or bool(text.get("hf_model_name"))
+            model = (open_clip.CustomTextCLIP if custom else open_clip.CLIP)(**cfg)
+            if weights is not None:
+                open_clip.load_checkpoint(model, str(weights), strict=True, weights_only=True)
+            return OpenClip(model.float().eval(), tokenizer, source, stats).eval()
     except BackboneError:
         raise
     except Exception as exc:  # open_clip, timm and torch raise many types for a bad file or config
         raise BackboneError(
             f"cannot build the open_clip model {source} ({type(exc).__name__}: {exc})"
         ) from None
-    finally:
-        hf_logging.set_verbosity(previous)
-        if bars:
-            hf_logging.enable_progress_bar()
-    return OpenClip(model.float().eval(), tokenizer, source, stats).eval()
-
-
-def _read_folder(folder: Path) -> tuple[dict[str, Any], Stats, Path]:
-    config_file = folder / "open_clip_config.json"
-    try:
-        config = json.loads(config_file.read_text())
-        model_cfg = config["model_cfg"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise BackboneError(f"{config_file} is not an open_clip config ({exc})") from None
-    preprocess = config.get("preprocess_cfg", {})
-    mean, std = preprocess.get("mean", CLIP_STATS[0]), preprocess.get("std", CLIP_STATS[1])
-    found = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
-    if not found:
-        raise BackboneError(f"open_clip folder {folder} holds no weights ({' or '.join(WEIGHT_FILES)})")
-    return model_cfg, (tuple(mean), tuple(std)), found[0]  # type: ignore[return-value]
 
 
 def load_open_clip_folder(folder: Path, allow_download: bool = False, source: str | None = None) -> OpenClip:
-    model_cfg, stats, weights = _read_folder(folder)
-    return build_open_clip(model_cfg, weights, source or str(folder), stats, folder, allow_download)
+    config = read_open_clip_config(folder)
+    found = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
+    if not found:
+        raise BackboneError(
+            f"open_clip folder {folder} holds no weights: copy {' or '.join(WEIGHT_FILES)} from the "
+            "model's repository into it"
+        )
+    stats = preprocess_stats(config, folder / "open_clip_config.json")
+    return build_open_clip(
+        config["model_cfg"], found[0], source or str(folder), stats, folder, allow_download
+    )
 
 
 def load_open_clip(spec: str, weights: str | None, allow_download: bool) -> OpenClip:
@@ -417,10 +396,11 @@ def load_open_clip(spec: str, weights: str | None, allow_download: bool) -> Open
     if spec.startswith(HUB_PREFIX):
         repo = spec.removeprefix(HUB_PREFIX)
         folder = _cached_repo(repo, allow_download)
-        if folder is None or not (folder / "open_clip_config.json").is_file():
+        weights_there = folder is not None and any((folder / name).is_file() for name in WEIGHT_FILES)
+        if not weights_there or not (folder / "open_clip_config.json").is_file():
             raise BackboneError(how_to_provide(spec))
         return load_open_clip_folder(folder, allow_download, source=spec)
-    arch = spec.removeprefix(PREFIX)
+    arch = spec.removeprefix(OPEN_CLIP_PREFIX)
     model_cfg = open_clip.get_model_config(arch)
     if model_cfg is None:
         raise BackboneError(

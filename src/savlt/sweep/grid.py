@@ -48,7 +48,7 @@ SHORTHANDS: dict[str, str] = {
 DISPLAY: dict[str, str] = {v: k for k, v in SHORTHANDS.items()}
 
 SECTIONS = frozenset(f.name for f in dataclasses.fields(Config) if f.name != "method")
-PATH_KEYS = ("data.root", "data.cache_dir", "data.split_file", "roi.segmenter")
+PATH_KEYS = ("data.root", "data.cache_dir", "data.split_file", "roi.segmenter", "model.weights")
 TOP_LEVEL = ("base", "grid")
 
 
