@@ -161,6 +161,22 @@ def test_a_scan_that_cannot_be_assessed_gets_no_diagnosis(served) -> None:
         assert "near-constant" in item["reason"]  # judged on the stored 16-bit values, not stretched
 
 
+def test_a_16_bit_scan_is_judged_as_savlt_predict_judges_its_file(served, tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    faint = np.empty((96, 128), np.uint16)
+    faint[:32] = 30000 + rng.integers(0, 40, (32, 128))  # air above
+    faint[32:] = 30080 + rng.integers(0, 20, (64, 128))  # faint tissue below
+    faint[0, 0] = 65535  # one hot pixel: the 8-bit view has 0s and 1s, the stored values 100 levels
+    path = tmp_path / "faint.tif"
+    tifffile.imwrite(path, faint)
+    expected = served[1].predict([path])[0].to_json()
+    with client_for(served) as client:
+        response = client.post("/predict", files=upload(("faint.tif", path.read_bytes())))
+    got = response.json()["predictions"][0]
+    assert expected["assessable"] is True  # judged on the stored values, as the file is
+    assert_same_prediction({**got, "path": None}, {**expected, "path": None})
+
+
 def test_bad_input_is_a_4xx_naming_the_file_and_the_server_keeps_serving(served, scans: list[Path]) -> None:
     good = scans[0].read_bytes()
     truncated = good[: len(good) // 2]

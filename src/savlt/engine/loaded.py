@@ -37,6 +37,9 @@ from savlt.errors import SavltError
 from savlt.io import progress_batches, writable_folder, write_csv
 from savlt.report.plots import heatmap_png
 
+# A decoded scan: (8-bit H×W×3 RGB, the pixel values as stored).
+Decoded = tuple[np.ndarray, np.ndarray]
+
 
 @dataclass
 class Prediction:
@@ -127,14 +130,16 @@ class Run:
     @torch.no_grad()
     def predict(
         self,
-        images: Sequence[str | Path | np.ndarray],
+        images: Sequence[str | Path | np.ndarray | Decoded],
         heatmap_dir: str | Path | None = None,
         batch_size: int = 16,
         progress: bool = False,
         skip_unreadable: bool = False,
     ) -> list[Prediction]:
         """Class, probabilities, high-risk probability and ROI of each scan (path, a page of a
-        volume as ``<file>#<page>``, or an H×W[×3] array), in the order given. The probabilities
+        volume as ``<file>#<page>``, an 8-bit H×W[×3] array, or a decoded scan as (8-bit H×W×3 RGB,
+        its stored pixel values), which is assessed on the stored values as a file is), in the
+        order given. The probabilities
         are calibrated with the run's temperature, and ``referral`` says "refer" when the
         high-risk probability reaches the run's threshold (see ``savlt.engine.calibration``). A
         scan that cannot be assessed gets no diagnosis (``assessable`` false, with the reason);
@@ -211,8 +216,9 @@ class Run:
         return found
 
 
-def _decoded(item: str | Path | np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray]:
-    """(8-bit RGB, the stored pixel values) of a file (one page of a volume) or an array."""
+def _decoded(item: str | Path | np.ndarray | Decoded, position: int) -> Decoded:
+    """(8-bit RGB, the stored pixel values) of a file (one page of a volume), an array or a
+    decoded scan."""
     if isinstance(item, str | Path):
         pages = tiff_pages(item)  # 1 for a page name (<file>#<page>)
         if pages > 1:
@@ -220,6 +226,15 @@ def _decoded(item: str | Path | np.ndarray, position: int) -> tuple[np.ndarray, 
                 item, f"it is a volume of {pages} B-scans: name one as {item}#0 … #{pages - 1}"
             )
         return decode_image(item)
+    if isinstance(item, tuple):
+        rgb, stored = np.asarray(item[0]), np.asarray(item[1])
+        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or stored.shape[:2] != rgb.shape[:2]:
+            raise ImageDecodeError(
+                f"scan #{position}",
+                f"expected (8-bit H×W×3 RGB, stored values of the same H×W), got {rgb.dtype} {rgb.shape} "
+                f"and {stored.shape}",
+            )
+        return rgb, stored
     array = np.asarray(item)
     if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
         raise ImageDecodeError(

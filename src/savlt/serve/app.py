@@ -32,8 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from savlt.classes import short_name
-from savlt.data.quality import Thresholds, assess
-from savlt.engine.loaded import Prediction, Run
+from savlt.engine.loaded import Decoded, Run
 from savlt.io import atomic_path
 from savlt.serve.batcher import MicroBatcher
 from savlt.serve.uploads import (
@@ -126,12 +125,12 @@ def run_summary(run: Run, options: ServeOptions) -> dict[str, Any]:
 
 @dataclass
 class _Prepared:
-    """An accepted upload: its name, 8-bit scan, and either the model's input or a finished result."""
+    """An accepted scan: its name, 8-bit RGB and stored pixel values, and (later) its result."""
 
     name: str
     rgb: np.ndarray
-    model_input: np.ndarray | None
-    result: dict[str, Any] | None
+    raw: np.ndarray
+    result: dict[str, Any] | None = None
 
 
 class Service:
@@ -140,11 +139,10 @@ class Service:
     def __init__(self, run: Run, options: ServeOptions) -> None:
         self.run = run
         self.options = options
-        self.thresholds = Thresholds.of(run.cfg)
         self.summary = run_summary(run, options)
         self.batcher = MicroBatcher(self._predict_batch, options.max_batch, options.max_wait_ms / 1000)
 
-    def _predict_batch(self, images: Sequence[np.ndarray], heatmap: bool) -> list[dict[str, Any]]:
+    def _predict_batch(self, images: Sequence[Decoded], heatmap: bool) -> list[dict[str, Any]]:
         """One model call (in the batcher's thread); heat maps pass through a private folder in
         memory and come back as PNG data URLs."""
         if not heatmap:
@@ -158,10 +156,9 @@ class Service:
         return results
 
     def _prepare(self, uploads: list[Upload]) -> list[_Prepared]:
-        """Decode every upload (all rejected files are named together), keep them if asked, and
-        choose each scan's model input. An 8-bit grayscale or RGB scan goes to the model as
-        stored, exactly as ``savlt predict`` reads it; other scans (16-bit, float, with alpha) are
-        assessed on their stored values first, as ``savlt predict`` does, then go as 8-bit RGB."""
+        """Decode every upload (all rejected files are named together) and keep them if asked. Each
+        scan goes to the model as (8-bit RGB, stored values), exactly what ``savlt predict`` reads
+        from a file, so a 16-bit scan is judged assessable on its stored values there too."""
         budget = PixelBudget(self.options.limits)
         scans: list[Scan] = []
         problems: list[FileRejected] = []
@@ -178,28 +175,15 @@ class Service:
                 target = self.options.keep_uploads / f"{stamp}-{uuid4().hex[:8]}-{_safe_name(upload.name)}"
                 with atomic_path(target) as tmp:
                     tmp.write_bytes(upload.data)
-        prepared = []
-        for scan in scans:
-            raw = scan.raw
-            if raw.dtype == np.uint8 and (raw.ndim == 2 or raw.shape[2] == 3):
-                prepared.append(_Prepared(scan.name, scan.rgb, raw, None))
-                continue
-            reason = assess(scan.rgb, raw, self.thresholds)
-            if reason is None:
-                prepared.append(_Prepared(scan.name, scan.rgb, scan.rgb, None))
-            else:
-                result = Prediction.without_diagnosis(scan.name, reason=reason).to_json()
-                prepared.append(_Prepared(scan.name, scan.rgb, None, result))
-        return prepared
+        return [_Prepared(scan.name, scan.rgb, scan.raw) for scan in scans]
 
     async def predict(self, uploads: list[Upload], heatmap: bool, scan: bool) -> list[dict[str, Any]]:
         if heatmap and not self.summary["heatmaps"]:
             raise ApiError(400, "heat maps need attention pooling; this run uses model.pooling=cls")
         prepared = await run_in_threadpool(self._prepare, uploads)
-        waiting = [p for p in prepared if p.model_input is not None]
-        futures = self.batcher.submit([p.model_input for p in waiting], heatmap)
+        futures = self.batcher.submit([(p.rgb, p.raw) for p in prepared], heatmap)
         outcomes = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
-        for item, outcome in zip(waiting, outcomes, strict=True):
+        for item, outcome in zip(prepared, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 raise ApiError(500, f"{item.name}: prediction failed ({outcome})")
             item.result = outcome

@@ -14,17 +14,16 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 log = logging.getLogger(__name__)
 
-# The model on a batch: (images, with heat maps) -> one result per image, in order.
-PredictBatch = Callable[[Sequence[np.ndarray], bool], Sequence[Any]]
+# The model on a batch: (scans, with heat maps) -> one result per scan, in order. A scan is
+# whatever the model function takes (the service passes decoded (RGB, stored values) pairs).
+PredictBatch = Callable[[Sequence[Any], bool], Sequence[Any]]
 
 
 @dataclass
 class _Job:
-    image: np.ndarray
+    image: Any
     heatmap: bool
     future: Future = field(default_factory=Future)
 
@@ -76,7 +75,7 @@ class MicroBatcher:
             self._queue.put(None)
             self._thread.join(timeout)
 
-    def submit(self, images: Sequence[np.ndarray], heatmap: bool = False) -> list[Future]:
+    def submit(self, images: Sequence[Any], heatmap: bool = False) -> list[Future]:
         """Queue scans; each future gets its scan's result (or the model's exception)."""
         if not self.running:
             raise RuntimeError("the prediction worker is not running")
