@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAST
+from fastapi.testclient import TestClient
 from open_clip.tokenizer import HFTokenizer
 from safetensors.torch import save_file
 from transformers import BertConfig
@@ -23,6 +24,7 @@ from savlt.models.backbone import build_random, load_backbone
 from savlt.models.openclip import BIOMEDBERT, BIOMEDCLIP, build_open_clip
 from savlt.models.savlt import model_from_config
 from savlt.models.vision_language import CLIP_STATS, BackboneError, VisionLanguage
+from savlt.serve import ServeOptions, create_app
 
 KINDS = ["tiny", "tiny-openclip"]
 
@@ -411,3 +413,10 @@ def test_a_run_on_an_open_clip_backbone_saves_reloads_and_predicts_the_same(
         saved = [float(row[f"p_{n}"]) for n in run.class_names]
         assert [pred["probabilities"][n] for n in run.class_names] == pytest.approx(saved, abs=2e-6)
     assert run.evaluate(progress=False)["centers"] == metrics["centers"]
+    with TestClient(create_app(run, ServeOptions())) as client:  # the service, as for any backbone
+        assert client.get("/model").json()["backbone"] == "tiny-openclip"
+        files = [("files", ("scan" + Path(rows[0]["path"]).suffix, Path(rows[0]["path"]).read_bytes()))]
+        served = client.post("/predict", files=files).json()["predictions"][0]
+    assert [served["probabilities"][n] for n in run.class_names] == pytest.approx(
+        [predicted[0]["probabilities"][n] for n in run.class_names], abs=1e-5
+    )
