@@ -46,6 +46,7 @@ tiny-oct: $(STAMP)
 		--out build/tiny-oct --float16
 	mkdir -p src/savlt/backbones/tiny-oct
 	cp build/tiny-oct/config.json build/tiny-oct/model.safetensors build/tiny-oct/tokenizer.json \
+		build/tiny-oct/preprocessor_config.json \
 		build/tiny-oct/tokenizer_config.json build/tiny-oct/README.md src/savlt/backbones/tiny-oct/
 
 clean:
