@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,6 +22,8 @@ from pathlib import Path
 import pytest
 from conftest import FAST
 from safetensors.torch import load_file
+
+from savlt.classes import short_name
 
 CENTER_SIZES = {"mixed": 15, "xiangya": 40, "huaxi": 40}
 
@@ -33,6 +36,30 @@ from accelerate import PartialState
 state = PartialState()
 Path(sys.argv[1], f"rank{state.process_index}.json").write_text(json.dumps(
     {"num_processes": state.num_processes, "backend": state.backend, "world_size": os.environ.get("WORLD_SIZE")}))
+sys.exit(code)
+"""
+
+
+# A pretraining rank that records a digest of its trained tensors after every optimiser step.
+PRETRAIN_PROBE = """
+import hashlib, json, sys
+from pathlib import Path
+import torch
+from accelerate import PartialState
+from savlt.cli import main
+digests = []
+adamw_step = torch.optim.AdamW.step
+def recorded(self, *args, **kwargs):
+    out = adamw_step(self, *args, **kwargs)
+    digest = hashlib.sha256()
+    for group in self.param_groups:
+        for param in group["params"]:
+            digest.update(param.detach().cpu().contiguous().numpy().tobytes())
+    digests.append(digest.hexdigest())
+    return out
+torch.optim.AdamW.step = recorded
+code = main(sys.argv[2:])
+Path(sys.argv[1], f"rank{PartialState().process_index}.json").write_text(json.dumps(digests))
 sys.exit(code)
 """
 
@@ -111,3 +138,33 @@ def test_two_processes_match_one(synth_root: Path, tmp_path: Path) -> None:
     assert [h["step"] for h in h1] == [h["step"] for h in h2] == [1, 2, 3, 4]
     for x, y in zip(h1, h2, strict=True):  # the same loss trajectory
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo process groups are exercised on Linux")
+@pytest.mark.slow
+def test_two_pretraining_processes_train_one_model(synth_root: Path, tmp_path: Path) -> None:
+    shutil.copytree(synth_root / "mixed" / "images", tmp_path / "images")
+    images = sorted((tmp_path / "images").rglob("*.png"))
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("file,text\n" + "".join(f"{p.as_posix()},{short_name(p.parent.name)}\n" for p in images))
+    settings = [
+        "pretrain.max_steps=3",
+        "pretrain.batch_size=8",
+        "pretrain.val_fraction=0.25",
+        "data.num_workers=0",
+    ]
+    probe = tmp_path / "probe.py"
+    probe.write_text(PRETRAIN_PROBE)
+    (tmp_path / "ranks").mkdir()
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), str(probe), str(tmp_path / "ranks"),
+        "pretrain", str(pairs), "--model", "tiny", "--out", str(tmp_path / "pt"), "-q",
+        *(arg for s in settings for arg in ("--set", s)),
+    ]  # fmt: skip
+    two = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "ranks" / f"rank{i}.json").read_text()) for i in range(2)]
+    assert len(ranks[0]) == 3 and ranks[0] == ranks[1]  # the gradients are shared: one model, not two

@@ -83,14 +83,14 @@ class Towers:
     def base(self) -> HFClip:
         return self.clip.base_model.model if isinstance(self.clip, PeftModel) else self.clip
 
-    def images(self, pixels: torch.Tensor) -> torch.Tensor:
-        base = self.base
-        pooled = base.cls_feature(base.vision_tokens(pixels))
-        return F.normalize(base.project_image(pooled).float(), dim=-1)
-
-    def texts(self, texts: list[str], device: torch.device) -> torch.Tensor:
+    def features(
+        self, module: nn.Module, pixels: torch.Tensor, texts: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalised image and text features of matching pairs, and the logit scale, through
+        `module`: the towers themselves, or the process-group wrapper ``accelerate`` made of them,
+        which shares the gradients between processes only when the call goes through it."""
         ids, mask = self.base.tokenize(texts)
-        return F.normalize(self.base.encode_text(ids.to(device), mask.to(device)).float(), dim=-1)
+        return module(pixels, ids.to(pixels.device), mask.to(pixels.device))
 
 
 class PretrainPaths:
@@ -142,8 +142,11 @@ def evaluate_recall(
     images, texts = [], []
     for pixels, index in loader:
         with accelerator.autocast():
-            images.append(towers.images(pixels.to(accelerator.device)))
-            texts.append(towers.texts([pairs[i].text for i in index.tolist()], accelerator.device))
+            image, text, _ = towers.features(
+                towers.clip, pixels.to(accelerator.device), [pairs[i].text for i in index.tolist()]
+            )
+        images.append(image)
+        texts.append(text)
     towers.clip.train(was)
     return recall_at(torch.cat(images) @ torch.cat(texts).T)
 
@@ -286,14 +289,10 @@ def pretrain(
         for micro, (pixels, index) in enumerate(loader, start=start * p.grad_accum):
             last = (micro + 1) % p.grad_accum == 0
             with accelerator.autocast():
-                loss = (
-                    clip_loss(
-                        towers.images(pixels.to(accelerator.device)),
-                        towers.texts([train_pairs[i].text for i in index.tolist()], accelerator.device),
-                        towers.base.logit_scale,
-                    )
-                    / p.grad_accum
+                image, text, logit_scale = towers.features(
+                    wrapped, pixels.to(accelerator.device), [train_pairs[i].text for i in index.tolist()]
                 )
+                loss = clip_loss(image, text, logit_scale) / p.grad_accum
             accelerator.backward(loss)
             running += float(loss.detach())
             if not last:

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tokenizers import pre_tokenizers
 from torch import nn
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
@@ -81,6 +82,15 @@ class HFClip(nn.Module, VisionLanguage):
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.text_projection(self.text_model(input_ids=ids, attention_mask=mask).pooler_output)
+
+    def forward(
+        self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CLIP's contrastive forward (``savlt pretrain``): L2-normalised image features (CLS) and
+        text features of matching pairs, and the logit scale (log of the scale)."""
+        image = self.project_image(self.cls_feature(self.vision_tokens(pixels)))
+        text = self.encode_text(ids, mask)
+        return F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1), self.logit_scale
 
     def adapter_targets(self, first_layer: int, text: bool) -> tuple[str, str | None]:
         layers = "|".join(str(i) for i in range(first_layer, self.vision_layers))
