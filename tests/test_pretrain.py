@@ -120,6 +120,28 @@ def test_a_short_pretraining_beats_chance_and_its_output_is_a_backbone(
     assert len((tmp_path / "pt" / "history.jsonl").read_text().splitlines()) == 40
 
 
+def test_lora_pretraining_merges_its_adapters_into_a_plain_backbone(tmp_path: Path, synth_root: Path) -> None:
+    shutil.copytree(synth_root / "mixed" / "images", tmp_path / "images")
+    records = sorted(p.relative_to(tmp_path) for p in (tmp_path / "images").rglob("*.png"))
+    lines = ["file,text", *(f"{p.as_posix()},{short_name(p.parent.name)}" for p in records)]
+    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    cfg = load_config(
+        overrides=[
+            "model.backbone=tiny",
+            "pretrain.adapters=lora",
+            "pretrain.max_steps=3",
+            "data.num_workers=0",
+        ],
+        values={"pretrain.pairs": tmp_path / "pairs.csv"},
+    )
+    pretrain(cfg, tmp_path / "pt", progress=False)
+    merged = load_backbone(str(tmp_path / "pt"))
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    start = load_backbone("tiny")
+    q_proj = [m.vision_model.encoder.layers[-1].self_attn.q_proj.weight for m in (merged, start)]
+    assert not torch.allclose(*q_proj)  # the adapters, merged, moved the attention weights
+
+
 def test_bad_pairs_files_are_one_line_errors(corpus: Path, tmp_path: Path, capsys) -> None:
     (tmp_path / "nocol.csv").write_text("image,caption\na.png,x\n")
     with pytest.raises(DataError, match="lacks the column.*file, text"):
