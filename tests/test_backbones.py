@@ -20,7 +20,7 @@ from transformers import BertConfig
 from savlt.cli import main
 from savlt.config import ConfigError, load_config
 from savlt.engine.loaded import load_run
-from savlt.models.backbone import build_random, load_backbone
+from savlt.models.backbone import build_random, declared_normalization, load_backbone
 from savlt.models.openclip import BIOMEDBERT, BIOMEDCLIP, build_open_clip
 from savlt.models.savlt import model_from_config
 from savlt.models.vision_language import CLIP_STATS, BackboneError, VisionLanguage
@@ -347,15 +347,31 @@ def test_open_clip_architectures_need_a_local_weights_file(native_folder, tmp_pa
     (broken / "open_clip_config.json").write_text(
         json.dumps({"model_cfg": NATIVE_CFG, "preprocess_cfg": {"mean": 0.5, "std": [1, 2]}})
     )
-    with pytest.raises(BackboneError, match="preprocess_cfg mean and std must be lists of three numbers"):
+    with pytest.raises(BackboneError, match="the mean and std must be lists of three numbers"):
         load_backbone(str(broken))
     (broken / "open_clip_config.json").write_text("{not json")
-    with pytest.raises(BackboneError, match="is not an open_clip config"):
+    with pytest.raises(BackboneError, match="open_clip_config.json cannot be read as JSON"):
         load_backbone(str(broken))
     (broken / "open_clip_model.safetensors").unlink()
     (broken / "open_clip_config.json").write_text(json.dumps({"model_cfg": NATIVE_CFG}))
     with pytest.raises(BackboneError, match="holds no weights: copy open_clip_model.safetensors"):
         load_backbone(str(broken))
+
+
+def test_a_damaged_preprocessor_config_is_a_one_line_error_and_built_in_names_win(
+    tmp_path: Path, monkeypatch
+) -> None:
+    build_random("tiny").save_pretrained(tmp_path / "clip")
+    (tmp_path / "clip" / "preprocessor_config.json").write_text("{bad")
+    with pytest.raises(BackboneError, match="preprocessor_config.json cannot be read as JSON"):
+        load_backbone(str(tmp_path / "clip"))
+    with pytest.raises(BackboneError, match="cannot be read as JSON"):
+        declared_normalization(str(tmp_path / "clip"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()  # a folder named like the built-in model, which load_backbone builds
+    (tmp_path / "tiny" / "open_clip_config.json").write_text("{bad")
+    assert declared_normalization("tiny") == CLIP_STATS
+    assert declared_normalization("x" * 5000) == CLIP_STATS  # not a usable path: loading says so
 
 
 def test_patch_dropout_is_switched_off_so_roi_masks_fit_the_tokens(native_folder, tmp_path: Path) -> None:

@@ -150,6 +150,8 @@ def test_two_pretraining_processes_train_one_model(synth_root: Path, tmp_path: P
     settings = [
         "pretrain.max_steps=3",
         "pretrain.batch_size=8",
+        "pretrain.grad_accum=2",  # gradients exchanged on the last micro-batch of each step only
+        "pretrain.adapters=lora",
         "pretrain.val_fraction=0.25",
         "data.num_workers=0",
     ]

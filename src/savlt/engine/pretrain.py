@@ -20,6 +20,7 @@ backbones are refused with a one-line error.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -38,7 +39,7 @@ from tqdm import tqdm
 
 from savlt.config import Config, ConfigError, PeftConfig, load_config
 from savlt.data.pairs import Pair, PairDataset, load_pairs, split_pairs
-from savlt.data.transforms import eval_transform, normalization, train_transform
+from savlt.data.transforms import Stats, eval_transform, normalization, train_transform
 from savlt.engine.inference import loader_for
 from savlt.engine.inputs import StepBatches
 from savlt.engine.rundir import backbone_for, log_to, make_accelerator, seed_everything
@@ -197,10 +198,17 @@ def _resume(paths: PretrainPaths, cfg: Config, towers: Towers, optimizer: torch.
 
 
 def _model_card(
-    paths: PretrainPaths, cfg: Config, n_train: int, n_val: int, steps: int, recall: dict[str, float]
+    paths: PretrainPaths,
+    cfg: Config,
+    n_train: int,
+    n_val: int,
+    steps: int,
+    recall: dict[str, float],
+    stats: Stats,
 ) -> None:
     p = cfg.pretrain
     figures = ", ".join(f"{k} {v:.3f}" for k, v in recall.items())
+    mean, std = (", ".join(f"{v:.4g}" for v in part) for part in stats)
     lines = [
         f"# CLIP pretrained with `savlt pretrain`: {paths.root.name}",
         "",
@@ -208,7 +216,8 @@ def _model_card(
         f"- data: `{p.pairs}` ({n_train} training pairs, {n_val} held out)",
         f"- {steps} steps of batch {p.batch_size} × {p.grad_accum} (cosine schedule over {p.max_steps} steps), "
         f"AdamW lr {p.lr:g}, weight decay {p.weight_decay:g}, warm-up {p.warmup:g}; input "
-        f"{cfg.data.image_size}, normalisation {cfg.data.normalize}; seed {p.seed}",
+        f"{cfg.data.image_size}, normalisation mean ({mean}) std ({std}) (`data.normalize={cfg.data.normalize}`, "
+        f"in preprocessor_config.json); seed {p.seed}",
         f"- held-out recall: {figures}",
         "",
         "Load it with `savlt train --model " + str(paths.root) + "` (or `load_backbone`). Rebuild it with",
@@ -288,12 +297,14 @@ def pretrain(
         started = time.time()
         for micro, (pixels, index) in enumerate(loader, start=start * p.grad_accum):
             last = (micro + 1) % p.grad_accum == 0
-            with accelerator.autocast():
-                image, text, logit_scale = towers.features(
-                    wrapped, pixels.to(accelerator.device), [train_pairs[i].text for i in index.tolist()]
-                )
-                loss = clip_loss(image, text, logit_scale) / p.grad_accum
-            accelerator.backward(loss)
+            # the processes exchange gradients once per optimiser step, on its last micro-batch
+            with contextlib.nullcontext() if last else accelerator.no_sync(wrapped):
+                with accelerator.autocast():
+                    image, text, logit_scale = towers.features(
+                        wrapped, pixels.to(accelerator.device), [train_pairs[i].text for i in index.tolist()]
+                    )
+                    loss = clip_loss(image, text, logit_scale) / p.grad_accum
+                accelerator.backward(loss)
             running += float(loss.detach())
             if not last:
                 continue
@@ -305,9 +316,10 @@ def pretrain(
             optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 towers.base.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            mean_loss = accelerator.reduce(torch.tensor(running, device=accelerator.device), "mean")
             entry: dict[str, Any] = {
                 "step": step,
-                "loss": running,
+                "loss": float(mean_loss),  # over the processes, so all of them stop together
                 "lr": lr,
                 "temperature": float(1 / towers.base.logit_scale.detach().exp()),
             }
@@ -338,7 +350,7 @@ def pretrain(
             for written in paths.root.iterdir():
                 if written.is_file():
                     ordinary_permissions(written)
-            _model_card(paths, cfg, len(train_pairs), len(val_pairs), end, recall)
+            _model_card(paths, cfg, len(train_pairs), len(val_pairs), end, recall, stats)
             log.info("pretraining took %.1f s; held-out recall %s", time.time() - started, recall)
     accelerator.wait_for_everyone()
     return recall

@@ -16,17 +16,22 @@ asked, and when the files are missing the error says how to provide them.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 from huggingface_hub import try_to_load_from_cache
 
 from savlt.data.transforms import Stats
+from savlt.models.backbone_files import (
+    HUB_PREFIX,
+    OPEN_CLIP_CONFIG,
+    OPEN_CLIP_PREFIX,
+    hf_folder_stats,
+    preprocess_stats,
+    read_open_clip_config,
+)
 from savlt.models.hf_clip import (
     RANDOM_PRESETS,
     build_random_hf,
-    hf_folder_stats,
     hub_cache,
     load_hf,
     load_hf_folder,
@@ -35,9 +40,6 @@ from savlt.models.hf_clip import (
 from savlt.models.vision_language import CLIP_STATS, BackboneError, VisionLanguage
 
 DEFAULT_BACKBONE = "openai/clip-vit-base-patch16"
-OPEN_CLIP_PREFIX = "open_clip:"
-HUB_PREFIX = "hf-hub:"
-WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # an open_clip folder's
 
 # Random open_clip models shaped like BiomedCLIP: "tiny-openclip" for tests and demos,
 # "random-biomedclip" with BiomedCLIP's own shapes (timm ViT-B/16 trunk, BERT-base text tower,
@@ -111,7 +113,7 @@ def load_backbone(
         return load_open_clip(spec, weights, allow_download)
     folder = Path(spec).expanduser()
     if folder.exists() or spec.startswith((".", "/", "~")):
-        if (folder / "open_clip_config.json").is_file():
+        if (folder / OPEN_CLIP_CONFIG).is_file():
             from savlt.models.openclip import load_open_clip_folder
 
             return load_open_clip_folder(folder, allow_download)
@@ -124,46 +126,30 @@ def load_backbone(
     return load_hf_hub(spec, allow_download)
 
 
-def preprocess_stats(config: dict[str, Any], where: Path) -> Stats:
-    """The mean and std of an open_clip config's preprocess_cfg (CLIP's when it names none)."""
-    preprocess = config.get("preprocess_cfg") or {}
-    mean, std = preprocess.get("mean", CLIP_STATS[0]), preprocess.get("std", CLIP_STATS[1])
-    if not (isinstance(mean, list | tuple) and isinstance(std, list | tuple) and len(mean) == len(std) == 3):
-        raise BackboneError(f"{where}: preprocess_cfg mean and std must be lists of three numbers")
-    try:
-        return (tuple(float(v) for v in mean), tuple(float(v) for v in std))  # type: ignore[return-value]
-    except (TypeError, ValueError):
-        raise BackboneError(f"{where}: preprocess_cfg mean and std must be lists of three numbers") from None
-
-
-def read_open_clip_config(folder: Path) -> dict[str, Any]:
-    config_file = folder / "open_clip_config.json"
-    try:
-        config = json.loads(config_file.read_text())
-        config["model_cfg"]  # noqa: B018 (must be there)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise BackboneError(
-            f"{config_file} is not an open_clip config ({type(exc).__name__}: {exc})"
-        ) from None
-    return config
-
-
 def declared_normalization(spec: str) -> Stats:
     """The mean and std the backbone `spec` declares, read from its files without building it
-    (CLIP's when it declares none): what ``data.normalize=backbone`` stands for."""
+    (CLIP's when it declares none), in the order ``load_backbone`` resolves names: what
+    ``data.normalize=backbone`` stands for."""
+    if spec in RANDOM_PRESETS or spec in OPEN_CLIP_PRESETS or spec.startswith(OPEN_CLIP_PREFIX):
+        return CLIP_STATS
     if spec in SHIPPED:
         return hf_folder_stats(shipped_folder(spec))
     folder = Path(spec).expanduser()
     if spec.startswith(HUB_PREFIX):
         try:
             cached = try_to_load_from_cache(
-                spec.removeprefix(HUB_PREFIX), "open_clip_config.json", cache_dir=hub_cache()
+                spec.removeprefix(HUB_PREFIX), OPEN_CLIP_CONFIG, cache_dir=hub_cache()
             )
         except ValueError:  # not a valid repository id: loading it says so
             cached = None
-        folder = Path(cached).parent if isinstance(cached, str) else folder
-    if (folder / "open_clip_config.json").is_file():
-        return preprocess_stats(read_open_clip_config(folder), folder / "open_clip_config.json")
-    if folder.is_dir():
-        return hf_folder_stats(folder)
+        if not isinstance(cached, str):
+            return CLIP_STATS
+        folder = Path(cached).parent
+    try:
+        if (folder / OPEN_CLIP_CONFIG).is_file():
+            return preprocess_stats(read_open_clip_config(folder), folder / OPEN_CLIP_CONFIG)
+        if folder.is_dir():
+            return hf_folder_stats(folder)
+    except OSError:  # not a usable path (e.g. too long): loading it says so
+        pass
     return CLIP_STATS

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -24,6 +23,7 @@ from torch import nn
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 from transformers.utils import logging as hf_logging
 
+from savlt.models.backbone_files import hf_folder_stats
 from savlt.models.vision_language import CLIP_STATS, BackboneError, Stats, VisionLanguage
 
 _PROJECTIONS = r"self_attn\.(q_proj|k_proj|v_proj|out_proj)"
@@ -218,17 +218,6 @@ def how_to_provide(name: str) -> str:
         f"If {name!r} is an open_clip model (such as BiomedCLIP), name it --model hf-hub:{name}.\n"
         "For a quick try without weights use --model tiny."
     )
-
-
-def hf_folder_stats(folder: Path) -> Stats:
-    """The image processor's mean and std when the folder has one, else CLIP's."""
-    processor = folder / "preprocessor_config.json"
-    if processor.is_file():
-        values = json.loads(processor.read_text())
-        mean, std = values.get("image_mean"), values.get("image_std")
-        if isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == 3:
-            return (tuple(float(v) for v in mean), tuple(float(v) for v in std))  # type: ignore[return-value]
-    return CLIP_STATS
 
 
 @contextlib.contextmanager

@@ -41,8 +41,9 @@ from tokenizers.models import WordPiece
 from torch import nn
 from transformers import BertConfig, PreTrainedTokenizerFast
 
-from savlt.models.backbone import (
+from savlt.models.backbone_files import (
     HUB_PREFIX,
+    OPEN_CLIP_CONFIG,
     OPEN_CLIP_PREFIX,
     WEIGHT_FILES,
     preprocess_stats,
@@ -385,7 +386,7 @@ def load_open_clip_folder(folder: Path, allow_download: bool = False, source: st
             f"open_clip folder {folder} holds no weights: copy {' or '.join(WEIGHT_FILES)} from the "
             "model's repository into it"
         )
-    stats = preprocess_stats(config, folder / "open_clip_config.json")
+    stats = preprocess_stats(config, folder / OPEN_CLIP_CONFIG)
     return build_open_clip(
         config["model_cfg"], found[0], source or str(folder), stats, folder, allow_download
     )
@@ -397,7 +398,7 @@ def load_open_clip(spec: str, weights: str | None, allow_download: bool) -> Open
         repo = spec.removeprefix(HUB_PREFIX)
         folder = _cached_repo(repo, allow_download)
         weights_there = folder is not None and any((folder / name).is_file() for name in WEIGHT_FILES)
-        if not weights_there or not (folder / "open_clip_config.json").is_file():
+        if not weights_there or not (folder / OPEN_CLIP_CONFIG).is_file():
             raise BackboneError(how_to_provide(spec))
         return load_open_clip_folder(folder, allow_download, source=spec)
     arch = spec.removeprefix(OPEN_CLIP_PREFIX)
