@@ -282,3 +282,24 @@ def test_training_beats_chance_clearly(learnable_root: Path, tmp_path: Path) -> 
     assert internal["n"] == 45  # 24 per class: 9 in the test split
     assert internal["ci95"]["accuracy"][0] > 0.25, internal  # chance is 0.2: the interval excludes it
     assert internal["binary"]["auc"] > 0.75
+
+
+def test_a_run_made_with_relative_paths_works_from_any_directory(
+    synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "data").symlink_to(synth_root)
+    build_random().save_pretrained(work / "clip")  # a backbone folder named relatively
+    monkeypatch.chdir(work)
+    sets = [s for s in FAST if not s.startswith("model.backbone")] + [
+        "data.cache_dir=cache",
+        "data.test_centers=[]",
+    ]
+    args = ["train", "--data", "data", "--model", "clip", "--out", "run", "-q"]
+    assert main([*args, *(f"--set={s}" for s in sets)]) == 0
+    saved = load_config(work / "run" / "config.yaml")
+    assert saved.data.root == str(synth_root.resolve()) and saved.data.cache_dir == str(work / "cache")
+    assert saved.model.backbone == str(work / "clip")
+    monkeypatch.chdir(tmp_path)  # elsewhere: the run still finds its data and backbone
+    assert main(["evaluate", "work/run", "-q"]) == 0

@@ -43,7 +43,7 @@ from savlt.data.transforms import Stats, eval_transform, normalization, train_tr
 from savlt.engine.inference import loader_for
 from savlt.engine.inputs import StepBatches
 from savlt.engine.rundir import backbone_for, log_to, make_accelerator, seed_everything
-from savlt.engine.runfolder import same_run
+from savlt.engine.runfolder import same_run, with_absolute_paths
 from savlt.errors import SavltError
 from savlt.io import atomic_path, ordinary_permissions, write_json, write_text
 from savlt.models.adapters import add_adapters
@@ -234,7 +234,9 @@ def pretrain(
     cfg: Config, out: str | Path, progress: bool = True, save_dtype: torch.dtype = torch.float32
 ) -> dict[str, Any]:
     """Contrastive pretraining of cfg.model.backbone on cfg.pretrain.pairs into `out`; returns the
-    final held-out recall. Running it again on the same folder resumes from the last checkpoint."""
+    final held-out recall. Running it again on the same folder resumes from the last checkpoint.
+    Relative paths in `cfg` are taken from the current directory and saved absolute."""
+    cfg = with_absolute_paths(cfg)
     p = cfg.pretrain
     if not p.pairs:
         raise ConfigError("no pairs: give PAIRS.csv (or a data root) to savlt pretrain (pretrain.pairs)")

@@ -17,6 +17,7 @@ folder at a time. This module imports no model code, so the sweep can use it che
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from savlt.config import Config, load_config
 from savlt.data.transforms import normalization
 from savlt.errors import SavltError
 from savlt.io import OutputError, exclusive, writable_folder
-from savlt.models.backbone import declared_normalization
+from savlt.models.backbone import declared_normalization, is_built_in
 
 LOCK_NAME = ".savlt.lock"
 SHOWN = 6
@@ -62,6 +63,44 @@ def _entries(folder: Path) -> list[str]:
     return sorted(
         p.name for p in folder.iterdir() if p.name != LOCK_NAME and not p.name.startswith(".write-test")
     )
+
+
+# Settings naming a file or folder; relative ones are made absolute when a run starts, so its
+# config.yaml works from any directory (evaluate, predict, serve).
+PATH_KEYS = (
+    "data.root",
+    "data.cache_dir",
+    "data.split_file",
+    "roi.segmenter",
+    "model.weights",
+    "pretrain.pairs",
+)
+
+
+def absolute_setting(key: str, value: Any) -> Any:
+    """`value` of the dotted `key`, absolute against the current directory when it is a relative
+    path (``model.backbone`` only when it names an existing folder and no built-in model)."""
+    if not isinstance(value, str | Path) or not str(value):
+        return value
+    path = Path(value).expanduser()
+    if key in PATH_KEYS:
+        return str(path.resolve())
+    if key == "model.backbone" and not is_built_in(str(value)) and path.exists():
+        return str(path.resolve())
+    return value
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """`cfg` with every file and folder setting absolute (see ``absolute_setting``)."""
+    sections: dict[str, dict[str, Any]] = {}
+    for key in (*PATH_KEYS, "model.backbone"):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        resolved = absolute_setting(key, value)
+        if resolved != value:
+            sections.setdefault(section, {})[name] = resolved
+    changed = {s: dataclasses.replace(getattr(cfg, s), **values) for s, values in sections.items()}
+    return dataclasses.replace(cfg, **changed) if changed else cfg
 
 
 def run_identity(cfg: Config) -> dict[str, Any]:

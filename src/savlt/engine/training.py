@@ -37,7 +37,7 @@ from savlt.engine.rundir import (
     tissue_masks,
     write_run_report,
 )
-from savlt.engine.runfolder import claim_run_folder
+from savlt.engine.runfolder import claim_run_folder, with_absolute_paths
 from savlt.io import write_json
 from savlt.models.adapters import parameter_counts
 
@@ -87,7 +87,9 @@ def train(cfg: Config, out: str | Path, progress: bool = True, overwrite: bool =
     """Train on the few-shot draw, save the run folder, evaluate every center; returns metrics.
 
     `out` must be missing, empty or hold this configuration's unfinished run (which is continued);
-    `overwrite` empties a folder holding anything else first."""
+    `overwrite` empties a folder holding anything else first. Relative paths in `cfg` are taken
+    from the current directory and saved absolute."""
+    cfg = with_absolute_paths(cfg)
     paths = RunPaths(out)
     accelerator = make_accelerator(cfg)
     with ExitStack() as hold:  # the main process holds the folder's lock for the whole run

@@ -69,6 +69,12 @@ OPEN_CLIP_PRESETS: dict[str, dict[str, int]] = {
 SHIPPED = ("tiny-oct",)
 
 
+def is_built_in(spec: str) -> bool:
+    """Whether `spec` names a model built into SAVLT (random presets and shipped backbones), which
+    wins over a local folder of the same name."""
+    return spec in RANDOM_PRESETS or spec in OPEN_CLIP_PRESETS or spec in SHIPPED
+
+
 def build_random(preset: str = "tiny") -> VisionLanguage:
     """A built-in backbone with random weights, the same every time."""
     if preset in OPEN_CLIP_PRESETS:
@@ -103,10 +109,10 @@ def load_backbone(
             f"model.weights is only for open_clip:ARCH backbones; {spec!r} brings its own weights "
             "(remove model.weights)"
         )
-    if spec in RANDOM_PRESETS or spec in OPEN_CLIP_PRESETS:
-        return build_random(spec)
     if spec in SHIPPED:
         return _shipped(spec)
+    if is_built_in(spec):
+        return build_random(spec)
     if spec.startswith((OPEN_CLIP_PREFIX, HUB_PREFIX)):
         from savlt.models.openclip import load_open_clip
 
@@ -130,10 +136,10 @@ def declared_normalization(spec: str) -> Stats:
     """The mean and std the backbone `spec` declares, read from its files without building it
     (CLIP's when it declares none), in the order ``load_backbone`` resolves names: what
     ``data.normalize=backbone`` stands for."""
-    if spec in RANDOM_PRESETS or spec in OPEN_CLIP_PRESETS or spec.startswith(OPEN_CLIP_PREFIX):
-        return CLIP_STATS
     if spec in SHIPPED:
         return hf_folder_stats(shipped_folder(spec))
+    if is_built_in(spec) or spec.startswith(OPEN_CLIP_PREFIX):
+        return CLIP_STATS
     folder = Path(spec).expanduser()
     if spec.startswith(HUB_PREFIX):
         try:

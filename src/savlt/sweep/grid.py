@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from savlt.config import Config, ConfigError, config_from_dict, parse_override, read_yaml, set_dotted
+from savlt.engine.runfolder import absolute_setting
 
 SHORTHANDS: dict[str, str] = {
     "data": "data.root",
@@ -48,7 +49,6 @@ SHORTHANDS: dict[str, str] = {
 DISPLAY: dict[str, str] = {v: k for k, v in SHORTHANDS.items()}
 
 SECTIONS = frozenset(f.name for f in dataclasses.fields(Config) if f.name != "method")
-PATH_KEYS = ("data.root", "data.cache_dir", "data.split_file", "roi.segmenter", "model.weights")
 TOP_LEVEL = ("base", "grid")
 
 
@@ -135,15 +135,7 @@ def _read_grid(grid: dict[str, Any], where: str) -> tuple[dict[str, list[Any]], 
 
 
 def _resolve_paths(flat: dict[str, Any]) -> dict[str, Any]:
-    out = dict(flat)
-    for key in PATH_KEYS:
-        value = out.get(key)
-        if isinstance(value, str) and value:
-            out[key] = str(Path(value).expanduser().resolve())
-    backbone = out.get("model.backbone")
-    if isinstance(backbone, str) and backbone != "tiny" and Path(backbone).expanduser().exists():
-        out["model.backbone"] = str(Path(backbone).expanduser().resolve())
-    return out
+    return {key: absolute_setting(key, value) for key, value in flat.items()}
 
 
 def format_value(value: Any) -> str:
