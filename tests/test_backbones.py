@@ -20,6 +20,7 @@ from transformers import BertConfig
 from savlt.cli import main
 from savlt.config import ConfigError, load_config
 from savlt.engine.loaded import load_run
+from savlt.engine.pretrain import pretrain
 from savlt.models.backbone import build_random, declared_normalization, load_backbone
 from savlt.models.openclip import BIOMEDBERT, BIOMEDCLIP, build_open_clip
 from savlt.models.savlt import model_from_config
@@ -250,6 +251,15 @@ def test_isolated_masking_makes_roi_features_independent_of_pixels_outside(kind:
         assert not torch.allclose(*features[masking], atol=1e-4)
 
 
+def test_pretraining_refuses_an_open_clip_backbone_before_writing_anything(tmp_path: Path) -> None:
+    cfg = load_config(
+        overrides=["model.backbone=tiny-openclip"], values={"pretrain.pairs": tmp_path / "p.csv"}
+    )
+    with pytest.raises(ConfigError, match="savlt pretrain trains Hugging Face CLIP backbones"):
+        pretrain(cfg, tmp_path / "pt", progress=False)
+    assert not (tmp_path / "pt").exists()
+
+
 def test_masking_needs_roi_or_cls_pooling_and_the_ablation_method_sets_it() -> None:
     with pytest.raises(ConfigError, match="roi_masking=every_block needs ROI or CLS pooling"):
         load_config(overrides=["method=savlt_no_roi", "model.roi_masking=every_block"])
@@ -330,9 +340,16 @@ def test_a_missing_biomedclip_says_which_files_to_copy(tmp_path: Path, monkeypat
         load_backbone(BIOMEDCLIP)  # without the prefix it is taken for a Hugging Face CLIP id
 
 
-def test_open_clip_architectures_need_a_local_weights_file(native_folder, tmp_path: Path) -> None:
+def test_open_clip_architectures_need_a_local_weights_file(
+    native_folder, synth_root: Path, tmp_path: Path, capsys
+) -> None:
     with pytest.raises(BackboneError, match="needs its weights file: add --set model.weights=FILE"):
         load_backbone("open_clip:ViT-B-16")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(synth_root), "--out", str(out), "--model", "open_clip:ViT-B-16"]) == 2
+    err = capsys.readouterr().err
+    assert "model.weights=FILE" in err and "Traceback" not in err
+    assert not out.exists()  # checked before the run folder is claimed or a scan is read
     with pytest.raises(BackboneError, match="not an open_clip architecture"):
         load_backbone("open_clip:ViT-Q-99", weights=str(tmp_path / "w.bin"))
     with pytest.raises(BackboneError, match="model.weights is only for open_clip:ARCH"):

@@ -243,6 +243,12 @@ def pretrain(
     paths = PretrainPaths(out)
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
+    backbone = backbone_for(cfg)  # first: a backbone that cannot be used leaves no folder behind
+    if not isinstance(backbone, HFClip):
+        raise ConfigError(
+            f"savlt pretrain trains Hugging Face CLIP backbones; {cfg.model.backbone!r} is an open_clip "
+            "model: start from a Hugging Face CLIP (e.g. --model small) instead"
+        )
     if main:
         paths.root.mkdir(parents=True, exist_ok=True)
     with log_to(paths.root / "pretrain.log", main):
@@ -251,12 +257,6 @@ def pretrain(
             p.pairs, cfg.class_map(), {c.name: c.description for c in cfg.data.classes}, progress and main
         )
         train_pairs, val_pairs = split_pairs(pairs, p.val_fraction, p.seed)
-        backbone = backbone_for(cfg)
-        if not isinstance(backbone, HFClip):
-            raise ConfigError(
-                f"savlt pretrain trains Hugging Face CLIP backbones; {cfg.model.backbone!r} is an open_clip "
-                "model: start from a Hugging Face CLIP (e.g. --model small) instead"
-            )
         torch.manual_seed(p.seed)
         towers = _towers(cfg, backbone)
         towers.clip.to(accelerator.device)

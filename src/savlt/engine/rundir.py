@@ -157,9 +157,12 @@ def backbone_for(cfg: Config) -> VisionLanguage:
     return backbone
 
 
-def build_model(cfg: Config, device: torch.device) -> tuple[SavltModel, str]:
-    """The run's backbone and model (initialised from ``train.seed``); returns the backbone's name."""
-    backbone = backbone_for(cfg)
+def build_model(
+    cfg: Config, device: torch.device, backbone: VisionLanguage | None = None
+) -> tuple[SavltModel, str]:
+    """The run's model (initialised from ``train.seed``) on `backbone`, loaded here when not given;
+    returns the backbone's name."""
+    backbone = backbone or backbone_for(cfg)
     torch.manual_seed(cfg.train.seed)
     return model_from_config(cfg, backbone).to(device), backbone.source
 

@@ -26,6 +26,7 @@ from savlt.engine.fit import FITS, FitJob
 from savlt.engine.inputs import RunInputs, prepare_inputs
 from savlt.engine.rundir import (
     RunPaths,
+    backbone_for,
     build_model,
     check_images,
     log_to,
@@ -40,6 +41,7 @@ from savlt.engine.rundir import (
 from savlt.engine.runfolder import claim_run_folder, with_absolute_paths
 from savlt.io import write_json
 from savlt.models.adapters import parameter_counts
+from savlt.models.vision_language import VisionLanguage
 
 log = logging.getLogger("savlt")
 
@@ -92,12 +94,15 @@ def train(cfg: Config, out: str | Path, progress: bool = True, overwrite: bool =
     cfg = with_absolute_paths(cfg)
     paths = RunPaths(out)
     accelerator = make_accelerator(cfg)
+    backbone = backbone_for(cfg)  # first: a backbone that cannot be loaded leaves no folder behind
     with ExitStack() as hold:  # the main process holds the folder's lock for the whole run
         on_main(accelerator, lambda: hold.enter_context(claim_run_folder(paths, cfg, overwrite)))
-        return _train(cfg, paths, accelerator, progress)
+        return _train(cfg, paths, accelerator, progress, backbone)
 
 
-def _train(cfg: Config, paths: RunPaths, accelerator: Accelerator, progress: bool) -> dict[str, Any]:
+def _train(
+    cfg: Config, paths: RunPaths, accelerator: Accelerator, progress: bool, backbone: VisionLanguage
+) -> dict[str, Any]:
     main = accelerator.is_main_process
     _start_folder(paths, cfg, accelerator)
     with log_to(paths.log, main):
@@ -115,7 +120,7 @@ def _train(cfg: Config, paths: RunPaths, accelerator: Accelerator, progress: boo
                 unassessable[drawn[0]],
             )
 
-        model, backbone_name = build_model(cfg, accelerator.device)
+        model, backbone_name = build_model(cfg, accelerator.device, backbone)
         trainable, total = parameter_counts(model)
         log.info(
             "parameters: %s trainable of %s (%.2f %%)",
