@@ -13,30 +13,13 @@ every_block / pool at most 1.05.
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
-from common import batch_for, model_for
+from common import batch_for, model_for, side_by_side
 
 METHODS = {"clip_lora": "CLS pooling", "savlt": "ROI pooling", "savlt_every_block": "ROI + every_block"}
-
-
-def side_by_side(fns: dict[str, Callable[[], object]], repeats: int, device: str) -> dict[str, float]:
-    """Median seconds per call of each function, called in turns after one warm-up round."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for round_ in range(repeats + 1):
-        for name, fn in fns.items():
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            if round_:
-                times[name].append(time.perf_counter() - start)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def train_step(method: str, preset: str, args: argparse.Namespace) -> Callable[[], None]:

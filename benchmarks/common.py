@@ -47,16 +47,23 @@ def batch_for(size: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch
     return pixels.to(device), masks.to(device), labels.to(device)
 
 
+def side_by_side(fns: dict[str, Callable[[], object]], repeats: int, device: str) -> dict[str, float]:
+    """Median seconds per call of each function, called in turns (one call of each per round) after
+    one warm-up round, so a load change on a shared machine hits them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(repeats + 1):
+        for name, fn in fns.items():
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 def timed(fn: Callable[[], object], repeats: int, device: str) -> float:
     """Median seconds of `repeats` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return side_by_side({"fn": fn}, repeats, device)["fn"]

@@ -4,6 +4,7 @@ tiny models, and one torch thread for the tests that train."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,18 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synth") / "data"
     generate_dataset(root, seed=0, per_class=8, size=SMALL, preview=False, progress=False)
     return root
+
+
+def short_caption_pairs(synth_root: Path, folder: Path) -> Path:
+    """`folder`/pairs.csv pairing a copy of the `mixed` scans with their class's short name (a
+    caption a tiny CLIP learns in a few dozen steps); the images are copied into `folder`."""
+    from savlt.classes import short_name
+
+    shutil.copytree(synth_root / "mixed" / "images", folder / "images")
+    records = sorted(p.relative_to(folder) for p in (folder / "images").rglob("*.png"))
+    lines = ["file,text", *(f"{p.as_posix()},{short_name(p.parent.name)}" for p in records)]
+    (folder / "pairs.csv").write_text("\n".join(lines) + "\n")
+    return folder / "pairs.csv"
 
 
 def write_png(path: Path, value: int = 128, size: tuple[int, int] = (40, 48)) -> Path:

@@ -13,17 +13,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import FAST
+from conftest import FAST, short_caption_pairs
 from safetensors.torch import load_file
-
-from savlt.classes import short_name
 
 CENTER_SIZES = {"mixed": 15, "xiangya": 40, "huaxi": 40}
 
@@ -143,10 +140,7 @@ def test_two_processes_match_one(synth_root: Path, tmp_path: Path) -> None:
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo process groups are exercised on Linux")
 @pytest.mark.slow
 def test_two_pretraining_processes_train_one_model(synth_root: Path, tmp_path: Path) -> None:
-    shutil.copytree(synth_root / "mixed" / "images", tmp_path / "images")
-    images = sorted((tmp_path / "images").rglob("*.png"))
-    pairs = tmp_path / "pairs.csv"
-    pairs.write_text("file,text\n" + "".join(f"{p.as_posix()},{short_name(p.parent.name)}\n" for p in images))
+    pairs = short_caption_pairs(synth_root, tmp_path)
     settings = [
         "pretrain.max_steps=3",
         "pretrain.batch_size=8",

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import fast_config
+from conftest import fast_config, short_caption_pairs
 
-from savlt.classes import DEFAULT_CLASSES, short_name
+from savlt.classes import DEFAULT_CLASSES
 from savlt.cli import main
 from savlt.config import load_config
 from savlt.data.discover import DataError
@@ -79,11 +78,7 @@ def test_the_corpus_is_seeded_captioned_and_never_uses_the_anchors(corpus: Path,
 def test_a_short_pretraining_beats_chance_and_its_output_is_a_backbone(
     tmp_path: Path, synth_root: Path
 ) -> None:
-    # short captions (the class's short name) make the task learnable in a few dozen steps
-    shutil.copytree(synth_root / "mixed" / "images", tmp_path / "images")
-    records = sorted(p.relative_to(tmp_path) for p in (tmp_path / "images").rglob("*.png"))
-    lines = ["file,text", *(f"{p.as_posix()},{short_name(p.parent.name)}" for p in records)]
-    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    short_caption_pairs(synth_root, tmp_path)  # short captions: learnable in a few dozen steps
     cfg = load_config(
         overrides=[
             "model.backbone=tiny",
@@ -121,10 +116,7 @@ def test_a_short_pretraining_beats_chance_and_its_output_is_a_backbone(
 
 
 def test_lora_pretraining_merges_its_adapters_into_a_plain_backbone(tmp_path: Path, synth_root: Path) -> None:
-    shutil.copytree(synth_root / "mixed" / "images", tmp_path / "images")
-    records = sorted(p.relative_to(tmp_path) for p in (tmp_path / "images").rglob("*.png"))
-    lines = ["file,text", *(f"{p.as_posix()},{short_name(p.parent.name)}" for p in records)]
-    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    short_caption_pairs(synth_root, tmp_path)
     cfg = load_config(
         overrides=[
             "model.backbone=tiny",
