@@ -21,6 +21,7 @@ from PIL import Image
 from savlt.cli import main
 from savlt.engine.loaded import load_run
 from savlt.engine.training import train
+from savlt.report.plots import heatmap_png
 from savlt.serve import Limits, ServeOptions, create_app
 from savlt.serve.batcher import MicroBatcher
 
@@ -132,7 +133,8 @@ def test_a_tiff_volume_gives_one_prediction_per_page_as_savlt_predict_does(
     assert response.status_code == 413 and response.json()["files"][0]["file"] == "volume.tif#1"
 
 
-def test_heat_map_and_scan_come_back_as_pngs(served, scans: list[Path]) -> None:
+def test_heat_map_and_scan_come_back_as_pngs(served, scans: list[Path], tmp_path: Path) -> None:
+    _, run = served
     with client_for(served) as client:
         response = client.post(
             "/predict?heatmap=true&scan=true", files=upload((scans[0].name, scans[0].read_bytes()))
@@ -144,6 +146,29 @@ def test_heat_map_and_scan_come_back_as_pngs(served, scans: list[Path]) -> None:
     assert scan.size == Image.open(scans[0]).size
     heat = Image.open(io.BytesIO(base64.b64decode(item["heatmap"].split(",", 1)[1])))
     assert heat.format == "PNG" and heat.width > scan.width
+    # the very heat map `savlt predict --heatmap` writes (drawn by the request's thread, in memory)
+    written = Image.open(run.predict([scans[0]], heatmap_dir=tmp_path)[0].heatmap)
+    assert np.array_equal(np.asarray(heat), np.asarray(written))
+
+
+def test_heat_maps_drawn_in_several_threads_at_once_are_those_drawn_one_by_one() -> None:
+    rng = np.random.default_rng(0)
+    scans = [rng.integers(0, 255, (96, 128, 3), dtype=np.uint8) for _ in range(4)]
+    maps = [rng.random((14, 14)) for _ in range(4)]
+
+    def draw(i: int) -> bytes:
+        buffer = io.BytesIO()
+        heatmap_png(scans[i], maps[i], (0.0, 0.25, 1.0, 1.0), buffer)
+        return buffer.getvalue()
+
+    alone = [draw(i) for i in range(4)]
+    together: dict[int, bytes] = {}
+    threads = [threading.Thread(target=lambda i=i: together.update({i: draw(i)})) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert [together[i] for i in range(4)] == alone and len(set(alone)) == 4
 
 
 def test_a_scan_that_cannot_be_assessed_gets_no_diagnosis(served) -> None:
@@ -155,10 +180,12 @@ def test_a_scan_that_cannot_be_assessed_gets_no_diagnosis(served) -> None:
         response = client.post(
             "/predict", files=upload(("flat.png", png_bytes(flat8)), ("flat16.tif", buffer.getvalue()))
         )
+        batches = client.get("/health").json()["batches"]
     assert response.status_code == 200
     for item in response.json()["predictions"]:
         assert item["assessable"] is False and item["predicted"] is None
         assert "near-constant" in item["reason"]  # judged on the stored 16-bit values, not stretched
+    assert batches["images"] == 0  # answered by the request itself: never queued for the model
 
 
 def test_a_16_bit_scan_is_judged_as_savlt_predict_judges_its_file(served, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from savlt.cli import main
 from savlt.config import load_config
 from savlt.engine.checkpoint import CheckpointError
-from savlt.engine.loaded import load_run
+from savlt.engine.loaded import Ready, load_run
 from savlt.engine.training import train
 from savlt.errors import SavltError
 from savlt.models.adapters import adalora_orthogonality
@@ -142,6 +142,27 @@ def test_predict_cli_table_json_and_heatmaps(fast_run, synth_root: Path, tmp_pat
     assert "p(high-risk)" in capsys.readouterr().out
 
 
+def test_predict_is_prepare_scan_by_scan_then_diagnose_in_batches(fast_run, synth_root: Path) -> None:
+    out, _ = fast_run
+    run = load_run(out)
+    paths = sorted((synth_root / "huaxi" / "images").rglob("*.jpg"))[:3]
+    flat = np.full((64, 80), 128, np.uint8)
+    items = [paths[0], flat, *paths[1:]]
+    prepared = [run.prepare(item, position) for position, item in enumerate(items)]
+    assert [isinstance(p, Ready) for p in prepared] == [True, False, True, True]
+    assert prepared[1].assessable is False and "near-constant" in prepared[1].reason
+    assert all(
+        p.pixels.shape == (3, 224, 224) and p.mask.shape == (224, 224)
+        for p in prepared
+        if isinstance(p, Ready)
+    )
+    diagnosed = run.diagnose([p for p in prepared if isinstance(p, Ready)])
+    assert [d.path for d in diagnosed] == [str(p) for p in paths]
+    expected = run.predict(items, batch_size=4)
+    assert [d.to_json() for d in diagnosed] == [e.to_json() for i, e in enumerate(expected) if i != 1]
+    assert expected[1] == prepared[1] and run.diagnose([]) == []
+
+
 def test_wrong_image_mode_is_a_clear_error(fast_run, tmp_path: Path, capsys) -> None:
     out, _ = fast_run
     run = load_run(out)
@@ -217,6 +238,13 @@ def test_a_saved_segmenter_provides_the_roi_masks(synth_root: Path, tmp_path: Pa
     assert "segmenter" in (tmp_path / "run" / "config.yaml").read_text()
     run = load_run(tmp_path / "run")
     assert run.masks.kind == "segmenter" and len(run.predict([np.full((80, 90, 3), 90, np.uint8)])) == 1
+    # The segmenter masks a batch at a time: prepare leaves the mask (and so the tensors) to diagnose.
+    paths = sorted((synth_root / "mixed" / "images").rglob("*.jpg"))[:3]
+    prepared = [run.prepare(path) for path in paths]
+    assert all(isinstance(p, Ready) and p.pixels is None and p.mask is None for p in prepared)
+    diagnosed = run.diagnose(prepared)
+    assert all(p.pixels is not None for p in prepared)
+    assert [d.to_json() for d in diagnosed] == [p.to_json() for p in run.predict(paths)]
 
 
 @pytest.mark.parametrize("method", ["zero_shot", "linear_probe", "clip_lora", "savlt_no_roi"])

@@ -42,6 +42,18 @@ Decoded = tuple[np.ndarray, np.ndarray]
 
 
 @dataclass
+class Ready:
+    """A readable, assessable scan made ready for the model (``Run.prepare``): its 8-bit RGB (for
+    the heat map) and, once its tissue mask is known, the resized, normalised image and mask."""
+
+    position: int
+    name: str
+    rgb: np.ndarray
+    pixels: torch.Tensor | None = None  # (3, S, S)
+    mask: torch.Tensor | None = None  # (S, S)
+
+
+@dataclass
 class Prediction:
     path: str
     predicted: str | None  # None: no diagnosis (the scan cannot be assessed, or not be read)
@@ -81,6 +93,7 @@ class Run:
         self.masks = tissue_masks(self.cfg, self.accelerator.device)
         stats = normalization(self.cfg.data.normalize, self.model.clip_model.normalization)
         self.transform = eval_transform(self.cfg.data.image_size, stats)
+        self.thresholds = Thresholds.of(self.cfg)
 
     @property
     def class_names(self) -> list[str]:
@@ -144,76 +157,120 @@ class Run:
         high-risk probability reaches the run's threshold (see ``savlt.engine.calibration``). A
         scan that cannot be assessed gets no diagnosis (``assessable`` false, with the reason);
         with `skip_unreadable`, a file that cannot be read comes back with its ``error`` instead of
-        stopping the others."""
-        if heatmap_dir is not None and self.model.pool is None:
-            raise SavltError("heat maps need attention pooling; this run uses model.pooling=cls")
+        stopping the others. It is `prepare` for each scan, then `diagnose` for each batch."""
+        self._check_heatmaps(heatmap_dir)
         if heatmap_dir is not None:
             writable_folder(heatmap_dir, "heat-map folder (--heatmap)")
-        thresholds = Thresholds.of(self.cfg)
-        done: dict[int, Prediction] = {}
+        done: list[Prediction] = []
         for chunk in progress_batches(list(enumerate(images)), batch_size, "predicting", progress):
-            ready: list[tuple[int, str, np.ndarray]] = []
-            for position, item in chunk:
-                is_file = isinstance(item, str | Path)
-                name = str(item) if is_file else f"array-{position}"
-                try:
-                    rgb, raw = _decoded(item, position)
-                except ImageDecodeError as exc:
-                    if not (skip_unreadable and is_file):
-                        raise
-                    done[position] = Prediction.without_diagnosis(name, error=str(exc))
-                    continue
-                reason = assess(rgb, raw, thresholds)
-                if reason is not None:
-                    done[position] = Prediction.without_diagnosis(name, reason=reason)
-                else:
-                    ready.append((position, name, rgb))
-            if ready:
-                done.update(self._diagnose(ready, heatmap_dir))
-        return [done[i] for i in range(len(images))]
+            prepared = [
+                self.prepare(item, position, skip_unreadable=skip_unreadable) for position, item in chunk
+            ]
+            diagnosed = iter(self.diagnose([p for p in prepared if isinstance(p, Ready)], heatmap_dir))
+            done += [next(diagnosed) if isinstance(p, Ready) else p for p in prepared]
+        return done
 
-    def _diagnose(
-        self, ready: list[tuple[int, str, np.ndarray]], heatmap_dir: str | Path | None
-    ) -> dict[int, Prediction]:
-        """One forward pass over decoded, assessable scans: (position, name, RGB) -> Prediction."""
+    def prepare(
+        self,
+        item: str | Path | np.ndarray | Decoded,
+        position: int = 0,
+        name: str | None = None,
+        skip_unreadable: bool = False,
+    ) -> Ready | Prediction:
+        """The work on one scan before the model, which needs no other scan (so any thread can do
+        it while the model runs): decode, assess and, unless the run's segmenter makes the tissue
+        masks (in `diagnose`, a batch at a time), mask, resize and normalise. A scan that cannot be
+        assessed (or, with `skip_unreadable`, a file that cannot be read) comes back as its
+        Prediction. `name` (default: the path, or ``array-<position>``) is the result's ``path``."""
+        is_file = isinstance(item, str | Path)
+        name = name or (str(item) if is_file else f"array-{position}")
+        try:
+            rgb, raw = _decoded(item, position)
+        except ImageDecodeError as exc:
+            if not (skip_unreadable and is_file):
+                raise
+            return Prediction.without_diagnosis(name, error=str(exc))
+        reason = assess(rgb, raw, self.thresholds)
+        if reason is not None:
+            return Prediction.without_diagnosis(name, reason=reason)
+        ready = Ready(position, name, rgb)
+        if not self._segmenter_masks:
+            masks = (
+                self.masks.masks_for_images([rgb])
+                if self.model.uses_masks
+                else [np.ones(rgb.shape[:2], bool)]
+            )
+            self._to_tensors(ready, masks[0])
+        return ready
+
+    def diagnose(self, ready: Sequence[Ready], heatmap_dir: str | Path | None = None) -> list[Prediction]:
+        """One forward pass over prepared scans, their predictions in the same order; the heat maps
+        (with `heatmap_dir`) are written there as ``<position>_<stem>_heatmap.png``."""
+        self._check_heatmaps(heatmap_dir)
+        predictions, attention = self.diagnose_with_attention(ready)
+        if heatmap_dir is not None and attention is not None:
+            for item, prediction, weights in zip(ready, predictions, attention, strict=True):
+                prediction.heatmap = str(
+                    Path(heatmap_dir) / f"{item.position:04d}_{Path(item.name).stem}_heatmap.png"
+                )
+                heatmap_png(item.rgb, weights, prediction.roi_box, Path(prediction.heatmap))  # type: ignore[arg-type]
+        return predictions
+
+    @torch.no_grad()
+    def diagnose_with_attention(self, ready: Sequence[Ready]) -> tuple[list[Prediction], np.ndarray | None]:
+        """One forward pass over prepared scans: their predictions in the same order, and the
+        pooling attention of each as (scans, g, g), averaged over heads (None with
+        ``model.pooling=cls``): what a heat map shows (``savlt.report.plots.heatmap_png``)."""
+        if not ready:
+            return [], None
+        waiting = [r for r in ready if r.pixels is None]
+        if waiting:
+            for item, mask in zip(
+                waiting, self.masks.masks_for_images([r.rgb for r in waiting]), strict=True
+            ):
+                self._to_tensors(item, mask)
         risk = high_risk_mask(self.class_names, self.cfg.data.high_risk)
-        arrays = [rgb for _, _, rgb in ready]
-        masks = (
-            self.masks.masks_for_images(arrays)
-            if self.model.uses_masks
-            else [np.ones(a.shape[:2], bool) for a in arrays]
-        )
-        batch = [self.transform(image=a, mask=m.astype(np.uint8)) for a, m in zip(arrays, masks, strict=True)]
-        pixels = torch.stack([b["image"] for b in batch]).to(self.accelerator.device)
-        mask = torch.stack([b["mask"] for b in batch]).to(self.accelerator.device)
+        pixels = torch.stack([r.pixels for r in ready]).to(self.accelerator.device)  # type: ignore[misc]
+        mask = torch.stack([r.mask for r in ready]).to(self.accelerator.device)  # type: ignore[misc]
         with self.accelerator.autocast():
             out = self.model(pixels, mask)
             logits = self.model.logits(out).float().cpu().numpy()
         calibration = self.calibration
         probs = probabilities(logits) if calibration is None else calibration.probabilities(logits)
         refer = None if calibration is None else calibration.refer(high_risk_log_odds(probs, risk))
-        found: dict[int, Prediction] = {}
-        for i, (position, name, rgb) in enumerate(ready):
-            box = tuple(float(v) for v in out.boxes[i].cpu())
-            heatmap = None
-            if heatmap_dir is not None:
-                grid = self.model.grid
-                attention = out.attention[i].float().mean(dim=0).reshape(grid, grid).cpu().numpy()
-                heatmap = str(Path(heatmap_dir) / f"{position:04d}_{Path(name).stem}_heatmap.png")
-                heatmap_png(rgb, attention, box, Path(heatmap))
-            found[position] = Prediction(
-                path=name,
+        boxes, fallback = out.boxes.cpu().tolist(), out.fallback.cpu().tolist()
+        attention = None
+        if out.attention is not None:
+            grid = self.model.grid
+            attention = out.attention.float().mean(dim=1).reshape(len(ready), grid, grid).cpu().numpy()
+        predictions = [
+            Prediction(
+                path=item.name,
                 predicted=self.class_names[int(probs[i].argmax())],
                 probabilities={n: float(p) for n, p in zip(self.class_names, probs[i], strict=True)},
                 high_risk_probability=float(probs[i][risk].sum()),
-                roi_box=box,  # type: ignore[arg-type]
-                roi_fallback=bool(out.fallback[i]),
-                heatmap=heatmap,
+                roi_box=tuple(boxes[i]),  # type: ignore[arg-type]
+                roi_fallback=bool(fallback[i]),
                 calibrated=calibration is not None,
                 referral=None if refer is None else REFERRAL[bool(refer[i])],
                 referral_threshold=None if refer is None else calibration.threshold,
             )
-        return found
+            for i, item in enumerate(ready)
+        ]
+        return predictions, attention
+
+    @property
+    def _segmenter_masks(self) -> bool:
+        """Whether the tissue masks come from the run's segmenter (batched in `diagnose`)."""
+        return self.model.uses_masks and self.masks.segmenter is not None
+
+    def _to_tensors(self, ready: Ready, mask: np.ndarray) -> None:
+        out = self.transform(image=ready.rgb, mask=mask.astype(np.uint8))
+        ready.pixels, ready.mask = out["image"], out["mask"]
+
+    def _check_heatmaps(self, heatmap_dir: str | Path | None) -> None:
+        if heatmap_dir is not None and self.model.pool is None:
+            raise SavltError("heat maps need attention pooling; this run uses model.pooling=cls")
 
 
 def _decoded(item: str | Path | np.ndarray | Decoded, position: int) -> Decoded:

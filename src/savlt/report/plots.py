@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import cv2
 import matplotlib
@@ -12,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from savlt.classes import short_name  # noqa: E402
@@ -121,24 +123,35 @@ def relative_attention(attention: np.ndarray) -> np.ndarray:
     return weights * max(attended, 1) / max(float(weights.sum()), 1e-12)
 
 
-def heatmap_png(image: np.ndarray, attention: np.ndarray, box: Sequence[float], path: Path) -> None:
+# Heat maps are drawn on figures of their own (no pyplot state), one at a time: matplotlib's font
+# cache is shared between figures, and the service draws them in several threads.
+_HEATMAP_TURN = threading.Lock()
+
+
+def heatmap_png(
+    image: np.ndarray, attention: np.ndarray, box: Sequence[float], target: Path | BinaryIO
+) -> None:
     """The pooling attention (g×g) over the scan on a fixed colour scale, with a colour bar, the
-    ROI band outlined and a legend; patches that were not attended stay uncoloured."""
+    ROI band outlined and a legend; patches that were not attended stay uncoloured. `target` is a
+    file path or a binary file object (``io.BytesIO``); any thread may call it."""
     height, width = image.shape[:2]
     relative = relative_attention(attention).astype(np.float32)
     heat = cv2.resize(relative, (width, height), interpolation=cv2.INTER_NEAREST)
     heat = np.where(heat > 0, heat, np.nan)  # transparent outside the attended patches
-    fig, ax = plt.subplots(figsize=(6.4, max(2.4, 5.0 * height / width + 0.8)))
-    ax.imshow(image, extent=(0, width, height, 0))
-    shown = ax.imshow(
-        heat, cmap="jet", vmin=HEAT_SCALE[0], vmax=HEAT_SCALE[1], alpha=0.45, extent=(0, width, height, 0)
-    )
-    x0, y0, x1, y1 = (v * s for v, s in zip(box, (width, height, width, height), strict=True))
-    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", lw=2, label="ROI band"))
-    bar = fig.colorbar(shown, ax=ax, extend="max", fraction=0.046, pad=0.03)
-    bar.set_label("attention ÷ uniform (1 = spread evenly)")
-    ax.legend(loc="upper right", fontsize=8, framealpha=0.8)
-    ax.set_axis_off()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with _HEATMAP_TURN:
+        fig = Figure(figsize=(6.4, max(2.4, 5.0 * height / width + 0.8)))
+        ax = fig.subplots()
+        ax.imshow(image, extent=(0, width, height, 0))
+        shown = ax.imshow(
+            heat, cmap="jet", vmin=HEAT_SCALE[0], vmax=HEAT_SCALE[1], alpha=0.45, extent=(0, width, height, 0)
+        )
+        x0, y0, x1, y1 = (v * s for v, s in zip(box, (width, height, width, height), strict=True))
+        ax.add_patch(
+            Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", lw=2, label="ROI band")
+        )
+        bar = fig.colorbar(shown, ax=ax, extend="max", fraction=0.046, pad=0.03)
+        bar.set_label("attention ÷ uniform (1 = spread evenly)")
+        ax.legend(loc="upper right", fontsize=8, framealpha=0.8)
+        ax.set_axis_off()
+        fig.tight_layout()
+        fig.savefig(target, dpi=100, format="png")

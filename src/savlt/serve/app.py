@@ -12,9 +12,7 @@ import hmac
 import io
 import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -32,8 +30,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from savlt.classes import short_name
-from savlt.engine.loaded import Decoded, Run
+from savlt.engine.loaded import Prediction, Ready, Run
 from savlt.io import atomic_path
+from savlt.report.plots import heatmap_png
 from savlt.serve.batcher import MicroBatcher
 from savlt.serve.uploads import (
     FIELD,
@@ -68,14 +67,15 @@ class ServeOptions:
     keep_uploads: Path | None = None  # where accepted uploads are kept (None: nowhere, nothing on disk)
 
 
-def _memory_folder() -> str | None:
-    """A folder in memory (tmpfs) for the heat maps' short life, where the system has one."""
-    shm = Path("/dev/shm")
-    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
-
-
 def _png_data_url(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _heatmap(rgb: np.ndarray, attention: np.ndarray, box: Sequence[float]) -> str:
+    """The heat map ``savlt predict --heatmap`` writes, as a PNG data URL (drawn in memory)."""
+    buffer = io.BytesIO()
+    heatmap_png(rgb, attention, box, buffer)
+    return _png_data_url(buffer.getvalue())
 
 
 def _scan_preview(rgb: np.ndarray) -> str:
@@ -125,16 +125,18 @@ def run_summary(run: Run, options: ServeOptions) -> dict[str, Any]:
 
 @dataclass
 class _Prepared:
-    """An accepted scan: its name, 8-bit RGB and stored pixel values, and (later) its result."""
+    """An accepted scan: its name, its 8-bit RGB, and what ``Run.prepare`` made of it (ready for
+    the model, or already answered: not assessable)."""
 
     name: str
     rgb: np.ndarray
-    raw: np.ndarray
-    result: dict[str, Any] | None = None
+    outcome: Ready | Prediction
 
 
 class Service:
-    """A loaded run behind a micro-batcher: uploads in, ``Prediction.to_json()`` per scan out."""
+    """A loaded run behind a micro-batcher: uploads in, ``Prediction.to_json()`` per scan out.
+    Each request's own thread decodes, assesses, masks and transforms its scans
+    (``Run.prepare``); the batcher's thread does only what gains from batches (``Run.diagnose``)."""
 
     def __init__(self, run: Run, options: ServeOptions) -> None:
         self.run = run
@@ -142,23 +144,18 @@ class Service:
         self.summary = run_summary(run, options)
         self.batcher = MicroBatcher(self._predict_batch, options.max_batch, options.max_wait_ms / 1000)
 
-    def _predict_batch(self, images: Sequence[Decoded], heatmap: bool) -> list[dict[str, Any]]:
-        """One model call (in the batcher's thread); heat maps pass through a private folder in
-        memory and come back as PNG data URLs."""
-        if not heatmap:
-            return [p.to_json() for p in self.run.predict(list(images), batch_size=len(images))]
-        with tempfile.TemporaryDirectory(prefix="savlt-heatmaps-", dir=_memory_folder()) as folder:
-            predictions = self.run.predict(list(images), heatmap_dir=folder, batch_size=len(images))
-            results = [p.to_json() for p in predictions]
-            for result in results:
-                if result.get("heatmap"):
-                    result["heatmap"] = _png_data_url(Path(result["heatmap"]).read_bytes())
-        return results
+    def _predict_batch(self, ready: Sequence[Ready], heatmap: bool) -> list[tuple[dict[str, Any], Any]]:
+        """One model call (in the batcher's thread) on scans of possibly several requests: each
+        scan's result and, for heat maps, its attention (g×g), drawn by the request's own thread."""
+        predictions, attention = self.run.diagnose_with_attention(ready)
+        maps = list(attention) if heatmap and attention is not None else [None] * len(predictions)
+        return [(p.to_json(), weights) for p, weights in zip(predictions, maps, strict=True)]
 
     def _prepare(self, uploads: list[Upload]) -> list[_Prepared]:
-        """Decode every upload (all rejected files are named together) and keep them if asked. Each
-        scan goes to the model as (8-bit RGB, stored values), exactly what ``savlt predict`` reads
-        from a file, so a 16-bit scan is judged assessable on its stored values there too."""
+        """Decode every upload (all rejected files are named together), keep them if asked, and
+        prepare each scan for the model. A scan goes to the model as (8-bit RGB, stored values),
+        exactly what ``savlt predict`` reads from a file, so a 16-bit scan is judged assessable on
+        its stored values here too."""
         budget = PixelBudget(self.options.limits)
         scans: list[Scan] = []
         problems: list[FileRejected] = []
@@ -175,21 +172,32 @@ class Service:
                 target = self.options.keep_uploads / f"{stamp}-{uuid4().hex[:8]}-{_safe_name(upload.name)}"
                 with atomic_path(target) as tmp:
                     tmp.write_bytes(upload.data)
-        return [_Prepared(scan.name, scan.rgb, scan.raw) for scan in scans]
+        return [
+            _Prepared(scan.name, scan.rgb, self.run.prepare((scan.rgb, scan.raw), name=scan.name))
+            for scan in scans
+        ]
 
     async def predict(self, uploads: list[Upload], heatmap: bool, scan: bool) -> list[dict[str, Any]]:
         if heatmap and not self.summary["heatmaps"]:
             raise ApiError(400, "heat maps need attention pooling; this run uses model.pooling=cls")
         prepared = await run_in_threadpool(self._prepare, uploads)
-        futures = self.batcher.submit([(p.rgb, p.raw) for p in prepared], heatmap)
+        ready = [item for item in prepared if isinstance(item.outcome, Ready)]
+        futures = self.batcher.submit([item.outcome for item in ready], heatmap)
         outcomes = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
-        for item, outcome in zip(prepared, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                raise ApiError(500, f"{item.name}: prediction failed ({outcome})")
-            item.result = outcome
+        answers = iter(outcomes)
         results = []
         for item in prepared:
-            result = dict(item.result or {})
+            answer = next(answers) if isinstance(item.outcome, Ready) else item.outcome
+            if isinstance(answer, BaseException):
+                raise ApiError(500, f"{item.name}: prediction failed ({answer})")
+            if isinstance(answer, Prediction):  # not assessable: answered without the model
+                result = answer.to_json()
+            else:
+                result, attention = dict(answer[0]), answer[1]
+                if attention is not None:
+                    result["heatmap"] = await run_in_threadpool(
+                        _heatmap, item.rgb, attention, result["roi_box"]
+                    )
             result["path"] = item.name
             if scan:
                 result["scan"] = await run_in_threadpool(_scan_preview, item.rgb)
