@@ -163,6 +163,26 @@ def test_predict_is_prepare_scan_by_scan_then_diagnose_in_batches(fast_run, synt
     assert expected[1] == prepared[1] and run.diagnose([]) == []
 
 
+def test_a_chosen_device_keeps_the_runs_precision(fast_run, monkeypatch) -> None:
+    """`--device cuda` runs at the precision the run has without it (bf16 where "auto" finds it)."""
+    from accelerate import Accelerator
+
+    from savlt.engine import rundir
+
+    out, _ = fast_run
+    asked = []
+
+    def recording(**kwargs):
+        asked.append(kwargs)
+        return Accelerator(cpu=True)  # this machine has no GPU: record what was asked, run on the CPU
+
+    monkeypatch.setattr(rundir, "Accelerator", recording)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    load_run(out, device="cuda")
+    load_run(out, device="cpu")
+    assert asked == [{"mixed_precision": "bf16", "cpu": False}, {"mixed_precision": "no", "cpu": True}]
+
+
 def test_wrong_image_mode_is_a_clear_error(fast_run, tmp_path: Path, capsys) -> None:
     out, _ = fast_run
     run = load_run(out)

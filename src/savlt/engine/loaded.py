@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 
 from savlt.config import load_config
 from savlt.data.imageio import ImageDecodeError, decode_image, tiff_pages
@@ -85,7 +84,7 @@ class Run:
         if not self.paths.config.is_file():
             raise SavltError(f"{self.paths.root} is not a SAVLT run folder (no config.yaml)")
         self.cfg = load_config(self.paths.config)
-        self.accelerator = make_accelerator(self.cfg) if device is None else Accelerator(cpu=device == "cpu")
+        self.accelerator = make_accelerator(self.cfg, device)  # the run's precision on any device
         self.model, self.backbone_name = build_model(self.cfg, self.accelerator.device)
         load_checkpoint(self.model, self.paths.checkpoint)
         self.model.eval()

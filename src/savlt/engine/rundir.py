@@ -108,15 +108,22 @@ def check_images(
     return flagged
 
 
-def make_accelerator(cfg: Config) -> Accelerator:
-    cuda = torch.cuda.is_available()
-    precision = cfg.train.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+def make_accelerator(cfg: Config, device: str | None = None) -> Accelerator:
+    """The accelerator of a command: a GPU when there is one, or `device` ("cpu" or "cuda") when
+    given; either way at the precision ``train.mixed_precision`` resolves to there."""
+    cuda = torch.cuda.is_available() if device is None else device == "cuda"
     if cuda:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
-    return Accelerator(mixed_precision=precision, cpu=not cuda)
+    return Accelerator(mixed_precision=resolved_precision(cfg, cuda), cpu=not cuda)
+
+
+def resolved_precision(cfg: Config, cuda: bool) -> str:
+    """``train.mixed_precision`` with "auto" resolved: bf16 on a GPU that has it, else none."""
+    precision = cfg.train.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    return precision
 
 
 def seed_everything(seed: int) -> None:
