@@ -126,6 +126,9 @@ def relative_attention(attention: np.ndarray) -> np.ndarray:
 # Heat maps are drawn on figures of their own (no pyplot state), one at a time: matplotlib's font
 # cache is shared between figures, and the service draws them in several threads.
 _HEATMAP_TURN = threading.Lock()
+HEATMAP_SIZE = (6.4, 3.4)  # inches: the width, and the least height (it follows the scan's shape)
+HEATMAP_DPI = 100
+HEATMAP_SCAN_WIDTH = 0.80  # the share of the width the scan takes; the colour bar is right of it
 
 
 def heatmap_png(
@@ -133,25 +136,36 @@ def heatmap_png(
 ) -> None:
     """The pooling attention (g×g) over the scan on a fixed colour scale, with a colour bar, the
     ROI band outlined and a legend; patches that were not attended stay uncoloured. `target` is a
-    file path or a binary file object (``io.BytesIO``); any thread may call it."""
+    file path or a binary file object (``io.BytesIO``); any thread may call it. The layout is fixed
+    (no tight layout pass) and a large scan is shrunk to the width it is shown at first: a heat map
+    is drawn for every scan the review page shows, so it is kept cheap."""
     height, width = image.shape[:2]
     relative = relative_attention(attention).astype(np.float32)
-    heat = cv2.resize(relative, (width, height), interpolation=cv2.INTER_NEAREST)
-    heat = np.where(heat > 0, heat, np.nan)  # transparent outside the attended patches
+    heat = np.where(relative > 0, relative, np.nan)  # transparent outside the attended patches
+    shown_width = round(HEATMAP_SCAN_WIDTH * HEATMAP_SIZE[0] * HEATMAP_DPI)  # pixels across the scan
+    if width > shown_width:
+        size = (shown_width, max(1, round(height * shown_width / width)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    extent = (0, width, height, 0)
     with _HEATMAP_TURN:
-        fig = Figure(figsize=(6.4, max(2.4, 5.0 * height / width + 0.8)))
-        ax = fig.subplots()
-        ax.imshow(image, extent=(0, width, height, 0))
+        fig = Figure(figsize=(HEATMAP_SIZE[0], max(HEATMAP_SIZE[1], 5.0 * height / width + 0.8)))
+        ax = fig.add_axes((0.01, 0.01, HEATMAP_SCAN_WIDTH, 0.98))
+        ax.imshow(image, extent=extent)
         shown = ax.imshow(
-            heat, cmap="jet", vmin=HEAT_SCALE[0], vmax=HEAT_SCALE[1], alpha=0.45, extent=(0, width, height, 0)
+            heat,
+            cmap="jet",
+            vmin=HEAT_SCALE[0],
+            vmax=HEAT_SCALE[1],
+            alpha=0.45,
+            extent=extent,
+            interpolation="nearest",
         )
         x0, y0, x1, y1 = (v * s for v, s in zip(box, (width, height, width, height), strict=True))
         ax.add_patch(
             Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", lw=2, label="ROI band")
         )
-        bar = fig.colorbar(shown, ax=ax, extend="max", fraction=0.046, pad=0.03)
-        bar.set_label("attention ÷ uniform (1 = spread evenly)")
+        bar = fig.colorbar(shown, cax=fig.add_axes((0.83, 0.08, 0.03, 0.84)), extend="max")
+        bar.set_label("attention ÷ uniform (1 = spread evenly)", fontsize=9)
         ax.legend(loc="upper right", fontsize=8, framealpha=0.8)
         ax.set_axis_off()
-        fig.tight_layout()
-        fig.savefig(target, dpi=100, format="png")
+        fig.savefig(target, dpi=HEATMAP_DPI, format="png", pil_kwargs={"compress_level": 1})
