@@ -7,6 +7,7 @@ import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
 from savlt.engine.metrics import auc_score, center_metrics
+from savlt.report.summary import intervals, results_rows
 
 CLASSES = ["inflammation", "cyst", "ectropion", "hsil", "cancer"]
 HIGH_RISK = ["hsil", "cancer"]
@@ -75,3 +76,21 @@ def test_bootstrap_interval_contains_the_estimate_and_is_seeded() -> None:
 def test_no_predictions_is_an_error() -> None:
     with pytest.raises(ValueError, match="no predictions"):
         center_metrics([], np.zeros((0, 5)), CLASSES, HIGH_RISK)
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_tables_show_the_intervals_at_the_level_they_were_computed(recorded: bool) -> None:
+    """At eval.ci_level=0.9 the intervals are under "ci90"; the tables find them and say 90%
+    (from metrics.json's ci_level, or from the key in a file written before it was recorded)."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 5, 120)
+    preds = np.where(rng.random(120) < 0.7, labels, rng.integers(0, 5, 120))
+    m = center_metrics(
+        labels, logits_of(one_hot_probs(preds.tolist())), CLASSES, HIGH_RISK, resamples=100, level=0.9
+    )
+    metrics = {"centers": {"a": {**m, "unassessable": 0}}, **({"ci_level": 0.9} if recorded else {})}
+    assert "ci95" not in m and intervals(metrics) == ("ci90", "90%")
+    header, rows = results_rows(metrics, every_interval=True)
+    assert "accuracy [90% CI]" in header and "sensitivity [90% CI]" in header
+    low, high = m["ci90"]["accuracy"]
+    assert rows[0][header.index("accuracy [90% CI]")] == f"{m['accuracy']:.3f} [{low:.3f}, {high:.3f}]"

@@ -60,6 +60,10 @@ def test_metrics_json_layout(fast_run) -> None:
     out, metrics = fast_run
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["complete"] is True and saved["method"] == "savlt" and saved["shots"] == 4
+    assert (
+        saved["ci_level"] == 0.95
+        and "brackets are 95% percentile-bootstrap" in (out / "report.md").read_text()
+    )
     assert {c: m["n"] for c, m in saved["centers"].items()} == CENTER_SIZES
     for m in saved["centers"].values():
         assert 0 <= m["accuracy"] <= 1 and 0 <= m["macro_f1"] <= 1

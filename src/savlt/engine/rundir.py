@@ -243,7 +243,12 @@ def score_sets(
     calibration, operating-point and patient blocks (see ``engine.calibration``), with the
     centers' `patient_sources` (center -> "metadata.csv", "data.patient_pattern" or None)."""
     flagged = unassessable or {}
-    metrics: dict[str, Any] = {**header, "unassessable_policy": cfg.eval.unassessable, "centers": {}}
+    metrics: dict[str, Any] = {
+        **header,
+        "unassessable_policy": cfg.eval.unassessable,
+        "ci_level": cfg.eval.ci_level,
+        "centers": {},
+    }
     results: dict[str, Inference] = {}
     for center, records in sets.items():
         if not records:

@@ -3,6 +3,7 @@ and the calibration when metrics.json has them)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,16 @@ def fmt_ci(value: float | None, ci: Sequence[float] | None) -> str:
     return fmt(value) if not ci else f"{fmt(value)} [{fmt(ci[0])}, {fmt(ci[1])}]"
 
 
+def intervals(metrics: dict[str, Any]) -> tuple[str, str]:
+    """The key of metrics.json's intervals and their level in words: ("ci95", "95%") by default,
+    ("ci90", "90%") for a run evaluated with ``eval.ci_level=0.9``. The level is metrics.json's
+    ``ci_level``, or (a file written before it was recorded) read from the key."""
+    keys = (k for m in metrics.get("centers", {}).values() for k in m if re.fullmatch(r"ci\d+", k))
+    key = next(keys, "ci95")
+    level = metrics.get("ci_level")
+    return key, (f"{100 * level:g}%" if level else f"{key[2:]}%")
+
+
 def scans_cell(metrics: dict[str, Any], m: dict[str, Any]) -> str:
     """`n`, with the scans that could not be assessed when there are any."""
     left = m.get("unassessable") or 0
@@ -40,16 +51,15 @@ def scans_cell(metrics: dict[str, Any], m: dict[str, Any]) -> str:
 def results_rows(metrics: dict[str, Any], every_interval: bool = False) -> tuple[list[str], list[list[str]]]:
     """The results table; intervals for accuracy and AUC, or for every metric (`every_interval`:
     macro-F1, sensitivity, specificity, PPV and NPV too)."""
-    screen = ("sensitivity", "specificity", "ppv", "npv")
-    titles = ["sensitivity", "specificity", "PPV", "NPV"]
-    more = " [95% CI]" if every_interval else ""
+    key, level = intervals(metrics)
+    more = f" [{level} CI]" if every_interval else ""
     header = [
         "center",
         "n",
-        "accuracy [95% CI]",
+        f"accuracy [{level} CI]",
         f"macro-F1{more}",
-        "AUC [95% CI]",
-        *(t + more for t in titles),
+        f"AUC [{level} CI]",
+        *(t + more for t in SCREEN_TITLES),
     ]
 
     def cell(value: float | None, interval: Sequence[float] | None) -> str:
@@ -57,7 +67,7 @@ def results_rows(metrics: dict[str, Any], every_interval: bool = False) -> tuple
 
     rows = []
     for center, m in metrics["centers"].items():
-        ci = m.get("ci95") or {}
+        ci = m.get(key) or {}
         b, bci = m["binary"], ci.get("binary") or {}
         role = " (internal test)" if center == metrics.get("train_center") else ""
         rows.append(
@@ -67,7 +77,7 @@ def results_rows(metrics: dict[str, Any], every_interval: bool = False) -> tuple
                 fmt_ci(m["accuracy"], ci.get("accuracy")),
                 cell(m["macro_f1"], ci.get("macro_f1")),
                 fmt_ci(b["auc"], bci.get("auc")),
-                *(cell(b[key], bci.get(key)) for key in screen),
+                *(cell(b[name], bci.get(name)) for name in SCREEN),
             ]
         )
     return header, rows
@@ -84,14 +94,15 @@ def _role(metrics: dict[str, Any], center: str) -> str:
 def decision_rows(metrics: dict[str, Any], every_interval: bool = True) -> tuple[list[str], list[list[str]]]:
     """The screen at the referral threshold per center, beside the argmax screen's sensitivity
     and specificity; no rows when the run has no threshold."""
-    more = " [95% CI]" if every_interval else ""
+    key, level = intervals(metrics)
+    more = f" [{level} CI]" if every_interval else ""
     header = ["center", "threshold", *(t + more for t in SCREEN_TITLES), "argmax sens.", "argmax spec."]
     rows = []
     for center, m in metrics["centers"].items():
         op = m.get("operating_point")
         if not op:
             continue
-        ci = op.get("ci95") or {}
+        ci = op.get(key) or {}
         rows.append(
             [
                 _role(metrics, center),
@@ -107,12 +118,13 @@ def decision_rows(metrics: dict[str, Any], every_interval: bool = True) -> tuple
 def patient_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Per center: patients, accuracy and the binary screen per patient (argmax, with intervals
     over patients), and the sensitivity and specificity at the referral threshold."""
+    key, level = intervals(metrics)
     header = [
         "center",
         "patients",
-        "accuracy [95% CI]",
-        "AUC [95% CI]",
-        *(f"{t} [95% CI]" for t in SCREEN_TITLES),
+        f"accuracy [{level} CI]",
+        f"AUC [{level} CI]",
+        *(f"{t} [{level} CI]" for t in SCREEN_TITLES),
         "sens. / spec. at threshold",
     ]
     rows = []
@@ -120,7 +132,7 @@ def patient_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         pm = m.get("patient")
         if not pm:
             continue
-        ci = pm.get("ci95") or {}
+        ci = pm.get(key) or {}
         b, bci = pm["binary"], ci.get("binary") or {}
         op = pm.get("operating_point")
         rows.append(
@@ -326,8 +338,8 @@ def write_report(
     lines += prior_lines(metrics.get("structure_prior"))
     lines += split_lines(metrics)
     lines += [
-        "Fractions in [0, 1]; brackets are 95 % percentile-bootstrap intervals. The binary screen is "
-        "high-risk (" + ", ".join(metrics.get("high_risk", [])) + ") against the rest.",
+        f"Fractions in [0, 1]; brackets are {intervals(metrics)[1]} percentile-bootstrap intervals. "
+        "The binary screen is high-risk (" + ", ".join(metrics.get("high_risk", [])) + ") against the rest.",
         "",
         markdown_table(*results_rows(metrics, every_interval=True)),
         "",
