@@ -42,11 +42,9 @@ import torch
 from common import side_by_side
 from PIL import Image
 
-from savlt.config import load_config
 from savlt.data.imageio import read_image
 from savlt.data.synth import generate_dataset
 from savlt.engine.loaded import Ready, load_run
-from savlt.engine.training import train
 
 FAST = [
     "train.shots=4",
@@ -102,11 +100,20 @@ def scans_and_run(args: argparse.Namespace, work: Path) -> tuple[list[tuple[str,
         scans.append((path.name, buffer.getvalue()))
     if args.run is not None:
         return scans, args.run
-    cfg = load_config(
-        overrides=[*FAST, f"model.backbone={args.backbone}"],
-        values={"data.root": work / "data", "data.cache_dir": work / "cache"},
-    )
-    train(cfg, work / "run", progress=False)
+    # Trained by `savlt train` in a process of its own: this one then loads the run on --device.
+    command = [
+        sys.executable,
+        "-m",
+        "savlt.cli",
+        "train",
+        "--data",
+        str(work / "data"),
+        "--out",
+        str(work / "run"),
+    ]
+    for setting in [*FAST, f"model.backbone={args.backbone}", f"data.cache_dir={work / 'cache'}"]:
+        command += ["--set", setting]
+    subprocess.run([*command, "-q"], check=True, stdout=subprocess.DEVNULL)
     return scans, work / "run"
 
 
@@ -141,7 +148,7 @@ def start_server(
     if args.server_threads:
         env["OMP_NUM_THREADS"] = str(args.server_threads)
     if source is not None:
-        env["PYTHONPATH"] = str(source.resolve())
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source.resolve()), env.get("PYTHONPATH")]))
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
@@ -226,6 +233,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="savlt-serve-bench-") as work:
         scans, run = scans_and_run(args, Path(work))
         alone, batched = model_ceiling(run, scans, args)
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()  # the loaded run is gone: the servers get the device to themselves
         started = {
             label: start_server(run, max_batch, args, sources.get(label))
             for label, max_batch in servers.items()

@@ -286,6 +286,23 @@ def test_bad_input_is_a_4xx_naming_the_file_and_the_server_keeps_serving(served,
         assert again.status_code == 200 and again.json()["predictions"][0]["assessable"] is True
 
 
+def test_an_unexpected_failure_on_one_scan_is_a_500_naming_it(served, scans: list[Path], monkeypatch) -> None:
+    _, run = served
+    prepare = run.prepare
+
+    def failing(item, position, name=None, skip_unreadable=False):
+        if name == "bad.png":
+            raise RuntimeError("something broke")
+        return prepare(item, position, name, skip_unreadable)
+
+    monkeypatch.setattr(run, "prepare", failing)
+    with client_for(served) as client:
+        response = client.post("/predict", files=upload(("bad.png", scans[0].read_bytes())))
+        assert response.status_code == 500
+        assert response.json() == {"error": "bad.png: prediction failed (something broke)"}
+        assert client.post("/predict", files=upload(("good.png", scans[0].read_bytes()))).status_code == 200
+
+
 def test_the_token_guards_every_api_request_but_health_and_the_page(served, scans: list[Path]) -> None:
     files = upload((scans[0].name, scans[0].read_bytes()))
     with client_for(served, token=TOKEN) as client:
@@ -350,30 +367,28 @@ def test_concurrent_requests_are_batched_and_equal_single_predictions(served, sy
 
 
 def test_micro_batcher_groups_waits_and_isolates_failures() -> None:
-    calls: list[tuple[int, bool]] = []
+    calls: list[int] = []
 
-    def predict(images, heatmap):
-        calls.append((len(images), heatmap))
+    def predict(images):
+        calls.append(len(images))
         if any(int(image[0, 0]) == 13 for image in images):
             raise ValueError("unlucky scan")
-        return [int(image[0, 0]) * (10 if heatmap else 1) for image in images]
+        return [int(image[0, 0]) for image in images]
 
     images = [np.full((2, 2), v, np.uint8) for v in range(5)]
     batcher = MicroBatcher(predict, max_batch=2, max_wait=0.2)
     batcher.start()
     futures = batcher.submit(images)
     assert [f.result(5) for f in futures] == [0, 1, 2, 3, 4]
-    assert calls == [(2, False), (2, False), (1, False)]
+    assert calls == [2, 2, 1]
     calls.clear()
     batcher.max_batch = 8
-    mixed = batcher.submit(images[:2], heatmap=True) + batcher.submit(
-        [np.full((2, 2), 13, np.uint8), images[3]]
-    )
-    assert mixed[0].result(5) == 0 and mixed[1].result(5) == 10 and mixed[3].result(5) == 3
+    mixed = batcher.submit(images[:2]) + batcher.submit([np.full((2, 2), 13, np.uint8), images[3]])
+    assert mixed[0].result(5) == 0 and mixed[1].result(5) == 1 and mixed[3].result(5) == 3
     with pytest.raises(ValueError, match="unlucky"):
         mixed[2].result(5)
-    assert calls == [(2, False), (1, False), (1, False), (2, True)]  # the failed batch, then each alone
-    assert batcher.stats.to_json() == {"batches": 5, "images": 8, "largest": 2, "mean": 1.6}
+    assert calls == [4, 1, 1, 1, 1]  # the failed batch of both requests, then each scan alone
+    assert batcher.stats.to_json() == {"batches": 6, "images": 8, "largest": 2, "mean": 1.33}
     gone = batcher.submit([images[2]] * 3)
     gone[1].cancel()  # its request went away while it was queued
     assert [gone[0].result(5), gone[2].result(5)] == [2, 2] and batcher.running
@@ -385,7 +400,7 @@ def test_micro_batcher_groups_waits_and_isolates_failures() -> None:
 
 
 def test_a_lone_request_waits_at_most_max_wait() -> None:
-    batcher = MicroBatcher(lambda images, heatmap: list(range(len(images))), max_batch=16, max_wait=0.05)
+    batcher = MicroBatcher(lambda images: list(range(len(images))), max_batch=16, max_wait=0.05)
     batcher.start()
     started = time.monotonic()
     assert batcher.submit([np.zeros((2, 2), np.uint8)])[0].result(5) == 0

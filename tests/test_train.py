@@ -12,6 +12,7 @@ import pytest
 import tifffile
 import torch
 from conftest import CENTER_SIZES, FAST, fast_config
+from PIL import Image
 from safetensors.torch import load_file
 
 from savlt.cli import main
@@ -146,7 +147,9 @@ def test_predict_cli_table_json_and_heatmaps(fast_run, synth_root: Path, tmp_pat
     assert "p(high-risk)" in capsys.readouterr().out
 
 
-def test_predict_is_prepare_scan_by_scan_then_diagnose_in_batches(fast_run, synth_root: Path) -> None:
+def test_predict_is_prepare_scan_by_scan_then_diagnose_in_batches(
+    fast_run, synth_root: Path, tmp_path: Path
+) -> None:
     out, _ = fast_run
     run = load_run(out)
     paths = sorted((synth_root / "huaxi" / "images").rglob("*.jpg"))[:3]
@@ -165,6 +168,10 @@ def test_predict_is_prepare_scan_by_scan_then_diagnose_in_batches(fast_run, synt
     expected = run.predict(items, batch_size=4)
     assert [d.to_json() for d in diagnosed] == [e.to_json() for i, e in enumerate(expected) if i != 1]
     assert expected[1] == prepared[1] and run.diagnose([]) == []
+    twice = [run.prepare(np.asarray(Image.open(paths[0])), 0) for _ in range(2)]  # both "array-0"
+    with pytest.raises(SavltError, match="distinct positions"):
+        run.diagnose(twice, heatmap_dir=tmp_path)
+    assert not list(tmp_path.iterdir())  # refused before anything was drawn
 
 
 def test_a_chosen_device_keeps_the_runs_precision(fast_run, monkeypatch) -> None:
@@ -185,6 +192,17 @@ def test_a_chosen_device_keeps_the_runs_precision(fast_run, monkeypatch) -> None
     load_run(out, device="cuda")
     load_run(out, device="cpu")
     assert asked == [{"mixed_precision": "bf16", "cpu": False}, {"mixed_precision": "no", "cpu": True}]
+
+
+def test_a_run_at_another_precision_than_the_process_is_a_clear_error(fast_run) -> None:
+    from savlt.engine.rundir import make_accelerator
+
+    out, _ = fast_run
+    load_run(out, device="cpu")  # this process now runs on the CPU without mixed precision
+    bf16 = load_config(overrides=["train.mixed_precision=bf16"])
+    with pytest.raises(SavltError, match="in a process of its own"):
+        make_accelerator(bf16, "cpu")
+    assert load_run(out, device="cpu").accelerator.mixed_precision == "no"  # the process is unchanged
 
 
 def test_wrong_image_mode_is_a_clear_error(fast_run, tmp_path: Path, capsys) -> None:
@@ -264,7 +282,7 @@ def test_a_saved_segmenter_provides_the_roi_masks(synth_root: Path, tmp_path: Pa
     assert run.masks.kind == "segmenter" and len(run.predict([np.full((80, 90, 3), 90, np.uint8)])) == 1
     # The segmenter masks a batch at a time: prepare leaves the mask (and so the tensors) to diagnose.
     paths = sorted((synth_root / "mixed" / "images").rglob("*.jpg"))[:3]
-    prepared = [run.prepare(path) for path in paths]
+    prepared = [run.prepare(path, number) for number, path in enumerate(paths)]
     assert all(isinstance(p, Ready) and p.pixels is None and p.mask is None for p in prepared)
     diagnosed = run.diagnose(prepared)
     assert all(p.pixels is not None for p in prepared)

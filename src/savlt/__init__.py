@@ -26,6 +26,7 @@ _API = {
     "load_run": "savlt.engine.loaded",
     "Run": "savlt.engine.loaded",
     "Prediction": "savlt.engine.loaded",
+    "Ready": "savlt.engine.loaded",
 }
 __all__ = sorted(_API)
 

@@ -38,6 +38,7 @@ from savlt.report.plots import heatmap_png
 
 # A decoded scan: (8-bit H×W×3 RGB, the pixel values as stored).
 Decoded = tuple[np.ndarray, np.ndarray]
+HEATMAPS_NEED_ATTENTION = "heat maps need attention pooling; this run uses model.pooling=cls"
 
 
 @dataclass
@@ -157,9 +158,7 @@ class Run:
         scan that cannot be assessed gets no diagnosis (``assessable`` false, with the reason);
         with `skip_unreadable`, a file that cannot be read comes back with its ``error`` instead of
         stopping the others. It is `prepare` for each scan, then `diagnose` for each batch."""
-        self._check_heatmaps(heatmap_dir)
-        if heatmap_dir is not None:
-            writable_folder(heatmap_dir, "heat-map folder (--heatmap)")
+        self._heatmap_folder(heatmap_dir)  # before any scan is read
         done: list[Prediction] = []
         for chunk in progress_batches(list(enumerate(images)), batch_size, "predicting", progress):
             prepared = [
@@ -172,7 +171,7 @@ class Run:
     def prepare(
         self,
         item: str | Path | np.ndarray | Decoded,
-        position: int = 0,
+        position: int,
         name: str | None = None,
         skip_unreadable: bool = False,
     ) -> Ready | Prediction:
@@ -180,7 +179,9 @@ class Run:
         it while the model runs): decode, assess and, unless the run's segmenter makes the tissue
         masks (in `diagnose`, a batch at a time), mask, resize and normalise. A scan that cannot be
         assessed (or, with `skip_unreadable`, a file that cannot be read) comes back as its
-        Prediction. `name` (default: the path, or ``array-<position>``) is the result's ``path``."""
+        Prediction. `position` is the scan's number among those predicted together (it names an
+        array, ``array-<position>``, and the scan's heat-map file); `name` (default: the path, or
+        that array name) is the result's ``path``."""
         is_file = isinstance(item, str | Path)
         name = name or (str(item) if is_file else f"array-{position}")
         try:
@@ -205,14 +206,20 @@ class Run:
     def diagnose(self, ready: Sequence[Ready], heatmap_dir: str | Path | None = None) -> list[Prediction]:
         """One forward pass over prepared scans, their predictions in the same order; the heat maps
         (with `heatmap_dir`) are written there as ``<position>_<stem>_heatmap.png``."""
-        self._check_heatmaps(heatmap_dir)
+        folder = self._heatmap_folder(heatmap_dir)
+        files = (
+            [folder / f"{r.position:04d}_{Path(r.name).stem}_heatmap.png" for r in ready] if folder else []
+        )
+        if len(set(files)) < len(files):  # never overwrite one scan's heat map with another's
+            clash = next(f for f in files if files.count(f) > 1)
+            raise SavltError(
+                f"two scans would write the heat map {clash}: prepare them with distinct positions"
+            )
         predictions, attention = self.diagnose_with_attention(ready)
-        if heatmap_dir is not None and attention is not None:
-            for item, prediction, weights in zip(ready, predictions, attention, strict=True):
-                prediction.heatmap = str(
-                    Path(heatmap_dir) / f"{item.position:04d}_{Path(item.name).stem}_heatmap.png"
-                )
-                heatmap_png(item.rgb, weights, prediction.roi_box, Path(prediction.heatmap))  # type: ignore[arg-type]
+        if files and attention is not None:
+            for item, prediction, weights, file in zip(ready, predictions, attention, files, strict=True):
+                heatmap_png(item.rgb, weights, prediction.roi_box, file)  # type: ignore[arg-type]
+                prediction.heatmap = str(file)
         return predictions
 
     @torch.no_grad()
@@ -267,9 +274,14 @@ class Run:
         out = self.transform(image=ready.rgb, mask=mask.astype(np.uint8))
         ready.pixels, ready.mask = out["image"], out["mask"]
 
-    def _check_heatmaps(self, heatmap_dir: str | Path | None) -> None:
-        if heatmap_dir is not None and self.model.pool is None:
-            raise SavltError("heat maps need attention pooling; this run uses model.pooling=cls")
+    def _heatmap_folder(self, heatmap_dir: str | Path | None) -> Path | None:
+        """The heat-map folder, checked (and made) before any work; None without one."""
+        if heatmap_dir is None:
+            return None
+        if self.model.pool is None:
+            raise SavltError(HEATMAPS_NEED_ATTENTION)
+        writable_folder(heatmap_dir, "heat-map folder (--heatmap)")
+        return Path(heatmap_dir)
 
 
 def _decoded(item: str | Path | np.ndarray | Decoded, position: int) -> Decoded:

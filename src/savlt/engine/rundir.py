@@ -115,7 +115,17 @@ def make_accelerator(cfg: Config, device: str | None = None) -> Accelerator:
     if cuda:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
-    return Accelerator(mixed_precision=resolved_precision(cfg, cuda), cpu=not cuda)
+    precision = resolved_precision(cfg, cuda)
+    try:
+        return Accelerator(mixed_precision=precision, cpu=not cuda)
+    except ValueError as exc:  # accelerate holds one device and precision per process
+        if "already been initialized" not in str(exc):
+            raise
+        raise SavltError(
+            f"this process already runs models on another device or at another precision than this run's "
+            f"({'cuda' if cuda else 'cpu'}, mixed precision {precision!r}): load it in a process of its own, "
+            "or make --device and train.mixed_precision match"
+        ) from None
 
 
 def resolved_precision(cfg: Config, cuda: bool) -> str:

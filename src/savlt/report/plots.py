@@ -126,7 +126,8 @@ def relative_attention(attention: np.ndarray) -> np.ndarray:
 # Heat maps are drawn on figures of their own (no pyplot state), one at a time: matplotlib's font
 # cache is shared between figures, and the service draws them in several threads.
 _HEATMAP_TURN = threading.Lock()
-HEATMAP_SIZE = (6.4, 3.4)  # inches: the width, and the least height (it follows the scan's shape)
+# Inches: the width, the least and the largest height (in between, the height follows the scan's).
+HEATMAP_SIZE = (6.4, 3.4, 16.0)
 HEATMAP_DPI = 100
 HEATMAP_SCAN_WIDTH = 0.80  # the share of the width the scan takes; the colour bar is right of it
 
@@ -148,7 +149,8 @@ def heatmap_png(
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
     extent = (0, width, height, 0)
     with _HEATMAP_TURN:
-        fig = Figure(figsize=(HEATMAP_SIZE[0], max(HEATMAP_SIZE[1], 5.0 * height / width + 0.8)))
+        figure_height = min(max(HEATMAP_SIZE[1], 5.0 * height / width + 0.8), HEATMAP_SIZE[2])
+        fig = Figure(figsize=(HEATMAP_SIZE[0], figure_height))
         ax = fig.add_axes((0.01, 0.01, HEATMAP_SCAN_WIDTH, 0.98))
         ax.imshow(image, extent=extent)
         shown = ax.imshow(

@@ -13,8 +13,8 @@ import io
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from savlt.classes import short_name
-from savlt.engine.loaded import Prediction, Ready, Run
+from savlt.engine.loaded import HEATMAPS_NEED_ATTENTION, Prediction, Ready, Run
 from savlt.io import atomic_path
 from savlt.report.plots import heatmap_png
 from savlt.serve.batcher import MicroBatcher
@@ -71,10 +71,25 @@ def _png_data_url(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
-def _heatmap(rgb: np.ndarray, attention: np.ndarray, box: Sequence[float]) -> str:
+@contextmanager
+def _failure_named(name: str) -> Iterator[None]:
+    """An unexpected failure on one scan (outside the model call) as a 500 naming the scan."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - reported to the client as a JSON error, the server lives on
+        log.exception("%s: prediction failed", name)
+        raise _prediction_failed(name, exc) from None
+
+
+def _prediction_failed(name: str, exc: BaseException) -> ApiError:
+    return ApiError(500, f"{name}: prediction failed ({exc})")
+
+
+def _heatmap(name: str, rgb: np.ndarray, attention: np.ndarray, box: Sequence[float]) -> str:
     """The heat map ``savlt predict --heatmap`` writes, as a PNG data URL (drawn in memory)."""
     buffer = io.BytesIO()
-    heatmap_png(rgb, attention, box, buffer)
+    with _failure_named(name):
+        heatmap_png(rgb, attention, box, buffer)
     return _png_data_url(buffer.getvalue())
 
 
@@ -144,11 +159,12 @@ class Service:
         self.summary = run_summary(run, options)
         self.batcher = MicroBatcher(self._predict_batch, options.max_batch, options.max_wait_ms / 1000)
 
-    def _predict_batch(self, ready: Sequence[Ready], heatmap: bool) -> list[tuple[dict[str, Any], Any]]:
+    def _predict_batch(self, ready: Sequence[Ready]) -> list[tuple[dict[str, Any], np.ndarray | None]]:
         """One model call (in the batcher's thread) on scans of possibly several requests: each
-        scan's result and, for heat maps, its attention (g×g), drawn by the request's own thread."""
+        scan's result and its attention (g×g; None under CLS pooling), from which the request's
+        own thread draws the heat map when it asked for one."""
         predictions, attention = self.run.diagnose_with_attention(ready)
-        maps = list(attention) if heatmap and attention is not None else [None] * len(predictions)
+        maps = [None] * len(predictions) if attention is None else list(attention)
         return [(p.to_json(), weights) for p, weights in zip(predictions, maps, strict=True)]
 
     def _prepare(self, uploads: list[Upload]) -> list[_Prepared]:
@@ -172,31 +188,33 @@ class Service:
                 target = self.options.keep_uploads / f"{stamp}-{uuid4().hex[:8]}-{_safe_name(upload.name)}"
                 with atomic_path(target) as tmp:
                     tmp.write_bytes(upload.data)
-        return [
-            _Prepared(scan.name, scan.rgb, self.run.prepare((scan.rgb, scan.raw), name=scan.name))
-            for scan in scans
-        ]
+        prepared = []
+        for position, scan in enumerate(scans):
+            with _failure_named(scan.name):
+                outcome = self.run.prepare((scan.rgb, scan.raw), position, name=scan.name)
+            prepared.append(_Prepared(scan.name, scan.rgb, outcome))
+        return prepared
 
     async def predict(self, uploads: list[Upload], heatmap: bool, scan: bool) -> list[dict[str, Any]]:
         if heatmap and not self.summary["heatmaps"]:
-            raise ApiError(400, "heat maps need attention pooling; this run uses model.pooling=cls")
+            raise ApiError(400, HEATMAPS_NEED_ATTENTION)
         prepared = await run_in_threadpool(self._prepare, uploads)
         ready = [item for item in prepared if isinstance(item.outcome, Ready)]
-        futures = self.batcher.submit([item.outcome for item in ready], heatmap)
+        futures = self.batcher.submit([item.outcome for item in ready])
         outcomes = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
         answers = iter(outcomes)
         results = []
         for item in prepared:
             answer = next(answers) if isinstance(item.outcome, Ready) else item.outcome
             if isinstance(answer, BaseException):
-                raise ApiError(500, f"{item.name}: prediction failed ({answer})")
+                raise _prediction_failed(item.name, answer)
             if isinstance(answer, Prediction):  # not assessable: answered without the model
                 result = answer.to_json()
             else:
                 result, attention = dict(answer[0]), answer[1]
-                if attention is not None:
+                if heatmap:
                     result["heatmap"] = await run_in_threadpool(
-                        _heatmap, item.rgb, attention, result["roi_box"]
+                        _heatmap, item.name, item.rgb, attention, result["roi_box"]
                     )
             result["path"] = item.name
             if scan:

@@ -16,15 +16,14 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# The model on a batch: (scans, with heat maps) -> one result per scan, in order. A scan is
-# whatever the model function takes (the service passes decoded (RGB, stored values) pairs).
-PredictBatch = Callable[[Sequence[Any], bool], Sequence[Any]]
+# The model on a batch: scans -> one result per scan, in order. A scan is whatever the model
+# function takes (the service passes scans prepared by ``Run.prepare``).
+PredictBatch = Callable[[Sequence[Any]], Sequence[Any]]
 
 
 @dataclass
 class _Job:
     image: Any
-    heatmap: bool
     future: Future = field(default_factory=Future)
 
 
@@ -75,11 +74,11 @@ class MicroBatcher:
             self._queue.put(None)
             self._thread.join(timeout)
 
-    def submit(self, images: Sequence[Any], heatmap: bool = False) -> list[Future]:
+    def submit(self, images: Sequence[Any]) -> list[Future]:
         """Queue scans; each future gets its scan's result (or the model's exception)."""
         if not self.running:
             raise RuntimeError("the prediction worker is not running")
-        jobs = [_Job(image, heatmap) for image in images]
+        jobs = [_Job(image) for image in images]
         for job in jobs:
             self._queue.put(job)
         return [job.future for job in jobs]
@@ -104,20 +103,18 @@ class MicroBatcher:
             # A job whose request went away (its future cancelled) is dropped; the others can no
             # longer be cancelled, so their results can always be set.
             batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
-            for heatmap in (False, True):
-                group = [job for job in batch if job.heatmap == heatmap]
-                if group:
-                    self._run(group, heatmap)
+            if batch:
+                self._run(batch)
 
-    def _run(self, group: list[_Job], heatmap: bool) -> None:
+    def _run(self, group: list[_Job]) -> None:
         """One model call for the group; if it fails, each scan alone, so one bad scan fails only
         its own request."""
         try:
-            results = self.predict([job.image for job in group], heatmap)
+            results = self.predict([job.image for job in group])
         except Exception as exc:  # noqa: BLE001 - reported to the waiting requests, the worker lives on
             if len(group) > 1:
                 for job in group:
-                    self._run([job], heatmap)
+                    self._run([job])
                 return
             log.exception("prediction failed")
             group[0].future.set_exception(exc)

@@ -115,7 +115,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
     p.add_argument(
-        "--device", choices=["cpu", "cuda"], help="where the model runs (default: as the run was trained)"
+        "--device",
+        choices=["cpu", "cuda"],
+        help="where the model runs (default: a GPU when there is one), at the run's precision",
     )
     p.add_argument(
         "--token-file",
