@@ -21,7 +21,7 @@ from PIL import Image
 from savlt.cli import main
 from savlt.engine.loaded import load_run
 from savlt.engine.training import train
-from savlt.report.plots import heatmap_png
+from savlt.report.plots import HEATMAP_DPI, HEATMAP_SIZE, heatmap_png
 from savlt.serve import Limits, ServeOptions, create_app
 from savlt.serve.batcher import MicroBatcher
 
@@ -169,6 +169,9 @@ def test_heat_maps_drawn_in_several_threads_at_once_are_those_drawn_one_by_one()
     for thread in threads:
         thread.join(60)
     assert [together[i] for i in range(4)] == alone and len(set(alone)) == 4
+    buffer = io.BytesIO()
+    heatmap_png(np.zeros((2000, 8, 3), np.uint8), maps[0], (0.0, 0.25, 1.0, 1.0), buffer)
+    assert Image.open(buffer).height <= HEATMAP_SIZE[2] * HEATMAP_DPI  # a sliver of a scan: height capped
 
 
 def test_a_scan_that_cannot_be_assessed_gets_no_diagnosis(served) -> None:
@@ -346,12 +349,13 @@ def test_concurrent_requests_are_batched_and_equal_single_predictions(served, sy
     paths = sorted((synth_root / "huaxi" / "images").rglob("*.jpg"))[:6]
     single = [run.predict([p])[0].to_json() for p in paths]
     answers: dict[int, dict] = {}
-    with client_for(served, max_batch=8, max_wait_ms=300) as client:
+    with client_for(served, max_batch=8, max_wait_ms=1000) as client:
         start = threading.Barrier(len(paths))
 
-        def send(i: int) -> None:
+        def send(i: int) -> None:  # every other request asks for the heat map, as the page does
             start.wait()
-            response = client.post("/predict", files=upload((paths[i].name, paths[i].read_bytes())))
+            query = "?heatmap=true" if i % 2 else ""
+            response = client.post(f"/predict{query}", files=upload((paths[i].name, paths[i].read_bytes())))
             answers[i] = response.json()["predictions"][0]
 
         threads = [threading.Thread(target=send, args=(i,)) for i in range(len(paths))]
@@ -360,10 +364,14 @@ def test_concurrent_requests_are_batched_and_equal_single_predictions(served, sy
         for thread in threads:
             thread.join(30)
         stats = client.get("/health").json()["batches"]
-    assert stats["images"] == len(paths) and stats["largest"] > 1  # the model ran on batches
+    # one model call for all of them, heat maps asked or not
+    assert stats == {"batches": 1, "images": len(paths), "largest": len(paths), "mean": len(paths)}
     for i, expected in enumerate(single):
         assert answers[i]["path"] == paths[i].name
-        assert_same_prediction(answers[i], {**expected, "path": paths[i].name})
+        assert (answers[i]["heatmap"] or "").startswith("data:image/png") == bool(i % 2)
+        assert_same_prediction(
+            answers[i], {**expected, "path": paths[i].name, "heatmap": answers[i]["heatmap"]}
+        )
 
 
 def test_micro_batcher_groups_waits_and_isolates_failures() -> None:

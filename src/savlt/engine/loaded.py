@@ -194,14 +194,11 @@ class Run:
         if reason is not None:
             return Prediction.without_diagnosis(name, reason=reason)
         ready = Ready(position, name, rgb)
-        if not self._segmenter_masks:
-            masks = (
-                self.masks.masks_for_images([rgb])
-                if self.model.uses_masks
-                else [np.ones(rgb.shape[:2], bool)]
-            )
-            self._to_tensors(ready, masks[0])
-        return ready
+        if not self.model.uses_masks:
+            self._to_tensors(ready, np.ones(rgb.shape[:2], bool))
+        elif self.masks.segmenter is None:
+            self._to_tensors(ready, self.masks.masks_for_images([rgb])[0])
+        return ready  # with a segmenter, `diagnose` masks and transforms a batch at a time
 
     def diagnose(self, ready: Sequence[Ready], heatmap_dir: str | Path | None = None) -> list[Prediction]:
         """One forward pass over prepared scans, their predictions in the same order; the heat maps
@@ -264,11 +261,6 @@ class Run:
             for i, item in enumerate(ready)
         ]
         return predictions, attention
-
-    @property
-    def _segmenter_masks(self) -> bool:
-        """Whether the tissue masks come from the run's segmenter (batched in `diagnose`)."""
-        return self.model.uses_masks and self.masks.segmenter is not None
 
     def _to_tensors(self, ready: Ready, mask: np.ndarray) -> None:
         out = self.transform(image=ready.rgb, mask=mask.astype(np.uint8))

@@ -4,7 +4,7 @@ and the calibration when metrics.json has them)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +69,9 @@ def results_rows(metrics: dict[str, Any], every_interval: bool = False) -> tuple
     for center, m in metrics["centers"].items():
         ci = m.get(key) or {}
         b, bci = m["binary"], ci.get("binary") or {}
-        role = " (internal test)" if center == metrics.get("train_center") else ""
         rows.append(
             [
-                center + role,
+                _role(metrics, center),
                 scans_cell(metrics, m),
                 fmt_ci(m["accuracy"], ci.get("accuracy")),
                 cell(m["macro_f1"], ci.get("macro_f1")),
@@ -91,6 +90,15 @@ def _role(metrics: dict[str, Any], center: str) -> str:
     return center + (" (internal test)" if center == metrics.get("train_center") else "")
 
 
+def _blocks(metrics: dict[str, Any], name: str, key: str) -> Iterator[tuple[str, dict, dict, dict]]:
+    """(center, its metrics, its `name` block, that block's intervals under `key`) of each center
+    that has the block."""
+    for center, m in metrics["centers"].items():
+        block = m.get(name)
+        if block:
+            yield center, m, block, block.get(key) or {}
+
+
 def decision_rows(metrics: dict[str, Any], every_interval: bool = True) -> tuple[list[str], list[list[str]]]:
     """The screen at the referral threshold per center, beside the argmax screen's sensitivity
     and specificity; no rows when the run has no threshold."""
@@ -98,11 +106,7 @@ def decision_rows(metrics: dict[str, Any], every_interval: bool = True) -> tuple
     more = f" [{level} CI]" if every_interval else ""
     header = ["center", "threshold", *(t + more for t in SCREEN_TITLES), "argmax sens.", "argmax spec."]
     rows = []
-    for center, m in metrics["centers"].items():
-        op = m.get("operating_point")
-        if not op:
-            continue
-        ci = op.get(key) or {}
+    for center, m, op, ci in _blocks(metrics, "operating_point", key):
         rows.append(
             [
                 _role(metrics, center),
@@ -128,11 +132,7 @@ def patient_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         "sens. / spec. at threshold",
     ]
     rows = []
-    for center, m in metrics["centers"].items():
-        pm = m.get("patient")
-        if not pm:
-            continue
-        ci = pm.get(key) or {}
+    for center, _, pm, ci in _blocks(metrics, "patient", key):
         b, bci = pm["binary"], ci.get("binary") or {}
         op = pm.get("operating_point")
         rows.append(

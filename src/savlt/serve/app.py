@@ -151,7 +151,8 @@ class _Prepared:
 class Service:
     """A loaded run behind a micro-batcher: uploads in, ``Prediction.to_json()`` per scan out.
     Each request's own thread decodes, assesses, masks and transforms its scans
-    (``Run.prepare``); the batcher's thread does only what gains from batches (``Run.diagnose``)."""
+    (``Run.prepare``); the batcher's thread does only what gains from batches
+    (``Run.diagnose_with_attention``), and the request's thread draws the heat maps asked for."""
 
     def __init__(self, run: Run, options: ServeOptions) -> None:
         self.run = run
