@@ -33,7 +33,8 @@ test: $(STAMP) lint chromium
 # The shipped tiny-oct backbone pretrained on the synthetic corpus, adapted with 16 shots per class:
 # zero-shot first (no training), then SAVLT, then both side by side.
 demo: $(STAMP)
-	$(BIN)/savlt synth $(DEMO_DATA) --seed 0
+	$(BIN)/savlt synth $(DEMO_DATA) --seed 0 || { \
+		echo "make demo: if $(DEMO_DATA)/ holds an older demo's data, run make clean first"; exit 2; }
 	$(BIN)/savlt train --config configs/demo.yaml --data $(DEMO_DATA) --method zero_shot \
 		--out $(DEMO_RUN)-zero-shot --overwrite
 	$(BIN)/savlt train --config configs/demo.yaml --data $(DEMO_DATA) --out $(DEMO_RUN) --overwrite

@@ -3,8 +3,10 @@ tiny models, and one torch thread for the tests that train."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +76,23 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file below `root` (its relative path, a name that is not UTF-8 kept byte for byte as
+    ``os.fsdecode`` gives it -> the SHA-256 of its bytes; a symbolic link -> where it points):
+    equal before and after a command exactly when the command deleted, changed and added nothing
+    there."""
+    found = {}
+    for current, folders, files in os.walk(os.fsencode(root)):
+        for name in files + [f for f in folders if os.path.islink(os.path.join(current, f))]:
+            path = os.path.join(current, name)
+            key = os.fsdecode(os.path.relpath(path, os.fsencode(root)))
+            if os.path.islink(path):
+                found[key] = "link to " + os.fsdecode(os.readlink(path))
+            else:
+                found[key] = hashlib.sha256(Path(os.fsdecode(path)).read_bytes()).hexdigest()
+    return found
+
+
 def short_caption_pairs(synth_root: Path, folder: Path) -> Path:
     """`folder`/pairs.csv pairing a copy of the `mixed` scans with their class's short name (a
     caption a tiny CLIP learns in a few dozen steps); the images are copied into `folder`."""
@@ -114,3 +133,31 @@ def small_tree(tmp_path: Path) -> Path:
     for cls in ("Mild Inflammation", "CANCER"):
         write_png(root / "ext" / cls / "a.png")
     return root
+
+
+def marked_processes(mark: str) -> dict[int, tuple[int, str]]:
+    """The processes still running (a zombie has ended) with ``SAVLT_TEST_MARK=<mark>`` in their
+    environment: every process a command started, however deep and in whatever session or process
+    group; pid -> (parent pid, command line)."""
+    needle = f"SAVLT_TEST_MARK={mark}".encode()
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            marked = needle in (entry / "environ").read_bytes().split(b"\0")
+            state, parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # ended meanwhile, or not ours
+            continue
+        if marked and state != "Z":
+            found[int(entry.name)] = (int(parent), command.strip())
+    return found
+
+
+def processes_left(mark: str, seconds: float = 3.0) -> dict[int, tuple[int, str]]:
+    """`marked_processes` once none is left, or when `seconds` have passed."""
+    deadline = time.monotonic() + seconds
+    while (left := marked_processes(mark)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left

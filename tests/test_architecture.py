@@ -1,6 +1,6 @@
 """The package's layers, checked on the source: imports run one way only.
 
-ground (errors, io, classes, methods, config) <- data <- models <- seg <- engine <- sweep/serve <- cli,
+ground (errors, io, processes, classes, methods, config, outputs) <- data <- models <- seg <- engine <- sweep/serve <- cli,
 with report/ (tables and plots) importable from engine, seg, sweep, serve and cli. An import inside a
 function counts the same as one at the top of a module.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "savlt"
-GROUND = {"errors", "io", "classes", "methods", "config"}
+GROUND = {"errors", "io", "processes", "classes", "methods", "config", "outputs"}
 ROOMS = ("data", "models", "report", "engine", "seg", "sweep", "serve", "cli")
 
 # What each room may not import (of the package's own rooms).

@@ -24,16 +24,19 @@ from safetensors.torch import load_file
 
 CENTER_SIZES = {"mixed": 15, "xiangya": 40, "huaxi": 40}
 
+# A rank that records what accelerate made of it. Like every script that calls SAVLT, it runs under
+# `if __name__ == "__main__":` (worker processes import it; see the README's Python API).
 PROBE = """
 import json, os, sys
 from pathlib import Path
 from savlt.cli import main
-code = main(sys.argv[2:])
-from accelerate import PartialState
-state = PartialState()
-Path(sys.argv[1], f"rank{state.process_index}.json").write_text(json.dumps(
-    {"num_processes": state.num_processes, "backend": state.backend, "world_size": os.environ.get("WORLD_SIZE")}))
-sys.exit(code)
+if __name__ == "__main__":
+    code = main(sys.argv[2:])
+    from accelerate import PartialState
+    state = PartialState()
+    Path(sys.argv[1], f"rank{state.process_index}.json").write_text(json.dumps(
+        {"num_processes": state.num_processes, "backend": state.backend, "world_size": os.environ.get("WORLD_SIZE")}))
+    sys.exit(code)
 """
 
 
@@ -54,10 +57,11 @@ def recorded(self, *args, **kwargs):
             digest.update(param.detach().cpu().contiguous().numpy().tobytes())
     digests.append(digest.hexdigest())
     return out
-torch.optim.AdamW.step = recorded
-code = main(sys.argv[2:])
-Path(sys.argv[1], f"rank{PartialState().process_index}.json").write_text(json.dumps(digests))
-sys.exit(code)
+if __name__ == "__main__":
+    torch.optim.AdamW.step = recorded
+    code = main(sys.argv[2:])
+    Path(sys.argv[1], f"rank{PartialState().process_index}.json").write_text(json.dumps(digests))
+    sys.exit(code)
 """
 
 

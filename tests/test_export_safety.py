@@ -112,7 +112,7 @@ def train_args(root: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--data", str(root), "--out", str(out), "-q", *(f"--set={s}" for s in sets), *extra]
 
 
-def test_train_refuses_a_folder_holding_something_else_and_overwrite_replaces_it(
+def test_train_refuses_a_folder_holding_something_else_and_overwrite_replaces_only_a_run(
     synth_root: Path, tmp_path: Path, capsys
 ) -> None:
     out = tmp_path / "run"
@@ -124,37 +124,46 @@ def test_train_refuses_a_folder_holding_something_else_and_overwrite_replaces_it
     assert f"run folder {out} is not empty" in err and "notes.txt" in err and "predictions" in err
     assert "--overwrite" in err and err.count("\n") == 1 and "Traceback" not in err
     assert (out / "notes.txt").is_file() and not (out / "config.yaml").exists()  # nothing touched
+    assert main(train_args(synth_root, out, "--overwrite")) == 2  # not SAVLT's: never deleted
+    assert "files SAVLT did not write" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "keep?" and (out / "predictions" / "other.csv").is_file()
 
-    assert main(train_args(synth_root, out, "--overwrite")) == 0
-    assert not (out / "notes.txt").exists() and not (out / "predictions" / "other.csv").exists()
+    shutil.rmtree(out)
+    assert main(train_args(synth_root, out)) == 0
     assert json.loads((out / "metrics.json").read_text())["complete"] is True
     capsys.readouterr()
-
     assert main(train_args(synth_root, out)) == 2  # a finished run is not trained over either
     assert "a finished run" in capsys.readouterr().err
+    assert main(train_args(synth_root, out, "--overwrite", "--set=train.seed=6")) == 0  # a run is replaced
+    assert load_config(out / "config.yaml").train.seed == 6 and not (out / ".savlt-replaced").exists()
 
 
 def test_an_interrupted_run_of_the_same_configuration_is_continued(synth_root: Path, tmp_path: Path) -> None:
-    from savlt.engine.runfolder import folder_conflict
+    from savlt.engine.runfolder import run_folder_rules
+    from savlt.io import write_manifest
+    from savlt.outputs import check_claim
 
     cfg = fast_config(synth_root, "data.test_centers=[]")
     paths = RunPaths(tmp_path / "run")
     paths.root.mkdir()
+    write_manifest(paths.root, "run")  # as an interrupted run leaves it: no list of files yet
     cfg.save(paths.config)
     (paths.history).write_text('{"step": 1}\n')
     paths.predictions.mkdir()
-    assert folder_conflict(paths, cfg) is None  # the same unfinished run: continued
+    assert check_claim(paths.root, "run", **run_folder_rules(cfg)) is False  # the same unfinished run: continued
     other = fast_config(synth_root, "data.test_centers=[]", "train.seed=6")
-    assert "another configuration" in folder_conflict(paths, other)
+    with pytest.raises(OutputError, match="an unfinished run of another configuration"):
+        check_claim(paths.root, "run", **run_folder_rules(other))
     paths.metrics.write_text(json.dumps({"complete": True}))
-    assert "a finished run" in folder_conflict(paths, cfg)
+    with pytest.raises(OutputError, match="a finished run"):
+        check_claim(paths.root, "run", **run_folder_rules(cfg))
 
 
 def test_overwrite_never_deletes_the_data_root(synth_root: Path, tmp_path: Path, capsys) -> None:
     root = tmp_path / "data"
     shutil.copytree(synth_root / "mixed", root / "mixed")
     assert main(train_args(root, tmp_path, "--overwrite")) == 2
-    assert "would delete the data" in capsys.readouterr().err
+    assert f"holds the data root {root}" in capsys.readouterr().err
     assert (root / "mixed").is_dir()
 
 
@@ -169,14 +178,15 @@ def test_a_second_process_writing_the_same_run_folder_is_refused(
     assert not (out / "config.yaml").exists()
 
 
-def test_the_sweep_uses_the_same_lock(tmp_path: Path) -> None:
-    from savlt.sweep.runner import SweepLayout, _exclusive
+def test_the_sweep_uses_the_same_lock(synth_root: Path, tmp_path: Path, capsys) -> None:
+    import yaml
 
-    layout = SweepLayout(tmp_path / "sweep")
-    with _exclusive(layout), pytest.raises(OutputError, match="another sweep is running"), _exclusive(layout):
-        pass
-    with _exclusive(layout):  # released with the block
-        pass
+    spec, out = tmp_path / "sweep.yaml", tmp_path / "sweep"
+    spec.write_text(yaml.safe_dump({"base": {"data": str(synth_root), "model": "tiny"}, "grid": {"seed": [5]}}))
+    with exclusive(out / ".savlt.lock", "held by the test"):  # as another `savlt sweep` would hold it
+        assert main(["sweep", str(spec), "--out", str(out), "-q"]) == 2
+    assert "another savlt process is writing the sweep folder" in capsys.readouterr().err
+    assert not (out / "sweep.yaml").exists()
 
 
 def read_only_place() -> Path:
@@ -345,7 +355,7 @@ def test_unreadable_files_stop_train_before_the_first_step_all_listed(
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("savlt: error: 3 file(s) cannot be read, so nothing was trained")
     assert all(str(path) in err for path in bad)
-    assert [p.name for p in out.iterdir()] == [".savlt.lock"]  # the failed attempt left nothing behind
+    assert not out.exists()  # the failed attempt left nothing behind, not even the folder it made
     listed = {p.path for p in check_dataset(root, CLASSES, progress=False).problems}
     assert listed == set(bad)  # `savlt data check` finds the same files
 
@@ -417,6 +427,11 @@ def test_evaluation_counts_unassessable_scans_and_excludes_them(export_run, tmp_
         and "near-constant" in rows["black.png"]["not_assessable_because"]
     )
     assert len(rows) == 34
+    # a scan that cannot be assessed is not diagnosed in the CSV either: no class, probabilities or referral
+    model_columns = [k for k in rows["black.png"] if k.startswith(("p_", "logit_"))]
+    model_columns += ["predicted", "referral", "prediction_set", "auc_score", "roi_y0"]
+    assert all(rows["black.png"][k] == "" for k in model_columns)
+    assert all(rows[name][k] != "" for name in rows if name not in ("black.png", "nan.tif") for k in model_columns)
 
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
@@ -424,6 +439,9 @@ def test_evaluation_counts_unassessable_scans_and_excludes_them(export_run, tmp_
     (copy / "config.yaml").write_text(text)
     included = load_run(copy).evaluate(centers=["newhosp"], progress=False)["centers"]["newhosp"]
     assert included["n"] == 34 and included["unassessable"] == 2
+    with (copy / "evaluation" / "predictions" / "newhosp.csv").open() as handle:
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(handle)}
+    assert rows["black.png"]["assessable"] == "0" and rows["black.png"]["predicted"]  # scored, as the policy says
 
 
 # ---------------------------------------------------------------- 9: class aliases

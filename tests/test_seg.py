@@ -281,7 +281,9 @@ def test_predict_into_the_data_root_keeps_ground_truth(trained, data_root, tmp_p
     summary = predict_dataset(
         segmenter, scan_data(root, cfg_for(root).class_map(), ["mixed"]), overwrite=True, progress=False
     )
-    assert summary.written == 14 and not summary.skipped
+    # --overwrite replaces the two masks SAVLT predicted, never the ground truth
+    assert summary.written == 2 and not summary.skipped and len(summary.kept) == 12 and truth in summary.kept
+    assert truth.read_bytes() == before and "never replaced" in summary.describe()
 
 
 # ------------------------------------------------------------------------------------------ evaluate

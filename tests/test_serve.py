@@ -85,8 +85,10 @@ def test_health_model_and_page(served) -> None:
         assert (model["method"], model["backbone"], model["shots"]) == ("savlt", "tiny", 4)
         metrics = json.loads((out / "metrics.json").read_text())
         assert model["centers"] == metrics["centers"] and "accuracy" in model["centers"]["mixed"]
-        train_center = metrics["centers"]["mixed"]
-        assert model["operating_point"] == metrics.get("operating_point", train_center.get("operating_point"))
+        op = model["operating_point"]  # 2 high-risk validation scans: the screen falls back to the class
+        assert op["established"] is False and op["threshold"] is None
+        assert "fewer than the 20" in op["not_established_because"] and op["rule"] == run.calibration.rule()
+        assert model["prediction_sets"] == {"alpha": 0.1, "score": "lac"}
         assert model["heatmaps"] is True and model["limits"]["max_files"] == 16
         assert "/predict" in client.get("/openapi.json").json()["paths"]
         assert client.get("/docs").status_code == 404  # its scripts would come from a CDN
@@ -422,7 +424,7 @@ def test_serve_command_errors_are_one_line(served, tmp_path: Path, capsys) -> No
     empty.write_text("  \n")
     cases = [
         (["--token-file", str(empty)], "must hold one token"),
-        (["--token-file", str(tmp_path / "missing")], "cannot read the token file"),
+        (["--token-file", str(tmp_path / "missing")], "token file not found"),
         (["--keep-uploads", str(empty)], "is an existing file"),
         (["--host", "203.0.113.1"], "cannot listen on 203.0.113.1:8000"),
     ]

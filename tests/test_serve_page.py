@@ -34,9 +34,12 @@ TOKEN = "page-token-42"
 
 @pytest.fixture(scope="module")
 def server(synth_root: Path, tmp_path_factory: pytest.TempPathFactory, one_thread):
-    """`savlt serve RUN --port 0 --token-file F` in its own process: (base URL, process)."""
+    """`savlt serve RUN --port 0 --token-file F` in its own process: (base URL, process). A
+    sensitivity target of 0.1 puts the referral threshold at the validation draw's riskiest
+    high-risk scan, above some scans predicted high-risk."""
     folder = tmp_path_factory.mktemp("served")
-    train(fast_config(synth_root, "data.test_centers=[]"), folder / "run", progress=False)
+    cfg = fast_config(synth_root, "data.test_centers=[]", "eval.target_sensitivity=0.1")
+    train(cfg, folder / "run", progress=False)
     (folder / "token").write_text(TOKEN + "\n")
     command = [sys.executable, "-m", "savlt.cli", "serve", str(folder / "run"), "--port", "0"]
     command += ["--token-file", str(folder / "token"), "--device", "cpu"]
@@ -103,6 +106,16 @@ def test_the_review_page_in_chromium(server, chromium: str, synth_root: Path, tm
     model = httpx.get(url + "model", headers=auth).json()
     files = [("files", (p.name, p.read_bytes())) for p in (cancer, cyst)]
     expected = httpx.post(url + "predict", files=files, headers=auth, timeout=30).json()["predictions"]
+    candidates = sorted((synth_root / "mixed" / "images").rglob("*.png"))
+    answers = []
+    for start in range(0, len(candidates), 16):  # the service's --max-files
+        files = [("files", (p.name, p.read_bytes())) for p in candidates[start : start + 16]]
+        answers += httpx.post(url + "predict", files=files, headers=auth, timeout=60).json()["predictions"]
+    contradicting = next(
+        path
+        for path, a in zip(candidates, answers, strict=True)
+        if a["predicted"] in model["high_risk"] and a["high_risk_probability"] < a["referral_threshold"]
+    )
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium)
@@ -129,8 +142,9 @@ def test_the_review_page_in_chromium(server, chromium: str, synth_root: Path, tm
             assert card.locator(".predicted-probability").inner_text() == f"{100 * top:.1f} %"
             risk = card.locator(".risk-text").inner_text()
             assert f"{100 * answer['high_risk_probability']:.1f} %" in risk
-            if answer.get("referral") is not None:
-                assert "referral threshold" in risk and answer["referral"] in risk
+            assert risk.startswith("Refer:" if answer["referral"] == "refer" else "No referral:")
+            if answer["referral_threshold"] is not None:
+                assert "referral threshold" in risk
             expect(card.locator(".probabilities li")).to_have_count(len(model["classes"]))
             box = card.locator(".roi-box").bounding_box()
             assert box is not None and box["width"] > 10 and box["height"] > 10
@@ -154,6 +168,16 @@ def test_the_review_page_in_chromium(server, chromium: str, synth_root: Path, tm
         notes_card = page.locator('.card[data-file="notes.png"]')
         expect(notes_card).to_have_attribute("data-state", "error")
         expect(notes_card.locator(".card-status")).to_contain_text("notes.png: not a recognised image format")
+
+        # a scan predicted high-risk below the referral threshold: referred, and the page says so
+        page.locator("#file-input").set_input_files([contradicting])
+        card = page.locator(f'.card[data-file="{contradicting.name}"]')
+        expect(card).to_have_attribute("data-state", "done", timeout=30_000)
+        expect(card.locator(".risk-text")).to_contain_text("Refer:")
+        expect(card.locator(".risk-text")).to_contain_text("below the referral threshold")
+        expect(card.locator(".risk-text")).to_contain_text("but the predicted class is high-risk")
+        expect(card.locator(".risk-text")).to_have_class(re.compile("positive"))
+        expect(page.locator(".research-use")).to_contain_text("not a medical device")
 
         page.locator("body").click(position={"x": 5, "y": 5})
         reached = []

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CENTER_SIZES
+from conftest import CENTER_SIZES, processes_left
 
 from savlt.cli import main
 from savlt.config import ConfigError, load_config
+from savlt.io import write_manifest
 from savlt.sweep import SweepError, aggregate, build_sweep, is_complete, load_sweep, run_sweep
 from savlt.sweep.runner import SweepLayout, prepare_point_folders
 
@@ -217,6 +218,9 @@ def test_finished_point_with_another_config_is_refused(tmp_path: Path) -> None:
     sweep = build_sweep({"base": {"data": str(tmp_path / "d"), "model": "tiny"}, "grid": {"seed": [5, 42]}})
     folder = SweepLayout(tmp_path / "out").run("seed=5")
     folder.mkdir(parents=True)
+    write_spec(SweepLayout(tmp_path / "out").sweep, sweep.to_json())  # an earlier sweep's folder
+    write_manifest(tmp_path / "out", "sweep", ["sweep.yaml"])
+    write_manifest(folder, "run", ["config.yaml", "metrics.json"])
     load_config(
         overrides=[f"data.root={tmp_path / 'd'}", "model.backbone=tiny", "train.seed=5", "train.lr=0.1"]
     ).save(folder / "config.yaml")
@@ -399,27 +403,27 @@ def test_killed_sweep_resumes_to_the_same_summary(two_by_two) -> None:
     spec, reference, _ = two_by_two
     out = reference.parent / "killed"
     first, second = (out / "runs" / n for n in TWO_BY_TWO[:2])
+    mark = f"{os.getpid()}-killed-sweep"
     sweep = subprocess.Popen(
         sweep_command(spec, out, "--jobs", "1", "-q"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        env={**os.environ, "SAVLT_TEST_MARK": mark},  # inherited by every process the sweep starts
     )
     deadline = time.time() + 120
     # wait until the first point is finished and the second one is in flight, then kill the sweep
     while not (is_complete(first) and (second / "config.yaml").is_file()):
         assert sweep.poll() is None and time.time() < deadline, "the sweep ended or stalled before the kill"
         time.sleep(0.1)
-    children = subprocess.run(["pgrep", "-P", str(sweep.pid)], capture_output=True, text=True).stdout.split()
     sweep.send_signal(signal.SIGTERM)  # `kill PID`: the sweep stops its points and exits
     _, err = sweep.communicate(timeout=60)
     killed_at = time.time()
+    # no process outlives the sweep: not a point, nor anything a point started (its workers)
+    assert processes_left(mark) == {}
     assert sweep.returncode == 130, err[-2000:]
     assert "interrupted" in err
-    for pid in children:  # no point outlives the sweep (a zombie awaiting its reaper is dead)
-        state = Path(f"/proc/{pid}/stat")
-        assert not state.exists() or state.read_text().split()[2] == "Z"
     status = json.loads((out / "status.json").read_text())
     assert status["points"][TWO_BY_TWO[0]]["state"] == "complete"
     assert status["points"][TWO_BY_TWO[1]]["state"] == "interrupted" and not status["finished"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from savlt.data.synth import (
     scanner_signature,
     write_preview,
 )
+from savlt.io import LOCK_NAME, MANIFEST_NAME
 
 SIZE = (96, 128)
 PER_CLASS = 3
@@ -45,7 +47,12 @@ def _generate(out: Path, **kwargs) -> object:
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """The generated files' bytes (the manifest, which lists them, and the folder's lock left out)."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name not in (MANIFEST_NAME, LOCK_NAME)
+    }
 
 
 def _read_png(path: Path) -> np.ndarray:
@@ -73,7 +80,8 @@ def test_layout_counts_and_summary(dataset: tuple[Path, object]) -> None:
             assert [p.stem for p in images] == expected
             assert {p.suffix for p in images} == {SUFFIX[center]}
             assert [p.name for p in masks] == [f"{stem}.png" for stem in expected]
-    assert not list(out.rglob(".*"))  # files are written atomically: no temporary files are left behind
+    # files are written atomically: no temporary files are left behind, only the folder's lock
+    assert [p.name for p in out.rglob(".*")] == [LOCK_NAME]
 
 
 def test_preview_is_a_small_labelled_png(dataset: tuple[Path, object]) -> None:
@@ -206,17 +214,17 @@ def test_out_that_is_a_file_raises(tmp_path: Path) -> None:
         _generate(target)
 
 
-def test_rerun_overwrites_and_leaves_no_stale_files(tmp_path: Path) -> None:
-    _generate(tmp_path, per_class=3, centers=("mixed",))
-    keep = tmp_path / "mixed" / "images" / "cyst" / "notes.txt"
-    keep.write_text("not generated")
+def test_rerun_replaces_its_own_output_and_leaves_no_stale_files(tmp_path: Path) -> None:
+    _generate(tmp_path, per_class=3, centers=("mixed", "huaxi"))
+    assert set(json.loads((tmp_path / MANIFEST_NAME).read_text())["files"]) == set(_files(tmp_path))
     summary = _generate(tmp_path, per_class=1, centers=("mixed",), preview=False)
     for kind in ("images", "masks"):
         for class_name in DEFAULT_CLASSES:
-            generated = [p for p in (tmp_path / "mixed" / kind / class_name).iterdir() if p != keep]
+            generated = list((tmp_path / "mixed" / kind / class_name).iterdir())
             assert [p.stem for p in generated] == [f"mixed_{STEM_NAMES[class_name]}_0000"]
-    assert keep.exists()
+    assert not (tmp_path / "huaxi").exists()  # the earlier output is replaced, not added to
     assert summary.preview is None and not (tmp_path / "preview.png").exists()
+    assert set(json.loads((tmp_path / MANIFEST_NAME).read_text())["files"]) == set(_files(tmp_path))
 
 
 def test_write_preview_for_an_existing_folder(dataset: tuple[Path, object], tmp_path: Path) -> None:

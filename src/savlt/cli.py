@@ -14,7 +14,9 @@ from pathlib import Path
 
 from savlt.config import add_config_arguments, config_from_args
 from savlt.errors import SavltError
+from savlt.io import NO_SPACE, PlainTextFormatter, no_space_message, plain_json, plain_text
 from savlt.methods import METHODS
+from savlt.processes import stop_signals
 
 # ------------------------------------------------------------------------------ commands
 
@@ -109,7 +111,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         "roi.segmenter": args.segmenter,
     }
     cfg = config_from_args(args, flags)
-    metrics = train(cfg, args.out, progress=not args.quiet, overwrite=args.overwrite)
+    inputs = {"config file": args.config} if args.config else None
+    metrics = train(cfg, args.out, progress=not args.quiet, overwrite=args.overwrite, inputs=inputs)
     if PartialState().is_main_process:  # under `accelerate launch`, one process reports
         print(results_table(metrics))
         print(decision_table(metrics))
@@ -132,7 +135,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     run = load_run(args.run)
     centers = [c.strip() for c in args.centers.split(",")] if args.centers else None
     out = args.out or Path(args.run) / "evaluation"
-    metrics = run.evaluate(args.data, centers, out=out, progress=not args.quiet)
+    metrics = run.evaluate(args.data, centers, out=out, progress=not args.quiet, overwrite=args.overwrite)
     print(results_table(metrics))
     print(decision_table(metrics))
     print(f"metrics: {Path(out) / 'metrics.json'}   report: {Path(out) / 'report.md'}")
@@ -141,8 +144,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def predict_inputs(paths: list[Path]) -> list[Path]:
     """The files to predict: files as given, folders searched recursively for images (debris and
-    other files left out, counted on stderr); a multi-page TIFF volume gives each of its pages."""
-    from savlt.data.discover import image_files
+    other files left out, counted on stderr; a subfolder named ``masks``, where a data root's
+    center keeps its tissue masks, is skipped with a note); a multi-page TIFF volume gives each of
+    its pages."""
+    from savlt.data.discover import MASKS, image_files
     from savlt.data.imageio import IMAGE_EXTENSIONS, volume_pages
 
     found: list[Path] = []
@@ -151,9 +156,18 @@ def predict_inputs(paths: list[Path]) -> list[Path]:
             found.append(path)  # a missing or unreadable file is reported with the others at the end
             continue
         images, others = image_files(path)
+        masks = [i for i in images if MASKS in i.relative_to(path).parts[:-1]]
+        if masks:
+            print(
+                f"{path}: {len(masks)} file(s) in {MASKS}/ folders skipped (tissue masks, not scans)",
+                file=sys.stderr,
+            )
+            images = [i for i in images if i not in set(masks)]
         if not images:
             extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
-            raise SavltError(f"folder {path} holds no images (looked for {extensions}, in every subfolder)")
+            raise SavltError(
+                f"folder {path} holds no scans (looked for {extensions}, in every subfolder but {MASKS}/)"
+            )
         if others:
             print(f"{path}: {len(others)} file(s) that are not images left out", file=sys.stderr)
         found += images
@@ -161,56 +175,75 @@ def predict_inputs(paths: list[Path]) -> list[Path]:
 
 
 def referral_note(run) -> str:
-    """What the probabilities and the screen column of ``predict`` rest on."""
+    """What the probabilities, the screen and the prediction sets of ``predict`` rest on."""
+    from savlt.engine.calibration import UNCALIBRATED_RULE
+
     fit = run.calibration
     if fit is None:
-        return "probabilities not calibrated and no referral threshold: this run predates calibration"
-    if fit.threshold is None:
-        return (
-            f"calibrated probabilities (temperature {fit.temperature:.3g}); no referral threshold "
-            "(the validation draw had no high-risk scan)"
-        )
-    return (
-        f"calibrated probabilities (temperature {fit.temperature:.3g}); refer when p(high-risk) >= "
-        f"{fit.threshold:.3f} (sensitivity {fit.target_sensitivity:g} on {fit.positives} high-risk "
-        f"validation scans)"
+        return f"probabilities not calibrated; {UNCALIBRATED_RULE}"
+    sets = (
+        f"; prediction sets at coverage {1 - fit.conformal_alpha:g} ({fit.conformal_score.upper()} score, "
+        f"{fit.scans} validation scans)"
+        if fit.conformal_alpha is not None and fit.conformal_score is not None
+        else ""
     )
+    return f"calibrated probabilities (temperature {fit.temperature:.3g}); {fit.rule()}{sets}"
+
+
+def screen_cell(prediction) -> str:
+    """The screen of one scan for the terminal, saying when it fell back to the predicted class."""
+    if prediction.operating_point_established is False:
+        return f"{prediction.referral} (predicted class; operating point not established)"
+    return prediction.referral
+
+
+def set_cell(prediction) -> str:
+    from savlt.classes import short_name
+
+    if prediction.prediction_set is None:
+        return "n/a"
+    if not prediction.prediction_set:
+        return "{} (less sure than of the validation scans)"
+    return "{" + ", ".join(short_name(n) for n in prediction.prediction_set) + "}"
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     import json
 
     from savlt.classes import short_name
-    from savlt.engine.loaded import load_run, write_prediction_csv
-    from savlt.io import text_table, writable_file, writable_folder
+    from savlt.engine.loaded import HEATMAP_FOLDER, check_prediction_csv, load_run, write_prediction_csv
+    from savlt.io import check_outside_data, text_table
 
-    if args.csv is not None:
-        writable_file(args.csv, "CSV file (--csv)")
-    if args.heatmap is not None:
-        writable_folder(args.heatmap, "heat-map folder (--heatmap)")
     images = predict_inputs(args.images)
     run = load_run(args.run)
+    if args.csv is not None:
+        check_prediction_csv(args.csv, args.images, run.cfg.data.root)
+    if args.heatmap is not None:  # heat maps in a folder predicted would be taken for scans next time
+        folders = [path for path in args.images if path.is_dir()]
+        check_outside_data(args.heatmap, folders, HEATMAP_FOLDER, "the input folder", holding=False)
     predictions = run.predict(images, heatmap_dir=args.heatmap, progress=not args.quiet, skip_unreadable=True)
     failed = [p for p in predictions if p.error is not None]
     if args.csv is not None:
         write_prediction_csv(args.csv, predictions, run.class_names)
     if args.json:
-        print(json.dumps([p.to_json() for p in predictions], indent=1))
+        print(json.dumps(plain_json([p.to_json() for p in predictions]), indent=1))
     else:
         header = [
             "image",
             "predicted",
             "p(high-risk)",
             "screen",
+            "prediction set",
             "ROI y0",
             *(short_name(n) for n in run.class_names),
         ]
         rows = [
             [
-                p.path,
+                plain_text(p.path),
                 short_name(p.predicted),
                 f"{p.high_risk_probability:.3f}",
-                p.referral or "n/a",
+                screen_cell(p),
+                set_cell(p),
                 f"{p.roi_box[1]:.3f}" + (" (whole image)" if p.roi_fallback else ""),
                 *(f"{p.probabilities[n]:.3f}" for n in run.class_names),
             ]
@@ -222,7 +255,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(referral_note(run))
         for p in predictions:
             if p.reason is not None:
-                print(f"{p.path}: not assessable, no diagnosis: {p.reason}")
+                print(plain_text(f"{p.path}: not assessable, no diagnosis: {p.reason}"))
         if args.heatmap:
             print(f"heat maps: {args.heatmap}")
         if args.csv is not None:
@@ -230,7 +263,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if failed:
         print(f"savlt: {len(failed)} of {len(predictions)} image(s) could not be read:", file=sys.stderr)
         for p in failed:
-            print(f"  {p.error}", file=sys.stderr)
+            print(f"  {plain_text(p.error)}", file=sys.stderr)
         return 1
     return 0
 
@@ -327,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="empty --out first when it holds anything but this run's unfinished attempt",
+        help="replace --out when it holds another SAVLT run or evaluation (never anything else)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     add_config_arguments(p)
@@ -337,7 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path)
     p.add_argument("--data", type=Path, help="data root (default: the one the run was trained on)")
     p.add_argument("--centers", help="comma-separated centers (default: all of the run's)")
-    p.add_argument("--out", type=Path, help="output folder (default RUN/evaluation)")
+    p.add_argument(
+        "--out", type=Path, help="output folder (default RUN/evaluation; an evaluation of this run is replaced)"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out when it holds another SAVLT run or evaluation (never anything else)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
 
@@ -364,10 +404,10 @@ def console_handler(level: int, rank: str) -> logging.Handler:
     other ranks print warnings and errors only, marked with their rank."""
     console = logging.StreamHandler()
     if rank in ("", "0"):
-        console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        console.setFormatter(PlainTextFormatter("%(levelname)s %(name)s: %(message)s"))
     else:
         console.setLevel(max(level, logging.WARNING))
-        console.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(name)s: %(message)s"))
+        console.setFormatter(PlainTextFormatter(f"[rank {rank}] %(levelname)s %(name)s: %(message)s"))
     return console
 
 
@@ -376,11 +416,18 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, handlers=[console_handler(level, os.environ.get("RANK", "0"))])
     try:
-        return int(args.func(args) or 0)
+        with stop_signals():  # `kill` and a closed terminal stop a command as Ctrl-C does
+            return int(args.func(args) or 0)
     except SavltError as exc:
         if args.verbose:
             raise
-        print(f"savlt: error: {exc}", file=sys.stderr)
+        print(f"savlt: error: {plain_text(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk where no writer of SAVLT's own named the file (a figure, a log)
+        if exc.errno not in NO_SPACE or args.verbose:
+            raise
+        where = exc.filename or getattr(args, "out", None) or "an output file"
+        print(f"savlt: error: {plain_text(no_space_message(where))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("savlt: interrupted", file=sys.stderr)

@@ -24,7 +24,7 @@ import yaml
 
 from savlt.classes import DEFAULT_CLASSES, DEFAULT_HIGH_RISK, ClassMap
 from savlt.errors import SavltError
-from savlt.io import write_text
+from savlt.io import read_text, write_text
 from savlt.methods import METHODS, Method, Pooling, RoiMasking
 
 
@@ -262,6 +262,11 @@ class EvalConfig:
     # The referral threshold on the calibrated high-risk probability is the highest that reaches
     # this sensitivity on the validation draw.
     target_sensitivity: float = 0.95
+    # Prediction sets: split-conformal at coverage 1 − conformal_alpha, fitted on the validation
+    # draw, with the LAC score (1 − p of the class: the smallest sets) or APS (the probability mass
+    # ranked at or above the class: larger sets on uncertain scans).
+    conformal_alpha: float = 0.1
+    conformal_score: Literal["lac", "aps"] = "lac"
 
     def __post_init__(self) -> None:
         _need(self.bootstrap >= 0, "eval.bootstrap must be >= 0")
@@ -270,6 +275,10 @@ class EvalConfig:
             f"eval.target_sensitivity: {self.target_sensitivity} must lie in (0, 1], e.g. 0.95",
         )
         _need(0 < self.ci_level < 1, "eval.ci_level must lie in (0, 1)")
+        _need(
+            0 < self.conformal_alpha < 1,
+            f"eval.conformal_alpha: {self.conformal_alpha} must lie in (0, 1), e.g. 0.1 for 90 % coverage",
+        )
         _need(self.min_contrast >= 0, "eval.min_contrast must be >= 0")
         _need(0 <= self.min_tissue < 1, "eval.min_tissue must lie in [0, 1)")
 
@@ -537,12 +546,11 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
 
 
 def read_yaml(path: str | Path, what: str) -> Any:
-    """The parsed YAML of `path`; a missing file or bad YAML is a ConfigError naming `what` and the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} not found: {path}")
+    """The parsed YAML of `path`; a missing, unreadable or non-UTF-8 file, a directory in its place
+    or bad YAML is a ConfigError naming `what` and the file."""
+    text = read_text(path, what, ConfigError)
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
 

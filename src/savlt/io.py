@@ -1,4 +1,5 @@
-"""The ground floor: small helpers every layer uses (files, tables, batches, state checks).
+"""The ground floor: small helpers every layer uses (files, output folders, tables, batches, state
+checks).
 
 Nothing here imports another part of SAVLT except ``savlt.errors``, so ``data``, ``models``,
 ``engine``, ``report``, ``seg`` and ``sweep`` can all build on it.
@@ -7,8 +8,11 @@ Nothing here imports another part of SAVLT except ``savlt.errors``, so ``data``,
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import logging
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +27,70 @@ T = TypeVar("T")
 
 class OutputError(SavltError):
     """A place SAVLT cannot write to (an existing file, a read-only folder, a folder in use)."""
+
+
+class NoSpaceError(OutputError):
+    """The disk (or the user's quota) is full; the message names the file that could not be written."""
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space_message(path: str | Path) -> str:
+    return f"cannot write {path}: no space left on the device; free some space or choose another place"
+
+
+# ------------------------------------------------------------------------------ file names as text
+
+
+def plain_text(text: str) -> str:
+    """`text` as SAVLT writes it in every CSV, JSON, report and log line (README, "File names").
+
+    File names are bytes on Linux and Python holds the bytes that are not UTF-8 as lone
+    surrogates, which no UTF-8 file can hold. Text without them is returned unchanged; in text
+    with them, each byte that is not UTF-8 is written ``\\xNN`` (its hex value) and each
+    backslash ``\\x5c``, so ``name_from_text`` recovers the exact bytes.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # the bytes of the name, as os.fsencode gives them
+    except UnicodeEncodeError:  # a surrogate no file name decodes to: shown, not recoverable
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.replace(b"\\", b"\\x5c").decode("utf-8", "backslashreplace")
+
+
+_ESCAPED_BYTE = re.compile(rb"\\x([0-9a-f]{2})")
+
+
+def name_from_text(text: str) -> str:
+    """The file name that `plain_text` wrote as `text` (`text` itself when it is no such name)."""
+    if "\\x" not in text:
+        return text
+    raw = _ESCAPED_BYTE.sub(lambda m: bytes([int(m[1], 16)]), text.encode("utf-8"))
+    name = raw.decode("utf-8", "surrogateescape")
+    return name if plain_text(name) == text else text
+
+
+def plain_json(data: Any) -> Any:
+    """`data` (JSON-like) with every string, keys included, written by `plain_text`."""
+    if isinstance(data, str):
+        return plain_text(data)
+    if isinstance(data, dict):
+        return {plain_json(k): plain_json(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [plain_json(v) for v in data]
+    return data
+
+
+class PlainTextFormatter(logging.Formatter):
+    """Log lines with file names written by the rule of `plain_text`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return plain_text(super().format(record))
 
 
 # ------------------------------------------------------------------------------ files
@@ -52,27 +120,64 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if tmp.exists():
             ordinary_permissions(tmp)
         tmp.replace(path)
+    except OSError as exc:
+        if exc.errno not in NO_SPACE:
+            raise
+        raise NoSpaceError(no_space_message(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def write_text(path: str | Path, text: str) -> None:
-    """Write a text file atomically."""
+    """Write a UTF-8 text file atomically (file names in it by the rule of `plain_text`)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(plain_text(text), encoding="utf-8")
 
 
 def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON atomically (indented, so a person can read it)."""
-    write_text(path, json.dumps(data, indent=1))
+    """Write JSON atomically (indented, so a person can read it; file names by `plain_text`)."""
+    write_text(path, json.dumps(plain_json(data), indent=1))
 
 
 def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """Write a CSV file atomically (one header row, then `rows`)."""
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
+    """Write a UTF-8 CSV file atomically (one header row, then `rows`; file names by `plain_text`)."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
-        writer.writerows(rows)
+        writer.writerows([plain_text(c) if isinstance(c, str) else c for c in row] for row in rows)
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line to a file kept as it goes (a history, a log); a full disk is an error naming it."""
+    try:
+        with Path(path).open("a", encoding="utf-8") as handle:
+            handle.write(plain_text(line) + "\n")
+    except OSError as exc:
+        if exc.errno not in NO_SPACE:
+            raise
+        raise NoSpaceError(no_space_message(path)) from None
+
+
+def read_text(path: str | Path, what: str, error: type[SavltError] = SavltError) -> str:
+    """The text of an input file SAVLT reads (UTF-8; a byte-order mark is allowed). A missing
+    file, a directory in its place, an unreadable file or one that is not UTF-8 is `error`, one
+    line naming `what` and the path."""
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{what} {path} is a directory, not a file: give the file's path")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}") from None
+    except OSError as exc:
+        raise error(f"cannot read {what} {path} ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise error(
+            f"{what} {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}): "
+            "save it as UTF-8"
+        ) from None
 
 
 def writable_folder(path: str | Path, what: str = "output folder") -> Path:
@@ -127,6 +232,107 @@ def exclusive(lock: str | Path, busy: str) -> Iterator[None]:
         yield
     finally:
         handle.close()
+
+
+# ------------------------------------------------------------------------------ output folders
+#
+# Every folder a command writes (a run, an evaluation, a segmenter training, a pretraining, a sweep,
+# a synthetic data set) holds a manifest saying what wrote it, with which version, and, once the
+# command has finished, which files it wrote. SAVLT recognises its own folders by it and never
+# deletes anything else (``savlt.outputs``; README: "What SAVLT writes and never touches").
+
+MANIFEST_NAME = "savlt-manifest.json"
+LOCK_NAME = ".savlt.lock"
+SET_ASIDE_NAME = ".savlt-replaced"  # what a replaced folder held, until the command replacing it ends
+BOOKKEEPING = frozenset({MANIFEST_NAME, LOCK_NAME, SET_ASIDE_NAME})
+
+
+def savlt_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("savlt")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def is_scratch(name: str) -> bool:
+    """A write probe (``writable_folder``) or a write that never finished (``atomic_path``)."""
+    return name.startswith(".write-test.") or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def folder_entries(folder: str | Path) -> list[str]:
+    """The names in `folder`, SAVLT's bookkeeping (manifest, lock, set-aside files) and scratch
+    files left out."""
+    return sorted(p.name for p in Path(folder).iterdir() if p.name not in BOOKKEEPING and not is_scratch(p.name))
+
+
+def shown_entries(folder: str | Path, shown: int = 6) -> str:
+    """The first entries of `folder` (``folder_entries``), for a message."""
+    entries = folder_entries(folder)
+    return ", ".join(entries[:shown]) + (f" … ({len(entries)} entries)" if len(entries) > shown else "")
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any] | None:
+    """The manifest of a folder SAVLT wrote; None when it has none (or one that is not SAVLT's)."""
+    try:
+        data = json.loads((Path(folder) / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("kind"), str) else None
+
+
+def write_manifest(
+    folder: str | Path, kind: str, files: Sequence[str] | None = None, **record: Any
+) -> None:
+    """FOLDER's manifest: `kind`, the SAVLT version, `record` and, once the command has finished,
+    the `files` it wrote (relative POSIX paths)."""
+    data: dict[str, Any] = {"kind": kind, "savlt": savlt_version(), **record}
+    if files is not None:
+        data["files"] = list(files)
+    write_json(Path(folder) / MANIFEST_NAME, data)
+
+
+def contains(folder: str | Path, other: str | Path) -> bool:
+    """Whether `other` is `folder` or lies below it (links resolved)."""
+    folder, other = Path(folder).resolve(), Path(other).resolve()
+    return other == folder or folder in other.parents
+
+
+def check_outside_data(
+    folder: str | Path,
+    roots: Iterable[str | Path | None],
+    what: str,
+    data: str = "the data root",
+    holding: bool = True,
+) -> None:
+    """Refuse an output `folder` that is a data root (`data`, in words), lies inside one or, unless
+    not `holding` (for a folder whose files are only ever added to, never replaced), holds one:
+    outputs mixed into a data set would be scanned as data, and replacing the folder would delete
+    scans."""
+    for root in roots:
+        if not root:
+            continue
+        if contains(folder, root) and (holding or contains(root, folder)):
+            where = "is" if contains(root, folder) else "holds"
+        elif contains(root, folder):
+            where = "lies inside"
+        else:
+            continue
+        raise OutputError(
+            f"{what} {folder} {where} {data} {root}: SAVLT never writes its outputs into a data set: "
+            "choose a folder outside it"
+        )
+
+
+def check_inputs_outside(folder: str | Path, inputs: Mapping[str, str | Path | None]) -> None:
+    """Refuse to write over `folder` while an input of the command (name -> path) lies inside it."""
+    for name, path in inputs.items():
+        if path and contains(folder, path):
+            raise OutputError(
+                f"{name} {path} lies inside {folder}, which this command would replace: move it out "
+                "of there first, or choose another output folder"
+            )
 
 
 # ------------------------------------------------------------------------------ tables

@@ -12,7 +12,7 @@ from pathlib import Path
 from savlt.classes import ClassMap, short_name
 from savlt.data.discover import DatasetScan, Problem, scan_dataset
 from savlt.data.quality import Thresholds, check_scans
-from savlt.io import text_table
+from savlt.io import plain_text, text_table
 
 
 @dataclass
@@ -93,7 +93,7 @@ class CheckReport:
         else:
             parts.append(f"{len(self.problems)} problem(s):")
             parts += [f"  [{p.kind}] {p.message}" for p in self.problems]
-        return "\n".join(parts)
+        return "\n".join(map(plain_text, parts))  # file names that are not UTF-8: README, "File names"
 
 
 def check_dataset(

@@ -9,7 +9,7 @@ One rule decides what a center is, for every command: a folder at the root with 
 folder or at least one class folder. Other folders (an ``exports/`` folder, a run folder written
 into the data root) are skipped with the reason, and reported as a problem when they hold images.
 Operating-system and archive debris (hidden files, ``Thumbs.db``, ``desktop.ini``, ``__MACOSX/``)
-is ignored everywhere.
+is ignored everywhere; a symbolic link to nothing is reported, never skipped silently.
 
 A multi-page TIFF is a volume: each page is one record (``<file>#<page>``), its volume the file.
 Patients come from ``<center>/metadata.csv`` (columns ``file``, relative to the center folder, and
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import logging
 import os
 import re
@@ -32,8 +33,12 @@ from pathlib import Path
 from savlt.classes import ClassMap, UnknownClassError, alias_syntax
 from savlt.data.imageio import IMAGE_EXTENSIONS, MASK_EXTENSION, is_image_file, page_path, tiff_pages
 from savlt.errors import SavltError
+from savlt.io import MANIFEST_NAME, name_from_text, read_text
 
 log = logging.getLogger(__name__)
+
+# A center's tissue-mask folder: DATA/<center>/masks/<class>/<stem>.png.
+MASKS = "masks"
 
 
 class DataError(SavltError):
@@ -47,7 +52,15 @@ DEBRIS_NAMES = frozenset(
 )
 # A folder holding one of these is SAVLT's own output (run, evaluation, sweep, segmenter).
 OUTPUT_MARKERS = frozenset(
-    {"config.yaml", "metrics.json", "adapter.safetensors", "sweep.yaml", "segmenter.json", "summary.json"}
+    {
+        "config.yaml",
+        "metrics.json",
+        "adapter.safetensors",
+        "sweep.yaml",
+        "segmenter.json",
+        "summary.json",
+        MANIFEST_NAME,
+    }
 )
 
 # How a kind of problem reads in a one-line summary.
@@ -65,6 +78,7 @@ PROBLEM_TEXT = {
     "bad_metadata": "unusable metadata.csv file(s) or row(s)",
     "missing_patient": "scan(s) without a patient",
     "metadata_unknown_file": "metadata.csv row(s) naming no scan",
+    "broken_link": "symbolic link(s) to nothing, not used",
 }
 # Problems that make a center unusable for a run (raised by DatasetScan.require_usable).
 FATAL = ("unknown_class", "bad_metadata", "missing_patient")
@@ -192,7 +206,7 @@ def _why_not_a_center(folder: Path, class_map: ClassMap) -> str | None:
     """The reason a folder at the data root is not a center, or None when it is one."""
     if (folder / "images").is_dir():
         return None
-    subfolders = [d.name for d in _visible_dirs(folder) if d.name != "masks"]
+    subfolders = [d.name for d in _visible_dirs(folder) if d.name != MASKS]
     if any(class_map.knows(name) for name in subfolders):
         return None
     if _is_output_folder(folder):
@@ -202,7 +216,7 @@ def _why_not_a_center(folder: Path, class_map: ClassMap) -> str | None:
 
 
 def _skipped_folder_problem(folder: Path, reason: str, images: list[Path]) -> Problem:
-    subfolders = [d.name for d in _visible_dirs(folder) if d.name != "masks"]
+    subfolders = [d.name for d in _visible_dirs(folder) if d.name != MASKS]
     how = (
         f"; if it is a center, map its folders to classes, e.g. {alias_syntax(subfolders[0], 'CLASS')}"
         if subfolders
@@ -222,7 +236,7 @@ def _scan_center(
     center = CenterData(name=center_dir.name, root=center_dir)
     has_images_dir = (center_dir / "images").is_dir()
     images_dir = center_dir / "images" if has_images_dir else center_dir
-    masks_dir = center_dir / "masks"
+    masks_dir = center_dir / MASKS
     loose_files = _loose_files(center_dir) + (_loose_files(images_dir) if has_images_dir else [])
     for loose in (f for f in loose_files if f != center_dir / METADATA_NAME):
         if is_image_file(loose):
@@ -231,7 +245,7 @@ def _scan_center(
         else:
             problems.append(_not_an_image(loose))
     for class_dir in _visible_dirs(images_dir):
-        if not has_images_dir and class_dir.name == "masks":
+        if not has_images_dir and class_dir.name == MASKS:
             continue
         try:
             label = class_map.resolve(class_dir.name, where=f"center {center.name!r}")
@@ -264,6 +278,7 @@ def _scan_center(
                 )
             )
     _check_masks(center, masks_dir, images_dir, problems)
+    problems += _broken_links(center_dir)
     _assign_patients(center, patient_pattern, problems)
     present = set(center.counts())
     center.missing_classes = [n for n in class_map.names if n not in present]
@@ -291,7 +306,7 @@ def _metadata_problem(table: Path, message: str) -> Problem:
 def _read_metadata(table: Path, problems: list[Problem]) -> dict[str, dict[str, str]] | None:
     """file -> its row (lower-case column names), or None (with a problem) for an unusable file."""
     try:
-        with table.open(newline="", encoding="utf-8-sig") as handle:
+        with io.StringIO(read_text(table, "metadata file", DataError), newline="") as handle:
             reader = csv.DictReader(handle)
             columns = [(c or "").strip().lower() for c in reader.fieldnames or []]
             missing = [c for c in ("file", "patient") if c not in columns]
@@ -308,12 +323,15 @@ def _read_metadata(table: Path, problems: list[Problem]) -> dict[str, dict[str, 
                 (reader.line_num, {c: (v or "").strip() for c, v in zip(columns, row.values(), strict=False)})
                 for row in reader
             ]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+    except DataError as exc:  # missing, unreadable or not UTF-8
+        problems.append(Problem("bad_metadata", table, str(exc)))
+        return None
+    except csv.Error as exc:
         problems.append(_metadata_problem(table, f"cannot be read as a CSV file ({exc})"))
         return None
     rows: dict[str, dict[str, str]] = {}
     for line, row in lines:
-        key = row["file"].replace("\\", "/").removeprefix("./")
+        key = name_from_text(row["file"]).replace("\\", "/").removeprefix("./")
         if not key or not row["patient"]:
             problems.append(_metadata_problem(table, f"line {line} has an empty file or patient"))
         elif key in rows and rows[key]["patient"] != row["patient"]:
@@ -404,6 +422,25 @@ def _not_an_image(path: Path) -> Problem:
     )
 
 
+def _broken_link(link: Path) -> Problem:
+    return Problem(
+        "broken_link",
+        link,
+        f"{link} is a symbolic link to {os.readlink(link)}, which does not exist: it is not used "
+        "(mount or copy what it points to, or remove the link)",
+    )
+
+
+def _broken_links(folder: Path) -> list[Problem]:
+    """A problem for every symbolic link below `folder` whose target is missing (a scan left on an
+    unmounted drive, an export moved away): not used, and said so."""
+    return [
+        _broken_link(link)
+        for link in sorted(folder.rglob("*"))
+        if link.is_symlink() and not link.exists() and not _hidden(link, folder)
+    ]
+
+
 def _hidden(path: Path, below: Path) -> bool:
     return any(is_debris(part) for part in path.relative_to(below).parts)
 
@@ -446,7 +483,11 @@ def scan_dataset(
                     f"center {name!r} not found under {root} (centers found: {', '.join(sorted(known)) or 'none'})"
                 )
         folders = [d for d in folders if d.name in centers]
-    problems: list[Problem] = []
+    problems = [
+        _broken_link(entry)
+        for entry in sorted(root.iterdir())
+        if entry.is_symlink() and not entry.exists() and not is_debris(entry.name)
+    ]
     found: dict[str, CenterData] = {}
     skipped: dict[str, str] = {}
     for folder in folders:

@@ -5,14 +5,18 @@ OCT frames come as 8-bit PNG/JPEG/BMP or as 16-bit / float TIFF. Everything is t
 16-bit range) and grayscale is replicated to three channels, which is what CLIP expects.
 
 A multi-page TIFF is a volume: each page is one B-scan, named ``<file>#<page>`` (pages count from
-0), a path that every reader here accepts.
+0), a path that every reader here accepts. Files and the service's uploads are read by the same TIFF
+reader (``read_tiff``): uncompressed, PackBits, LZW, Deflate (zlib), JPEG and the other compressions
+``imagecodecs`` decodes, in strips or tiles; a file tifffile cannot parse is left to Pillow.
 """
 
 from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import tifffile
@@ -78,17 +82,44 @@ def volume_pages(files: list[Path]) -> list[Path]:
     return found
 
 
-def _read_page(file: Path, page: int, name: Path) -> np.ndarray:
+def read_tiff(
+    source: Path | BinaryIO,
+    name: str,
+    page: int | None = None,
+    check: Callable[[str, int, int], None] | None = None,
+) -> list[tuple[str, np.ndarray]] | None:
+    """The stored pixels of a TIFF file or upload, each with its scan name: the one image (`name`),
+    every page of a volume (``<name>#0``, ``<name>#1``, …) or only `page`. `check(scan name,
+    width, height)` sees each page's size before it is decoded (the service's pixel limits).
+
+    None when tifffile cannot parse the file, or cannot decode its only image (Pillow then reads
+    it); a page of a volume that cannot be decoded, or a page past its end, is an ImageDecodeError.
+    """
     try:
-        with tifffile.TiffFile(file) as tif:
-            pages = len(tif.series[0].pages) if tif.series else len(tif.pages)
-            if page >= pages:
-                raise ImageDecodeError(name, f"the volume has {pages} page(s) (0 to {pages - 1})")
-            return np.asarray(tif.series[0].pages[page].asarray())
-    except ImageDecodeError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - tifffile raises many kinds for a damaged file
-        raise ImageDecodeError(name, f"corrupt or truncated TIFF volume ({exc})") from None
+        tif = tifffile.TiffFile(source)
+    except Exception:  # noqa: BLE001 - tifffile raises many kinds for what it cannot parse
+        return None
+    with tif:
+        try:
+            pages = list(tif.series[0].pages) if tif.series else list(tif.pages[:1])
+            sizes = [(int(p.keyframe.imagewidth), int(p.keyframe.imagelength)) for p in pages]
+        except Exception:  # noqa: BLE001 - a damaged header
+            return None
+        count = len(pages)
+        if page is not None and page >= count:
+            raise ImageDecodeError(f"{name}#{page}", f"the volume has {count} page(s) (0 to {count - 1})")
+        found = []
+        for number in range(count) if page is None else [page]:
+            scan = name if count == 1 else f"{name}#{number}"
+            if check is not None:
+                check(scan, *sizes[number])
+            try:
+                found.append((scan, np.asarray(pages[number].asarray())))
+            except Exception as exc:  # noqa: BLE001 - tifffile and its codecs raise many kinds
+                if count == 1:
+                    return None
+                raise ImageDecodeError(scan, f"corrupt or truncated TIFF volume ({exc})") from None
+        return found
 
 
 def _read_raw(path: Path) -> np.ndarray:
@@ -99,13 +130,12 @@ def _read_raw(path: Path) -> np.ndarray:
         raise ImageDecodeError(name, "no such file")
     if path.stat().st_size == 0:
         raise ImageDecodeError(name, "the file is empty (0 bytes)")
-    if page is not None:
-        return _read_page(path, page, name)
-    if path.suffix.lower() in (".tif", ".tiff"):
-        try:
-            return np.asarray(tifffile.imread(path, key=0))
-        except Exception:  # noqa: BLE001 - fall back to Pillow, which reads some TIFFs tifffile rejects
-            pass
+    if page is not None or path.suffix.lower() in (".tif", ".tiff"):
+        found = read_tiff(path, str(path), page or 0)
+        if found is not None:
+            return found[0][1]
+        if page:
+            raise ImageDecodeError(name, "not a TIFF volume that can be read")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -161,7 +191,12 @@ def to_rgb(pixels: np.ndarray, path: Path) -> np.ndarray:
 def decode_image(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """A scan as (8-bit RGB array H×W×3, the pixel values as stored in the file)."""
     path = Path(path)
-    pixels = _read_raw(path)
+    return as_scan(_read_raw(path), path)
+
+
+def as_scan(pixels: np.ndarray, path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Stored pixels as a scan: (8-bit RGB array H×W×3, the pixels); `path` names it in errors."""
+    path = Path(path)
     if pixels.ndim == 3 and pixels.shape[0] in (1, 3, 4) and pixels.shape[2] > 4:
         pixels = np.moveaxis(pixels, 0, -1)  # channel-first TIFF
     rgb = to_rgb(to_uint8(pixels) if pixels.ndim == 2 else pixels, path)

@@ -10,6 +10,7 @@ collected and reported all at once.
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from savlt.classes import ClassMap
 from savlt.data.discover import DataError, scan_data
 from savlt.data.imageio import read_image
 from savlt.data.quality import check_scans
+from savlt.io import name_from_text, read_text
 
 # Listed in an error about unreadable images; the log has them all.
 LISTED = 10
@@ -36,8 +38,9 @@ class Pair:
 
 def read_pairs_csv(file: Path) -> list[Pair]:
     """The rows of a pairs CSV, checked for columns, empty texts and paths that leave its folder."""
+    text = read_text(file, "pairs file", DataError)
     try:
-        with file.open(newline="", encoding="utf-8-sig") as handle:
+        with io.StringIO(text, newline="") as handle:
             reader = csv.DictReader(handle)
             columns = reader.fieldnames or []
             missing = [c for c in ("file", "text") if c not in columns]
@@ -47,7 +50,7 @@ def read_pairs_csv(file: Path) -> list[Pair]:
                     f"{', '.join(columns) or 'none'}); the header must name file and text"
                 )
             rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+    except csv.Error as exc:
         raise DataError(f"cannot read pairs file {file}: {exc}") from None
     root = file.parent.resolve()
     pairs = []
@@ -57,7 +60,7 @@ def read_pairs_csv(file: Path) -> list[Pair]:
             raise DataError(f"pairs file {file}, line {number}: the file column is empty")
         if not text:
             raise DataError(f"pairs file {file}, line {number}: the text of {name} is empty")
-        path = (root / name).resolve()
+        path = (root / name_from_text(name)).resolve()
         if not path.is_relative_to(root):
             raise DataError(f"pairs file {file}, line {number}: {name} lies outside the file's folder {root}")
         pairs.append(Pair(path, text))

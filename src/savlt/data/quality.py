@@ -1,7 +1,8 @@
 """Checking scans before they are used: every file decodes, and every scan can be assessed.
 
-``check_scans`` decodes every scan (and its mask, when asked) in worker processes, with a progress
-bar, and returns one ``ScanCheck`` per scan: the problem that makes it unusable (empty, truncated,
+``check_scans`` decodes every scan (and its mask, when asked) in worker processes (started as
+``savlt.processes`` says, and stopped at once when the check is interrupted), with a progress bar,
+and returns one ``ScanCheck`` per scan: the problem that makes it unusable (empty, truncated,
 not an image, a bad mask) or, for a scan that decodes, why it cannot be assessed. ``savlt data
 check`` lists both; ``train`` and ``evaluate`` run it before the first step and stop with the full
 list of unreadable files; ``predict`` assesses each scan with ``assess``.
@@ -20,8 +21,8 @@ import os
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import cv2
@@ -32,6 +33,7 @@ from savlt.config import Config
 from savlt.data.discover import DataError, Problem
 from savlt.data.imageio import ImageDecodeError, decode_image, read_mask
 from savlt.data.masks import classical_tissue_mask
+from savlt.processes import stop_pool, worker_context, worker_started
 
 # Fewer scans than this are checked in this process: starting workers would cost more.
 PARALLEL_MIN = 64
@@ -139,7 +141,7 @@ def _check_item(item: tuple[Path, Path | None, Thresholds]) -> ScanCheck:
 
 def _worker_count(items: int) -> int:
     """Worker processes for `items` scans: 0 (this process) for a few scans or off Linux, where
-    worker processes cannot be forked safely; else one per core, at most MAX_WORKERS."""
+    nothing ends a worker whose parent died; else one per core, at most MAX_WORKERS."""
     if items < PARALLEL_MIN or not sys.platform.startswith("linux"):
         return 0
     cores = len(os.sched_getaffinity(0))
@@ -164,12 +166,24 @@ def check_scans(
                 bar.update(1)
             return results
         chunk = max(1, min(64, len(items) // (workers * 8)))
-        with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
+        pool = ProcessPoolExecutor(workers, worker_context(__name__), worker_started, (os.getpid(),))
+        try:
             results = []
             for result in pool.map(_check_item, items, chunksize=chunk):
                 results.append(result)
                 bar.update(1)
-            return results
+        except BrokenProcessPool:
+            stop_pool(pool)
+            raise DataError(
+                "the decode check's worker processes ended before they finished (killed, out of memory, "
+                'or started by a script that calls SAVLT outside `if __name__ == "__main__":`): see the '
+                "lines above"
+            ) from None
+        except BaseException:  # interrupted (or failed): no worker finishes its queue
+            stop_pool(pool)
+            raise
+        pool.shutdown()  # every result is in: the workers are idle and exit at once
+        return results
     finally:
         bar.close()
 

@@ -2,8 +2,10 @@
 
 Paths in split files are relative to the center folder (``images/cyst/a.png``), so a split travels
 with the data; paths relative to ``<center>/images/`` (``cyst/a.png``, the published code's split
-files, whose entries are ``[path, label, classname]``) are accepted too. Every path read from a file is checked to stay inside the center folder and to be
-one of the scanned images, and is reported by name otherwise.
+files, whose entries are ``[path, label, classname]``) are accepted too; a file name that is not
+UTF-8 is written and read as ``savlt.io.plain_text`` writes it. Every path read from a file is
+checked to stay inside the center folder and to be one of the scanned images, and is reported by
+name otherwise.
 
 By patient (``by_patient``): the scans of one patient (``ImageRecord.patient_id``: the patient, else
 the volume, else the scan) stay together in one part, and the K shots of a class are spread over as
@@ -24,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from savlt.data.discover import CenterData, DataError, ImageRecord
+from savlt.io import name_from_text, read_text
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +202,7 @@ def _checked_rel(raw: Any, center: CenterData, known: dict[str, ImageRecord], fi
         raw = raw[0]
     if not isinstance(raw, str) or not raw:
         raise DataError(f"split file {file}: entry {raw!r} in {part!r} is not a path")
-    text = raw.replace("\\", "/")
+    text = name_from_text(raw).replace("\\", "/")
     if PurePosixPath(text).is_absolute() or os.path.isabs(raw):
         raise DataError(
             f"split file {file}: path {raw!r} in {part!r} must be relative to the center folder {center.root}"
@@ -224,12 +227,10 @@ def _checked_rel(raw: Any, center: CenterData, known: dict[str, ImageRecord], fi
 
 def load_split(file: str | Path, center: CenterData) -> Split:
     """Read a user split JSON ({"train": [...], "val": [...], "test": [...]}) and check every path."""
-    file = Path(file)
+    text = read_text(file, "split file", DataError)
     try:
-        data = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise DataError(f"split file {file} does not exist") from None
-    except ValueError as exc:  # not JSON, or not text at all
+        data = json.loads(text)
+    except ValueError as exc:
         raise DataError(f"split file {file} is not valid JSON: {exc}") from None
     if not isinstance(data, dict) or not all(isinstance(data.get(p, []), list) for p in PARTS):
         raise DataError(f"split file {file} must be an object with lists 'train', 'val' and 'test'")
@@ -309,12 +310,11 @@ def sample_few_shot(
 
 
 def load_few_shot(file: Path, center: CenterData) -> FewShot:
+    text = read_text(file, "few-shot file", DataError)
     try:
-        data = json.loads(Path(file).read_text())
+        data = json.loads(text)
         entries = {p: list(data[p]) for p in ("train", "val")}
         shots, seed = int(data["shots"]), int(data["seed"])
-    except FileNotFoundError:
-        raise DataError(f"few-shot file {file} does not exist") from None
     except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not a few-shot list
         raise DataError(f"few-shot file {file} is corrupt ({type(exc).__name__}: {exc})") from None
     known = center.by_rel()

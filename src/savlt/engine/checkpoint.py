@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save
 
 from savlt.errors import SavltError
 from savlt.io import atomic_path, state_mismatch
@@ -35,8 +35,9 @@ def save_checkpoint(model: SavltModel, path: str | Path, backbone_name: str, met
         "fingerprint": model.clip_model.fingerprint(),
         "method": method,
     }
+    data = save(trainable_state(model), metadata=metadata)  # written by Python: a full disk is named
     with atomic_path(path) as tmp:
-        save_file(trainable_state(model), str(tmp), metadata=metadata)
+        tmp.write_bytes(data)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

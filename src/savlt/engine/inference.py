@@ -6,14 +6,16 @@ Each process scores a contiguous shard of the records and the results are gather
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from savlt.config import Config
@@ -22,6 +24,7 @@ from savlt.data.discover import ImageRecord
 from savlt.data.masks import MaskStore
 from savlt.data.transforms import eval_transform, normalization
 from savlt.models.savlt import SavltModel
+from savlt.processes import start_worker_server, worker_context, worker_started
 
 
 @dataclass
@@ -34,15 +37,24 @@ class Inference:
     fallback: np.ndarray  # (N,) bool
 
 
-def loader_for(
-    dataset: OCTDataset, cfg: Config, batch_size: int, device: torch.device, **kwargs
-) -> DataLoader:
+def start_loader_workers(cfg: Config, dataset: type[Dataset]) -> None:
+    """When the data loaders use worker processes (``data.num_workers``), start the fork server
+    they come from now (see ``savlt.processes``): it imports torch and `dataset`'s module once,
+    while this process reads the data, and the decode check's workers come from it too."""
+    if cfg.data.num_workers:
+        start_worker_server(dataset.__module__)
+
+
+def loader_for(dataset: Dataset, cfg: Config, batch_size: int, device: torch.device, **kwargs) -> DataLoader:
+    workers = cfg.data.num_workers
     return DataLoader(
         dataset,
         batch_size=batch_size if "batch_sampler" not in kwargs else 1,
-        num_workers=cfg.data.num_workers,
+        num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
+        multiprocessing_context=worker_context(type(dataset).__module__) if workers else None,
+        worker_init_fn=partial(worker_started, os.getpid()) if workers else None,
         **kwargs,
     )
 

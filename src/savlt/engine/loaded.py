@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -13,13 +14,22 @@ import numpy as np
 import torch
 
 from savlt.config import load_config
+from savlt.data.dataset import OCTDataset
 from savlt.data.imageio import ImageDecodeError, decode_image, tiff_pages
 from savlt.data.quality import Thresholds, assess
 from savlt.data.transforms import eval_transform, normalization
-from savlt.engine.calibration import REFERRAL, load_calibration
+from savlt.engine.calibration import (
+    REFERRAL,
+    SET_SEPARATOR,
+    UNCALIBRATED_RULE,
+    delivered_logits,
+    load_calibration,
+    referrals,
+)
 from savlt.engine.checkpoint import load_checkpoint
+from savlt.engine.inference import start_loader_workers
 from savlt.engine.inputs import reload_inputs
-from savlt.engine.metrics import high_risk_log_odds, high_risk_mask, probabilities
+from savlt.engine.metrics import high_risk_mask, probabilities
 from savlt.engine.rundir import (
     RunPaths,
     build_model,
@@ -32,13 +42,27 @@ from savlt.engine.rundir import (
     tissue_masks,
     write_run_report,
 )
+from savlt.engine.runfolder import calibration_required, claim_evaluation_folder
 from savlt.errors import SavltError
-from savlt.io import progress_batches, writable_folder, write_csv
-from savlt.report.plots import heatmap_png
+from savlt.io import (
+    OutputError,
+    atomic_path,
+    check_outside_data,
+    contains,
+    progress_batches,
+    writable_file,
+    writable_folder,
+    write_csv,
+    write_json,
+)
+from savlt.report.plots import heatmap_png, heatmap_title, is_heatmap_png
 
 # A decoded scan: (8-bit H×W×3 RGB, the pixel values as stored).
 Decoded = tuple[np.ndarray, np.ndarray]
 HEATMAPS_NEED_ATTENTION = "heat maps need attention pooling; this run uses model.pooling=cls"
+HEATMAP_FOLDER = "heat-map folder (--heatmap)"
+# How every predictions CSV of ``savlt predict --csv`` begins: how SAVLT recognises one it wrote.
+PREDICTION_CSV_START = ("path", "predicted", "p_high_risk")
 
 
 @dataclass
@@ -66,8 +90,14 @@ class Prediction:
     reason: str | None = None  # why the scan cannot be assessed
     error: str | None = None  # why the file cannot be read
     calibrated: bool = False  # probabilities scaled by the run's temperature (calibration.json)
-    referral: str | None = None  # "refer" / "no referral" at the run's threshold; None: no threshold
-    referral_threshold: float | None = None  # on high_risk_probability
+    # The screen by the run's rule (refer when the predicted class is high-risk or p(high-risk)
+    # reaches the threshold): "refer" / "no referral"; None: no diagnosis.
+    referral: str | None = None
+    referral_threshold: float | None = None  # the threshold in use, on high_risk_probability
+    operating_point_established: bool | None = None  # False: the screen fell back to the predicted class
+    referral_rule: str | None = None  # the rule applied, in words (and why it fell back)
+    prediction_set: list[str] | None = None  # the classes not ruled out at the run's coverage
+    logits: dict[str, float] | None = None  # the model's class logits, before the temperature
 
     @classmethod
     def without_diagnosis(cls, path: str, reason: str | None = None, error: str | None = None) -> Prediction:
@@ -89,7 +119,8 @@ class Run:
         self.model, self.backbone_name = build_model(self.cfg, self.accelerator.device)
         load_checkpoint(self.model, self.paths.checkpoint)
         self.model.eval()
-        self.calibration = load_calibration(self.paths.calibration)  # None: a run made before it existed
+        # None: a run made before calibration existed; a calibrated run's missing file is an error
+        self.calibration = load_calibration(self.paths.calibration, calibration_required(self.paths))
         self.masks = tissue_masks(self.cfg, self.accelerator.device)
         stats = normalization(self.cfg.data.normalize, self.model.clip_model.normalization)
         self.transform = eval_transform(self.cfg.data.image_size, stats)
@@ -105,39 +136,49 @@ class Run:
         centers: list[str] | None = None,
         out: str | Path | None = None,
         progress: bool = True,
+        overwrite: bool = False,
     ) -> dict[str, Any]:
         """Re-score the run (internal test split + external centers) on a data root; on another
-        hospital's export (a root without the training center) only its own centers are scored."""
+        hospital's export (a root without the training center) only its own centers are scored.
+        `out` (default RUN/evaluation) follows the run-folder rules (``claim_evaluation_folder``):
+        missing, empty or an evaluation of this run, which is replaced; `overwrite` replaces
+        another SAVLT run or evaluation folder."""
         cfg = self.cfg
         if data_root is not None:
             cfg = load_config(self.paths.config, values={"data.root": Path(data_root)})
+        start_loader_workers(cfg, OCTDataset)
         target = RunPaths(out or self.paths.root / "evaluation")
-        writable_folder(target.root, "evaluation folder (--out)")
-        inputs = reload_inputs(cfg, self.paths.split, self.paths.few_shot, centers)
-        sets = inputs.eval_sets()
-        if centers is not None:
-            sets = {c: r for c, r in sets.items() if c in centers}
-        header = run_header(cfg, self.backbone_name, inputs, self.masks, self.calibration)
-        with log_to(target.root / "evaluate.log", self.accelerator.is_main_process):
-            records = [r for center in sets.values() for r in center]
-            check = partial(check_images, cfg, records, progress, "nothing was scored")
-            unassessable = on_main(self.accelerator, check, share=True) or {}
-            metrics, results = score_sets(
-                self.model,
-                sets,
-                cfg,
-                self.accelerator,
-                self.masks,
-                target,
-                header,
-                progress,
-                unassessable,
-                self.calibration,
-                inputs.patient_sources(),
-            )
-            if self.accelerator.is_main_process:
-                title = f"SAVLT evaluation: {self.paths.root.name}"
-                write_run_report(target.root, metrics, results, cfg, [], title, self.calibration)
+        main = self.accelerator.is_main_process
+        with ExitStack() as hold:  # the main process holds the folder's lock for the whole evaluation
+            claim = claim_evaluation_folder(target, self.paths.root, cfg, self.cfg.data.root, overwrite)
+            on_main(self.accelerator, lambda: hold.enter_context(claim))
+            inputs = reload_inputs(cfg, self.paths.split, self.paths.few_shot, centers)
+            sets = inputs.eval_sets()
+            if centers is not None:
+                sets = {c: r for c, r in sets.items() if c in centers}
+            header = run_header(cfg, self.backbone_name, inputs, self.masks, self.calibration)
+            with log_to(target.root / "evaluate.log", main):
+                records = [r for center in sets.values() for r in center]
+                check = partial(check_images, cfg, records, progress, "nothing was scored")
+                unassessable = on_main(self.accelerator, check, share=True) or {}
+                metrics, results = score_sets(
+                    self.model,
+                    sets,
+                    cfg,
+                    self.accelerator,
+                    self.masks,
+                    target,
+                    header,
+                    progress,
+                    unassessable,
+                    self.calibration,
+                    inputs.patient_sources(),
+                )
+                if main:
+                    title = f"SAVLT evaluation: {self.paths.root.name}"
+                    write_run_report(target.root, metrics, results, cfg, [], title, self.calibration)
+                    metrics["complete"] = True  # as a run's: a stopped evaluation never looks finished
+                    write_json(target.metrics, metrics)
         return metrics
 
     @torch.no_grad()
@@ -152,13 +193,17 @@ class Run:
         """Class, probabilities, high-risk probability and ROI of each scan (path, a page of a
         volume as ``<file>#<page>``, an 8-bit H×W[×3] array, or a decoded scan as (8-bit H×W×3 RGB,
         its stored pixel values), which is assessed on the stored values as a file is), in the
-        order given. The probabilities
-        are calibrated with the run's temperature, and ``referral`` says "refer" when the
-        high-risk probability reaches the run's threshold (see ``savlt.engine.calibration``). A
-        scan that cannot be assessed gets no diagnosis (``assessable`` false, with the reason);
+        order given. The probabilities are calibrated with the run's temperature; ``referral``
+        follows the run's rule (refer when the predicted class is high-risk, or when the high-risk
+        probability reaches the threshold of an established operating point), said in words in
+        ``referral_rule``; ``prediction_set`` holds the classes not ruled out (see
+        ``savlt.engine.calibration``). A scan that cannot be assessed gets no diagnosis (``assessable`` false, with the reason);
         with `skip_unreadable`, a file that cannot be read comes back with its ``error`` instead of
         stopping the others. It is `prepare` for each scan, then `diagnose` for each batch."""
-        self._heatmap_folder(heatmap_dir)  # before any scan is read
+        folder = self._heatmap_folder(heatmap_dir)  # before any scan is read
+        if folder is not None:
+            for position, item in enumerate(images):
+                check_heatmap_file(heatmap_file(folder, position, scan_name(item, position)))
         done: list[Prediction] = []
         for chunk in progress_batches(list(enumerate(images)), batch_size, "predicting", progress):
             prepared = [
@@ -183,7 +228,7 @@ class Run:
         array, ``array-<position>``, and the scan's heat-map file); `name` (default: the path, or
         that array name) is the result's ``path``."""
         is_file = isinstance(item, str | Path)
-        name = name or (str(item) if is_file else f"array-{position}")
+        name = name or scan_name(item, position)
         try:
             rgb, raw = _decoded(item, position)
         except ImageDecodeError as exc:
@@ -204,18 +249,21 @@ class Run:
         """One forward pass over prepared scans, their predictions in the same order; the heat maps
         (with `heatmap_dir`) are written there as ``<position>_<stem>_heatmap.png``."""
         folder = self._heatmap_folder(heatmap_dir)
-        files = (
-            [folder / f"{r.position:04d}_{Path(r.name).stem}_heatmap.png" for r in ready] if folder else []
-        )
+        files = [heatmap_file(folder, r.position, r.name) for r in ready] if folder else []
         if len(set(files)) < len(files):  # never overwrite one scan's heat map with another's
             clash = next(f for f in files if files.count(f) > 1)
             raise SavltError(
                 f"two scans would write the heat map {clash}: prepare them with distinct positions"
             )
+        for file in files:
+            check_heatmap_file(file)
         predictions, attention = self.diagnose_with_attention(ready)
         if files and attention is not None:
             for item, prediction, weights, file in zip(ready, predictions, attention, files, strict=True):
-                heatmap_png(item.rgb, weights, prediction.roi_box, file)  # type: ignore[arg-type]
+                predicted = str(prediction.predicted)
+                title = heatmap_title(item.name, predicted, prediction.probabilities[predicted])
+                with atomic_path(file) as tmp:
+                    heatmap_png(item.rgb, weights, prediction.roi_box, tmp, title)  # type: ignore[arg-type]
                 prediction.heatmap = str(file)
         return predictions
 
@@ -239,8 +287,10 @@ class Run:
             out = self.model(pixels, mask)
             logits = self.model.logits(out).float().cpu().numpy()
         calibration = self.calibration
-        probs = probabilities(logits) if calibration is None else calibration.probabilities(logits)
-        refer = None if calibration is None else calibration.refer(high_risk_log_odds(probs, risk))
+        probs = probabilities(delivered_logits(calibration, logits))
+        refer = referrals(calibration, probs, risk)
+        sets = None if calibration is None else calibration.prediction_sets(logits)
+        op = {} if calibration is None else calibration.operating_point()
         boxes, fallback = out.boxes.cpu().tolist(), out.fallback.cpu().tolist()
         attention = None
         if out.attention is not None:
@@ -255,8 +305,14 @@ class Run:
                 roi_box=tuple(boxes[i]),  # type: ignore[arg-type]
                 roi_fallback=bool(fallback[i]),
                 calibrated=calibration is not None,
-                referral=None if refer is None else REFERRAL[bool(refer[i])],
-                referral_threshold=None if refer is None else calibration.threshold,
+                referral=REFERRAL[bool(refer[i])],
+                referral_threshold=op.get("threshold"),
+                operating_point_established=op.get("established"),
+                referral_rule=op.get("rule", UNCALIBRATED_RULE),
+                prediction_set=None
+                if sets is None
+                else [n for n, chosen in zip(self.class_names, sets[i], strict=True) if chosen],
+                logits={n: float(z) for n, z in zip(self.class_names, logits[i], strict=True)},
             )
             for i, item in enumerate(ready)
         ]
@@ -267,13 +323,34 @@ class Run:
         ready.pixels, ready.mask = out["image"], out["mask"]
 
     def _heatmap_folder(self, heatmap_dir: str | Path | None) -> Path | None:
-        """The heat-map folder, checked (and made) before any work; None without one."""
+        """The heat-map folder, checked (and made) before any work; None without one. It may not
+        lie in the run's data root: heat maps there would be taken for scans."""
         if heatmap_dir is None:
             return None
         if self.model.pool is None:
             raise SavltError(HEATMAPS_NEED_ATTENTION)
-        writable_folder(heatmap_dir, "heat-map folder (--heatmap)")
+        check_outside_data(heatmap_dir, [self.cfg.data.root], HEATMAP_FOLDER, holding=False)
+        writable_folder(heatmap_dir, HEATMAP_FOLDER)
         return Path(heatmap_dir)
+
+
+def scan_name(item: str | Path | np.ndarray | Decoded, position: int) -> str:
+    """The name a scan's prediction carries: its path, or for an array ``array-<position>``."""
+    return str(item) if isinstance(item, str | Path) else f"array-{position}"
+
+
+def heatmap_file(folder: Path, position: int, name: str) -> Path:
+    """Where the heat map of the scan `name`, number `position` of those predicted, is written."""
+    return folder / f"{position:04d}_{Path(name).stem}_heatmap.png"
+
+
+def check_heatmap_file(file: Path) -> None:
+    """Refuse to write the heat map `file` over a file that is not a heat map SAVLT wrote."""
+    if (file.exists() or file.is_symlink()) and not is_heatmap_png(file):
+        raise OutputError(
+            f"{HEATMAP_FOLDER}: {file} exists and is not a heat map SAVLT wrote; SAVLT never replaces a "
+            "file it did not write: move it, or choose another folder"
+        )
 
 
 def _decoded(item: str | Path | np.ndarray | Decoded, position: int) -> Decoded:
@@ -308,9 +385,7 @@ def write_prediction_csv(
 ) -> None:
     """The predictions as a CSV file (``savlt predict --csv``): one row per image, read or not."""
     header = [
-        "path",
-        "predicted",
-        "p_high_risk",
+        *PREDICTION_CSV_START,
         *(f"p_{n}" for n in class_names),
         "roi_x0",
         "roi_y0",
@@ -322,6 +397,9 @@ def write_prediction_csv(
         "error",
         "heatmap",
         "referral",
+        "operating_point_established",
+        "prediction_set",
+        *(f"logit_{n}" for n in class_names),
     ]
     rows = (
         [
@@ -336,10 +414,42 @@ def write_prediction_csv(
             p.error or "",
             p.heatmap or "",
             p.referral or "",
+            "" if p.operating_point_established is None else int(p.operating_point_established),
+            "" if p.prediction_set is None else SET_SEPARATOR.join(p.prediction_set),
+            *(f"{p.logits[n]:.9g}" if p.logits else "" for n in class_names),
         ]
         for p in predictions
     )
     write_csv(path, header, rows)
+
+
+def is_prediction_csv(path: Path) -> bool:
+    """Whether `path` is a predictions CSV SAVLT wrote: a file (no link) whose header begins with
+    PREDICTION_CSV_START."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    start = ",".join(PREDICTION_CSV_START).encode() + b","
+    try:
+        with path.open("rb") as handle:
+            return handle.read(len(start)) == start
+    except OSError:
+        return False
+
+
+def check_prediction_csv(path: Path, inputs: Sequence[str | Path], data_root: str | Path | None) -> None:
+    """Refuse, before any scan is read, to write the predictions CSV `path` over one of the
+    `inputs`, into the data root, or over any file that is not a predictions CSV SAVLT wrote."""
+    what = "CSV file (--csv)"
+    if any(contains(path, item) for item in inputs):
+        raise OutputError(f"{what} {path} is one of the scans to predict: choose another file name")
+    check_outside_data(path, [data_root], what, holding=False)
+    if (path.exists() or path.is_symlink()) and not path.is_dir() and not is_prediction_csv(path):
+        raise OutputError(
+            f"{what} {path} exists and is not a predictions CSV SAVLT wrote (its first line does not begin "
+            f"{','.join(PREDICTION_CSV_START)},…); SAVLT never replaces a file it did not write: choose "
+            "another file name"
+        )
+    writable_file(path, what)
 
 
 def load_run(folder: str | Path, device: str | None = None) -> Run:

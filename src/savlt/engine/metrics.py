@@ -1,4 +1,4 @@
-"""Per-center metrics with bootstrap confidence intervals; undefined metrics are None, never a crash.
+"""Per-center metrics with confidence intervals; undefined metrics are None, never a crash.
 
 5-class: accuracy, macro-F1 (over the classes present in the ground truth), confusion matrix.
 Binary high-risk screen (positive classes chosen by name): a scan screens positive when its
@@ -6,9 +6,14 @@ predicted class is high-risk; the AUC ranks scans by ``risk_scores``: the probab
 high-risk classes (as float64 log-odds, so that confident scans do not tie at 1.0) or, as the
 published code, Σ high-risk logits − Σ other logits (``eval.auc_score``).
 Sensitivity, specificity, PPV and NPV are None when their denominator is empty, AUC when only
-one binary class is present. Intervals: percentile bootstrap (seeded) over scans, or over patients
-when some patient has several scans (its scans are not independent); resamples in which a metric
-is undefined are left out of that metric's interval.
+one binary class is present.
+
+Intervals. Proportions (accuracy, sensitivity, specificity, PPV, NPV, coverage) get Wilson score
+intervals, which stay honest at 0/n and n/n where a percentile bootstrap collapses to a point;
+when some patient has several scans (not independent), the Wilson interval is taken at the
+effective sample size that the patients' spread implies (``proportion_interval``). AUC and
+macro-F1 get percentile-bootstrap intervals (seeded), resampling scans or, when some patient has
+several scans, patients; resamples in which a metric is undefined are left out of its interval.
 
 Per patient: the scans' class probabilities are aggregated (their mean, or those of the scan with
 the highest high-risk probability); a patient is high-risk when any of its scans is, and its class
@@ -20,14 +25,13 @@ width bins.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from scipy.special import logsumexp, softmax
-from scipy.stats import rankdata
+from scipy.stats import norm, rankdata
 
-BINARY_KEYS = ("accuracy", "auc", "sensitivity", "specificity", "ppv", "npv")
-SCREEN_KEYS = ("sensitivity", "specificity", "ppv", "npv")
 ECE_BINS = 10
 
 
@@ -77,15 +81,9 @@ def risk_scores(logits: np.ndarray, high_risk: np.ndarray, kind: str = "probabil
 
 def screen_metrics(positive: np.ndarray, flagged: np.ndarray) -> dict[str, float | None]:
     """Sensitivity, specificity, PPV and NPV of a screen (truth and call, (N,) bool each)."""
-    tp = int((positive & flagged).sum())
-    tn = int((~positive & ~flagged).sum())
-    fp = int((~positive & flagged).sum())
-    fn = int((positive & ~flagged).sum())
     return {
-        "sensitivity": _ratio(tp, tp + fn),
-        "specificity": _ratio(tn, tn + fp),
-        "ppv": _ratio(tp, tp + fp),
-        "npv": _ratio(tn, tn + fn),
+        key: _ratio(int((hit & used).sum()), int(used.sum()))
+        for key, (hit, used) in screen_proportions(positive, flagged).items()
     }
 
 
@@ -109,12 +107,116 @@ def point_metrics(
     }
 
 
-def _interval(values: list[float | None], level: float) -> list[float] | None:
+def _percentile_interval(values: list[float | None], level: float) -> list[float] | None:
     kept = np.array([v for v in values if v is not None], dtype=float)
     if kept.size == 0:
         return None
     tail = (1 - level) / 2 * 100
     return [float(np.percentile(kept, tail)), float(np.percentile(kept, 100 - tail))]
+
+
+def wilson_interval(successes: float, trials: float, level: float) -> list[float] | None:
+    """The Wilson score interval of the proportion successes / trials at `level` (trials may be an
+    effective, non-integer sample size); None without trials. At 0/n it is [0, u] with u > 0, at
+    n/n [l, 1] with l < 1: never the single point a percentile bootstrap gives there."""
+    if trials <= 0:
+        return None
+    z = float(norm.ppf(0.5 + level / 2))
+    p = successes / trials
+    shrink = 1 + z * z / trials
+    center = (p + z * z / (2 * trials)) / shrink
+    half = z / shrink * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))
+    low = 0.0 if successes <= 0 else max(0.0, float(center - half))
+    high = 1.0 if successes >= trials else min(1.0, float(center + half))
+    return [low, high]
+
+
+@dataclass(frozen=True)
+class Patients:
+    """The patient of each scan of a set in which some patient has several scans, and how alike
+    the scans of one patient are (``scan_correlation``): what the intervals take into account."""
+
+    ids: np.ndarray
+    correlation: float
+
+
+def intraclass_correlation(values: np.ndarray, ids: np.ndarray) -> float | None:
+    """The one-way ANOVA estimate of the intraclass correlation of `values` ((N,) or (N, K), the
+    columns' sums of squares added) between the scans of one patient (`ids`), clipped to [0, 1];
+    None when it cannot be estimated (fewer than two patients, no patient with two scans, or no
+    spread at all)."""
+    values = np.asarray(values, dtype=np.float64).reshape(len(ids), -1)
+    _, patient = np.unique(np.asarray(ids), return_inverse=True)
+    n, k = len(patient), int(patient.max()) + 1 if len(patient) else 0
+    if k < 2 or k == n:
+        return None
+    sizes = np.bincount(patient).astype(np.float64)
+    sums = np.zeros((k, values.shape[1]))
+    np.add.at(sums, patient, values)
+    means = sums / sizes[:, None]
+    between = (sizes[:, None] * (means - values.mean(axis=0)) ** 2).sum() / (k - 1)
+    within = ((values - means[patient]) ** 2).sum() / (n - k)
+    typical = (n - (sizes**2).sum() / n) / (k - 1)  # the mean patient size, adjusted for imbalance
+    denominator = between + (typical - 1) * within
+    if denominator <= 0:
+        return None
+    return float(np.clip((between - within) / denominator, 0.0, 1.0))
+
+
+def scan_patients(
+    groups: Sequence[str] | np.ndarray | None, labels: np.ndarray, probs: np.ndarray
+) -> Patients | None:
+    """The patients of a set's scans for its intervals; None when every scan is its own patient.
+    How alike a patient's scans are is the larger of two intraclass correlations, whichever can be
+    estimated: of whether each scan is classified right, and of its class probabilities (1 when
+    neither can: every scan of a patient is then taken to say the same)."""
+    if groups is None:
+        return None
+    ids = np.asarray(groups)
+    if len(np.unique(ids)) == len(ids):
+        return None
+    estimates = [
+        intraclass_correlation(probs.argmax(axis=1) == labels, ids),
+        intraclass_correlation(probs, ids),
+    ]
+    known = [e for e in estimates if e is not None]
+    return Patients(ids, max(known) if known else 1.0)
+
+
+def proportion_interval(
+    hit: np.ndarray, used: np.ndarray, patients: Patients | None, level: float
+) -> list[float] | None:
+    """Interval of the proportion of `hit` among the scans where `used` ((N,) bool each).
+
+    Independent scans (no `patients`): the Wilson interval. Patients with several scans: the
+    Wilson interval at the effective sample size n / deff, with the design effect
+    deff = 1 + (m − 1)·ρ, where m = Σ m_i² / Σ m_i is the size-weighted mean number of scans per
+    patient among the used scans and ρ the set's intraclass correlation (``scan_patients``). At
+    ρ = 1 this is Kish's effective size (Σ m_i)² / Σ m_i², the number of patients when each has as
+    many scans; at ρ = 0, the plain Wilson interval. The effective size does not depend on the
+    hits, so the interval moves monotonically with them and never collapses at 0 or 1."""
+    hit, used = np.asarray(hit, dtype=bool), np.asarray(used, dtype=bool)
+    n = int(used.sum())
+    if n == 0:
+        return None
+    successes = int((hit & used).sum())
+    if patients is None:
+        return wilson_interval(successes, n, level)
+    _, patient = np.unique(patients.ids[used], return_inverse=True)
+    scans = np.bincount(patient).astype(np.float64)
+    effective = n / (1 + ((scans**2).sum() / n - 1) * patients.correlation)
+    return wilson_interval(successes / n * effective, effective, level)
+
+
+def screen_proportions(positive: np.ndarray, flagged: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(hit, used) per scan of each screen metric of `screen_metrics`: the metric is the share of
+    `hit` among the scans `used` (its denominator)."""
+    return {
+        "sensitivity": (flagged, positive),
+        "specificity": (~flagged, ~positive),
+        "ppv": (positive, flagged),
+        "npv": (~positive, ~flagged),
+    }
 
 
 def resample_indices(
@@ -137,7 +239,7 @@ def resample_indices(
     return np.split(order[flat], bounds)
 
 
-def bootstrap_intervals(
+def metric_intervals(
     labels: np.ndarray,
     probs: np.ndarray,
     high_risk: np.ndarray,
@@ -145,18 +247,46 @@ def bootstrap_intervals(
     resamples: int,
     level: float,
     seed: int,
-    groups: np.ndarray | None = None,
+    patients: Patients | None = None,
 ) -> dict[str, Any]:
-    """Percentile intervals of every metric of `point_metrics`, resampling scans or, with
-    `groups`, patients (see `resample_indices`)."""
-    rng = np.random.default_rng(seed)
-    draws = [
-        point_metrics(labels[idx], probs[idx], high_risk, score[idx])
-        for idx in resample_indices(groups, len(labels), resamples, rng)
-    ]
-    out: dict[str, Any] = {key: _interval([d[key] for d in draws], level) for key in ("accuracy", "macro_f1")}
-    out["binary"] = {key: _interval([d["binary"][key] for d in draws], level) for key in BINARY_KEYS}
-    return out
+    """Intervals of every metric of `point_metrics`: Wilson (cluster-adjusted with `patients`) for
+    the proportions, and percentile bootstrap for macro-F1 and the AUC (resampling scans or,
+    with `patients`, patients; None for both when `resamples` is 0)."""
+    preds = probs.argmax(axis=1)
+    positive, flagged = high_risk[labels], high_risk[preds]
+    every = np.ones(len(labels), dtype=bool)
+    boot: dict[str, list[float | None]] = {"macro_f1": [], "auc": []}
+    if resamples > 0:
+        rng = np.random.default_rng(seed)
+        ids = None if patients is None else patients.ids
+        for idx in resample_indices(ids, len(labels), resamples, rng):
+            boot["macro_f1"].append(macro_f1(labels[idx], preds[idx], probs.shape[1]))
+            boot["auc"].append(auc_score(positive[idx], score[idx]))
+    return {
+        "accuracy": proportion_interval(preds == labels, every, patients, level),
+        "macro_f1": _percentile_interval(boot["macro_f1"], level),
+        "binary": {
+            "accuracy": proportion_interval(positive == flagged, every, patients, level),
+            "auc": _percentile_interval(boot["auc"], level),
+            **screen_intervals(positive, flagged, patients, level),
+        },
+    }
+
+
+def interval_methods(patients: Patients | None, resamples: int) -> dict[str, Any]:
+    """How a center's intervals were computed, in words (metrics.json's "interval_methods"), with
+    the intraclass correlation behind the effective sample sizes when patients have several scans."""
+    unit = "scans" if patients is None else "patients"
+    methods: dict[str, Any] = {
+        "proportions": "Wilson score"
+        if patients is None
+        else f"Wilson score, at the effective sample size of the patients (intraclass correlation "
+        f"{patients.correlation:.2f})",
+        "auc_macro_f1": f"percentile bootstrap over {unit}, {resamples} resamples" if resamples else "none",
+    }
+    if patients is not None:
+        methods["intraclass_correlation"] = patients.correlation
+    return methods
 
 
 def center_metrics(
@@ -171,8 +301,10 @@ def center_metrics(
     groups: Sequence[str] | np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Every metric of one center from its class logits (N, C), in the metrics.json layout
-    (fractions in [0, 1]); the intervals resample patients when `groups` (a patient id per scan)
-    puts some scans together."""
+    (fractions in [0, 1]), with intervals (``metric_intervals``) that take the patients into
+    account when `groups` (a patient id per scan) puts some scans together. The logits are those
+    whose softmax is delivered (calibrated ones, logits / T, for a calibrated run), so every metric
+    can be recomputed from the delivered probabilities."""
     labels = np.asarray(labels, dtype=np.int64)
     if len(labels) == 0:
         raise ValueError("no predictions to score")
@@ -188,16 +320,10 @@ def center_metrics(
         **point_metrics(labels, probs, risk, score),
         "confusion": confusion.tolist(),
     }
-    result[ci_key(level)] = (
-        bootstrap_intervals(labels, probs, risk, score, resamples, level, seed, _ids(groups))
-        if resamples > 0
-        else None
-    )
+    patients = scan_patients(groups, labels, probs)
+    result[ci_key(level)] = metric_intervals(labels, probs, risk, score, resamples, level, seed, patients)
+    result["interval_methods"] = interval_methods(patients, resamples)
     return result
-
-
-def _ids(groups: Sequence[str] | np.ndarray | None) -> np.ndarray | None:
-    return None if groups is None else np.asarray(groups)
 
 
 def ci_key(level: float) -> str:
@@ -217,22 +343,24 @@ def high_risk_log_odds(probs: np.ndarray, high_risk: np.ndarray) -> np.ndarray:
 
 
 def screen_intervals(
-    positive: np.ndarray,
-    flagged: np.ndarray,
-    groups: np.ndarray | None,
-    resamples: int,
-    level: float,
-    seed: int,
-) -> dict[str, list[float] | None] | None:
-    """Percentile intervals of `screen_metrics`, resampling scans or patients; None without resamples."""
-    if resamples <= 0:
-        return None
-    rng = np.random.default_rng(seed)
-    draws = [
-        screen_metrics(positive[idx], flagged[idx])
-        for idx in resample_indices(groups, len(positive), resamples, rng)
-    ]
-    return {key: _interval([d[key] for d in draws], level) for key in SCREEN_KEYS}
+    positive: np.ndarray, flagged: np.ndarray, patients: Patients | None, level: float
+) -> dict[str, list[float] | None]:
+    """Intervals of `screen_metrics` (``proportion_interval``: Wilson, cluster-adjusted with `patients`)."""
+    return {
+        key: proportion_interval(hit, used, patients, level)
+        for key, (hit, used) in screen_proportions(positive, flagged).items()
+    }
+
+
+def referred(probs: np.ndarray, high_risk: np.ndarray, threshold_log_odds: float | None) -> np.ndarray:
+    """(N,) bool: the referral of each scan (or patient) from its calibrated class probabilities
+    (N, C). The rule: refer when the predicted class (the argmax) is high-risk, or when the
+    high-risk log-odds reach the referral threshold (when there is one). So the screen never
+    contradicts the diagnosis: a scan diagnosed high-risk is always referred."""
+    flagged = high_risk[np.asarray(probs).argmax(axis=1)]
+    if threshold_log_odds is not None:
+        flagged = flagged | (high_risk_log_odds(probs, high_risk) >= threshold_log_odds)
+    return flagged
 
 
 # ------------------------------------------------------------------------------ patients
@@ -268,6 +396,7 @@ def patient_metrics(
     groups: np.ndarray,
     high_risk: np.ndarray,
     how: str = "mean",
+    screen: bool = False,
     threshold: float | None = None,
     resamples: int = 1000,
     level: float = 0.95,
@@ -275,21 +404,21 @@ def patient_metrics(
 ) -> dict[str, Any]:
     """metrics.json's "patient" block: the patients' accuracy and binary screen (argmax of the
     aggregated probabilities, AUC on their high-risk log-odds), with intervals over patients, and,
-    with a `threshold` on the high-risk log-odds, the screen at that threshold."""
+    with `screen`, the referral screen (``referred``, at the high-risk log-odds `threshold` when
+    there is one) of the aggregated probabilities."""
     _, patient_labels, patient_probs = aggregate_patients(labels, probs, groups, high_risk, how)
     score = high_risk_log_odds(patient_probs, high_risk)
     block: dict[str, Any] = {"n": int(len(patient_labels)), "aggregate": how}
     block.update(point_metrics(patient_labels, patient_probs, high_risk, score))
-    block[ci_key(level)] = (
-        bootstrap_intervals(patient_labels, patient_probs, high_risk, score, resamples, level, seed)
-        if resamples > 0
-        else None
+    block[ci_key(level)] = metric_intervals(
+        patient_labels, patient_probs, high_risk, score, resamples, level, seed
     )
-    if threshold is not None:
-        positive, flagged = high_risk[patient_labels], score >= threshold
+    if screen:
+        positive = high_risk[patient_labels]
+        flagged = referred(patient_probs, high_risk, threshold)
         block["operating_point"] = {
             **screen_metrics(positive, flagged),
-            ci_key(level): screen_intervals(positive, flagged, None, resamples, level, seed),
+            ci_key(level): screen_intervals(positive, flagged, None, level),
         }
     return block
 

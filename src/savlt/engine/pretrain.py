@@ -13,6 +13,12 @@ OUT/config.json, model.safetensors, tokenizer files, preprocessor_config.json
                          the pretrained CLIP: ``--model OUT`` loads it (with the mean and std it
                          was trained with, for ``data.normalize=backbone``)
 OUT/README.md            the model card: data, steps, recall figures, how to rebuild it
+OUT/savlt-manifest.json  what wrote the folder and, once finished, every file it wrote
+
+OUT is written only when it is missing, empty or holds a pretraining and nothing SAVLT did not
+write there (it is continued, see ``_resume``; ``savlt.outputs``); never inside, around or over
+the pairs, nor over the backbone it starts from. A user error before the first checkpoint leaves
+OUT as it was found.
 
 It trains Hugging Face CLIP backbones (the output is a Hugging Face CLIP folder); open_clip
 backbones are refused with a one-line error.
@@ -25,6 +31,7 @@ import json
 import logging
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,14 +47,22 @@ from tqdm import tqdm
 from savlt.config import Config, ConfigError, PeftConfig, load_config
 from savlt.data.pairs import Pair, PairDataset, load_pairs, split_pairs
 from savlt.data.transforms import Stats, eval_transform, normalization, train_transform
-from savlt.engine.inference import loader_for
+from savlt.engine.inference import loader_for, start_loader_workers
 from savlt.engine.inputs import StepBatches
-from savlt.engine.rundir import backbone_for, log_to, make_accelerator, seed_everything
-from savlt.engine.runfolder import same_run, with_absolute_paths
+from savlt.engine.rundir import backbone_for, log_to, make_accelerator, on_main, seed_everything
+from savlt.engine.runfolder import run_inputs, same_run, with_absolute_paths
 from savlt.errors import SavltError
-from savlt.io import atomic_path, ordinary_permissions, write_json, write_text
+from savlt.io import (
+    append_line,
+    atomic_path,
+    check_inputs_outside,
+    ordinary_permissions,
+    write_json,
+    write_text,
+)
 from savlt.models.adapters import add_adapters
 from savlt.models.hf_clip import HFClip
+from savlt.outputs import claim_folder
 
 log = logging.getLogger("savlt")
 
@@ -242,15 +257,42 @@ def pretrain(
         raise ConfigError("no pairs: give PAIRS.csv (or a data root) to savlt pretrain (pretrain.pairs)")
     paths = PretrainPaths(out)
     accelerator = make_accelerator(cfg)
-    main = accelerator.is_main_process
     backbone = backbone_for(cfg)  # first: a backbone that cannot be used leaves no folder behind
     if not isinstance(backbone, HFClip):
         raise ConfigError(
             f"savlt pretrain trains Hugging Face CLIP backbones; {cfg.model.backbone!r} is an open_clip "
             "model: start from a Hugging Face CLIP (e.g. --model small) instead"
         )
-    if main:
-        paths.root.mkdir(parents=True, exist_ok=True)
+    start_loader_workers(cfg, PairDataset)
+    with ExitStack() as hold:  # the main process holds the folder's lock for the whole pretraining
+        on_main(accelerator, lambda: hold.enter_context(_claim(paths, cfg)))
+        recall = _pretrain(cfg, paths, accelerator, backbone, progress, save_dtype)
+    accelerator.wait_for_everyone()
+    return recall
+
+
+def _claim(paths: PretrainPaths, cfg: Config) -> contextlib.AbstractContextManager[None]:
+    """Hold the output folder for this pretraining (see the module's docstring)."""
+    check_inputs_outside(paths.root, {"model.backbone": run_inputs(cfg).get("model.backbone")})
+    return claim_folder(
+        paths.root,
+        "pretraining",
+        committed=lambda: (paths.checkpoint / "state.json").is_file(),
+        continues=lambda folder: True,
+        roots={"the pairs": [cfg.pretrain.pairs]},
+    )
+
+
+def _pretrain(
+    cfg: Config,
+    paths: PretrainPaths,
+    accelerator: Accelerator,
+    backbone: HFClip,
+    progress: bool,
+    save_dtype: torch.dtype,
+) -> dict[str, Any]:
+    p = cfg.pretrain
+    main = accelerator.is_main_process
     with log_to(paths.root / "pretrain.log", main):
         seed_everything(p.seed)
         pairs = load_pairs(
@@ -334,8 +376,7 @@ def pretrain(
                 recall = evaluate_recall(towers, val_pairs, cfg, accelerator)
                 entry.update(recall)
             if main:
-                with paths.history.open("a") as handle:
-                    handle.write(json.dumps(entry) + "\n")
+                append_line(paths.history, json.dumps(entry))
                 if step % p.save_every == 0 or step == end:
                     _save_checkpoint(paths, towers, optimizer, step)
             bar.set_postfix(
@@ -354,5 +395,4 @@ def pretrain(
                     ordinary_permissions(written)
             _model_card(paths, cfg, len(train_pairs), len(val_pairs), end, recall, stats)
             log.info("pretraining took %.1f s; held-out recall %s", time.time() - started, recall)
-    accelerator.wait_for_everyone()
     return recall

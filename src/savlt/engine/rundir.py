@@ -31,12 +31,18 @@ from savlt.config import Config, ConfigError
 from savlt.data.discover import ImageRecord
 from savlt.data.masks import TissueMasks
 from savlt.data.quality import Thresholds, check_scans, unreadable_error
-from savlt.engine.calibration import REFERRAL, Calibration, decision_blocks
+from savlt.engine.calibration import (
+    REFERRAL,
+    SET_SEPARATOR,
+    Calibration,
+    decision_blocks,
+    delivered_logits,
+    referrals,
+)
 from savlt.engine.inference import Inference, run_inference
 from savlt.engine.inputs import RunInputs
 from savlt.engine.metrics import (
     center_metrics,
-    high_risk_log_odds,
     high_risk_mask,
     probabilities,
     reliability_bins,
@@ -44,10 +50,11 @@ from savlt.engine.metrics import (
 )
 from savlt.engine.runfolder import RunPaths
 from savlt.errors import SavltError
-from savlt.io import write_csv, write_json
+from savlt.io import PlainTextFormatter, write_csv, write_json
 from savlt.models.backbone import load_backbone
 from savlt.models.savlt import SavltModel, model_from_config
 from savlt.models.vision_language import VisionLanguage
+from savlt.processes import refuse_in_a_starting_worker
 from savlt.report.summary import write_report
 
 log = logging.getLogger("savlt")
@@ -111,6 +118,7 @@ def check_images(
 def make_accelerator(cfg: Config, device: str | None = None) -> Accelerator:
     """The accelerator of a command: a GPU when there is one, or `device` ("cpu" or "cuda") when
     given; either way at the precision ``train.mixed_precision`` resolves to there."""
+    refuse_in_a_starting_worker()  # before joining the other processes of a distributed run
     cuda = torch.cuda.is_available() if device is None else device == "cuda"
     if cuda:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -149,8 +157,8 @@ def log_to(path: Path, enabled: bool):
     if not enabled:
         yield
         return
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(PlainTextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("savlt")
     root.addHandler(handler)
     previous = root.level
@@ -248,10 +256,11 @@ def score_sets(
 ) -> tuple[dict[str, Any], dict[str, Inference]]:
     """Score every set, writing predictions and metrics.json after each center. Scans that
     cannot be assessed (`unassessable`, path -> reason) are counted per center and scored as
-    ``eval.unassessable`` says (left out by default). The scan-level metrics come from the
-    model's own probabilities (the argmax is the same calibrated or not); `calibration` adds the
-    calibration, operating-point and patient blocks (see ``engine.calibration``), with the
-    centers' `patient_sources` (center -> "metadata.csv", "data.patient_pattern" or None)."""
+    ``eval.unassessable`` says (left out by default). Every metric comes from the delivered
+    probabilities (calibrated with `calibration`, which adds the calibration, operating-point,
+    prediction-set and patient blocks, see ``engine.calibration``), so it can be recomputed from
+    the predictions CSV; the centers' `patient_sources` (center -> "metadata.csv",
+    "data.patient_pattern" or None) say where their patients came from."""
     flagged = unassessable or {}
     metrics: dict[str, Any] = {
         **header,
@@ -284,7 +293,7 @@ def score_sets(
         groups = [r.patient_id for r in result.records]
         scored = center_metrics(
             result.labels,
-            result.logits,
+            delivered_logits(calibration, result.logits),
             cfg.class_names,
             cfg.data.high_risk,
             resamples=cfg.eval.bootstrap,
@@ -324,13 +333,19 @@ def write_predictions(
     unassessable: Mapping[Path, str] | None = None,
     calibration: Calibration | None = None,
 ) -> None:
-    """Per-scan CSV: class probabilities (calibrated when there is a `calibration`, as ``predict``
-    gives them), ROI, whether the scan could be assessed, the high-risk probability and referral,
-    and the scan's patient, volume and other metadata.csv columns."""
+    """Per-scan CSV: the delivered (calibrated, with a `calibration`) class probabilities, the
+    high-risk probability, the referral and the prediction set as ``predict`` gives them, the ROI,
+    and at full precision the score the AUC ranks and the model's logits before the temperature,
+    so every metric can be recomputed from the file; then whether the scan could be assessed and
+    its patient, volume and other metadata.csv columns. A scan that cannot be assessed gets no
+    diagnosis (its model columns are empty) unless ``eval.unassessable=include`` scores it."""
     class_names = cfg.class_names
-    probs = probabilities(result.logits) if calibration is None else calibration.probabilities(result.logits)
     risk = high_risk_mask(class_names, cfg.data.high_risk)
-    refer = None if calibration is None else calibration.refer(high_risk_log_odds(probs, risk))
+    delivered = delivered_logits(calibration, result.logits)
+    probs = probabilities(delivered)
+    refer = referrals(calibration, probs, risk)
+    sets = None if calibration is None else calibration.prediction_sets(result.logits)
+    score = risk_scores(delivered, risk, cfg.eval.auc_score)
     flagged = unassessable or {}
     extra = list(dict.fromkeys(key for record in result.records for key, _ in record.metadata))
     header = [
@@ -344,28 +359,55 @@ def write_predictions(
         "not_assessable_because",
         "p_high_risk",
         "referral",
+        "prediction_set",
+        "auc_score",
+        *[f"logit_{n}" for n in class_names],
         "patient",
         "volume",
         *extra,
     ]
-    rows = (
-        [
-            str(record.path),
-            record.label,
-            class_names[int(probs[i].argmax())],
-            *(f"{p:.6f}" for p in probs[i]),
-            f"{result.boxes[i, 1]:.4f}",
-            int(result.fallback[i]),
-            int(record.path not in flagged),
-            flagged.get(record.path, ""),
-            f"{probs[i][risk].sum():.6f}",
-            "" if refer is None else REFERRAL[bool(refer[i])],
-            record.patient or "",
-            record.volume or "",
-            *(dict(record.metadata).get(key, "") for key in extra),
-        ]
-        for i, record in enumerate(result.records)
-    )
+
+    def model_cells(i: int) -> tuple[list[Any], list[Any]]:
+        """The diagnosis columns of scan `i`: (before the assessability columns, after them)."""
+        chosen = (
+            ""
+            if sets is None
+            else SET_SEPARATOR.join(n for n, c in zip(class_names, sets[i], strict=True) if c)
+        )
+        return (
+            [
+                class_names[int(probs[i].argmax())],
+                *(f"{p:.6f}" for p in probs[i]),
+                f"{result.boxes[i, 1]:.4f}",
+                int(result.fallback[i]),
+            ],
+            [
+                f"{probs[i][risk].sum():.6f}",
+                REFERRAL[bool(refer[i])],
+                chosen,
+                f"{score[i]:.9g}",
+                *(f"{z:.9g}" for z in result.logits[i]),
+            ],
+        )
+
+    blank = ([""] * (3 + len(class_names)), [""] * (4 + len(class_names)))
+    rows = []
+    for i, record in enumerate(result.records):
+        diagnosed = record.path not in flagged or cfg.eval.unassessable == "include"
+        before, after = model_cells(i) if diagnosed else blank
+        rows.append(
+            [
+                str(record.path),
+                record.label,
+                *before,
+                int(record.path not in flagged),
+                flagged.get(record.path, ""),
+                *after,
+                record.patient or "",
+                record.volume or "",
+                *(dict(record.metadata).get(key, "") for key in extra),
+            ]
+        )
     write_csv(path, header, rows)
 
 
@@ -380,7 +422,11 @@ def write_run_report(
 ) -> Path:
     risk = high_risk_mask(cfg.class_names, cfg.data.high_risk)
     scores = {
-        c: (risk[r.labels], risk_scores(r.logits, risk, cfg.eval.auc_score)) for c, r in results.items()
+        c: (
+            risk[r.labels],
+            risk_scores(delivered_logits(calibration, r.logits), risk, cfg.eval.auc_score),
+        )
+        for c, r in results.items()
     }
     reliability = (
         {

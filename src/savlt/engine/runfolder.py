@@ -1,4 +1,5 @@
-"""The run folder: its layout, whether it holds a finished run, and claiming it for a new run.
+"""The run folder: its layout, whether it holds a finished run, and claiming it for a new run or
+an evaluation.
 
 RUN/config.yaml        the full resolved configuration (a run is reproduced from it)
 RUN/split.json         the training center's split; RUN/fewshot.json the K-shot draw
@@ -6,21 +7,30 @@ RUN/train.log          the log; RUN/history.jsonl loss / validation per step (wr
 RUN/adapter.safetensors  the trained tensors only (see engine.checkpoint)
 RUN/calibration.json   temperature and referral threshold fitted on the validation draw
 RUN/metrics.json       per-center metrics (written after each center; "complete": true at the end)
-RUN/predictions/<center>.csv  per-scan predictions; RUN/report.md + PNGs
+RUN/predictions/<center>.csv  per-scan predictions; RUN/predictions/validation.csv those of the
+                       validation draw (what the calibration was fitted on); RUN/report.md + PNGs
+RUN/savlt-manifest.json  what wrote the folder and, once finished, every file it wrote (savlt.io)
 RUN/.savlt.lock        held by the process writing the run
 
+An evaluation folder (``savlt evaluate``, RUN/evaluation by default) holds evaluate.log,
+metrics.json ("complete": true at the end), predictions/, report.md + PNGs and a manifest naming
+the run.
+
 A run is written only into a folder that is missing, empty, or holds the unfinished run of the
-same configuration (an interrupted attempt, which is continued); anything else is refused with
-what is there, unless ``overwrite``, which empties the folder first. One process writes a run
-folder at a time. This module imports no model code, so the sweep can use it cheaply.
+same configuration (an interrupted attempt, which is continued); an evaluation only into one that
+is missing, empty or holds an evaluation of the same run (which it replaces). Anything else is
+refused with what is there, unless ``overwrite``, which replaces a SAVLT run or evaluation folder
+holding nothing SAVLT did not write and none of the command's inputs (``savlt.outputs``). Neither
+is ever written inside, around or over the data root (an evaluation: neither the data root it
+scores nor the one the run was trained on). One process writes a folder at a time. This module
+imports no model code, so the sweep can use it cheaply.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,11 +38,12 @@ from typing import Any
 from savlt.config import Config, load_config
 from savlt.data.transforms import normalization
 from savlt.errors import SavltError
-from savlt.io import OutputError, exclusive, writable_folder
+from savlt.io import LOCK_NAME, MANIFEST_NAME, read_manifest
 from savlt.models.backbone import declared_normalization, is_built_in
+from savlt.outputs import claim_folder, is_complete
 
-LOCK_NAME = ".savlt.lock"
-SHOWN = 6
+# predictions/<VALIDATION>.csv holds the validation draw's predictions, beside one file per center.
+VALIDATION = "validation"
 
 
 class RunPaths:
@@ -47,22 +58,9 @@ class RunPaths:
         self.calibration = self.root / "calibration.json"
         self.metrics = self.root / "metrics.json"
         self.predictions = self.root / "predictions"
+        self.validation_predictions = self.predictions / f"{VALIDATION}.csv"
+        self.manifest = self.root / MANIFEST_NAME
         self.lock = self.root / LOCK_NAME
-
-
-def is_complete(run_folder: str | Path) -> bool:
-    """True when the folder holds a finished run (metrics.json with "complete": true)."""
-    try:
-        return json.loads((Path(run_folder) / "metrics.json").read_text()).get("complete") is True
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _entries(folder: Path) -> list[str]:
-    """What the folder holds, apart from the lock and write probes."""
-    return sorted(
-        p.name for p in folder.iterdir() if p.name != LOCK_NAME and not p.name.startswith(".write-test")
-    )
 
 
 # Settings naming a file or folder; relative ones are made absolute when a run starts, so its
@@ -118,82 +116,110 @@ def same_run(a: Config, b: Config) -> bool:
     return a == b or run_identity(a) == run_identity(b)
 
 
-def _same_unfinished_run(paths: RunPaths, cfg: Config) -> bool:
-    if is_complete(paths.root) or not paths.config.is_file():
-        return False
-    try:
-        return same_run(load_config(paths.config), cfg)
-    except (SavltError, OSError):
-        return False
+def _same_unfinished_run(cfg: Config) -> Callable[[Path], bool]:
+    """Whether a run folder holds the unfinished run of `cfg` (an interrupted attempt)."""
 
-
-def folder_conflict(paths: RunPaths, cfg: Config) -> str | None:
-    """What stands in the way of writing this run into `paths.root` (None: nothing)."""
-    root = paths.root
-    if root.exists() and not root.is_dir():
-        raise OutputError(f"run folder {root} is an existing file, not a folder: choose another --out")
-    if not root.is_dir():
-        return None
-    entries = _entries(root)
-    if not entries or _same_unfinished_run(paths, cfg):
-        return None
-    shown = ", ".join(entries[:SHOWN]) + (f" … ({len(entries)} entries)" if len(entries) > SHOWN else "")
-    if is_complete(root):
-        what = "a finished run"
-    elif paths.config.is_file():
-        what = "an unfinished run of another configuration"
-    else:
-        what = "files that are not this run's"
-    return f"{what} ({shown})"
-
-
-def _inside(folder: Path, other: Path) -> bool:
-    """Whether `other` is `folder` or lies below it."""
-    folder, other = folder.resolve(), other.resolve()
-    return other == folder or folder in other.parents
-
-
-def _empty(folder: Path, keep: Path) -> None:
-    for entry in folder.iterdir():
-        if entry == keep:
-            continue
+    def same(folder: Path) -> bool:
+        paths = RunPaths(folder)
+        if is_complete(folder) or not paths.config.is_file():
+            return False
         try:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-        except OSError as exc:
-            raise OutputError(
-                f"cannot empty the run folder {folder}: {entry}: {exc.strerror or exc}"
-            ) from None
+            return same_run(load_config(paths.config), cfg)
+        except (SavltError, OSError):
+            return False
+
+    return same
+
+
+def run_inputs(cfg: Config) -> dict[str, str]:
+    """The files and folders a configuration reads (setting -> path)."""
+    found = {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in PATH_KEYS}
+    backbone = cfg.model.backbone
+    if not is_built_in(backbone) and Path(backbone).expanduser().exists():  # a folder, not a name
+        found["model.backbone"] = backbone
+    return {key: str(value) for key, value in found.items() if value}
+
+
+def run_folder_rules(
+    cfg: Config, overwrite: bool = False, inputs: Mapping[str, str | Path] | None = None
+) -> dict[str, Any]:
+    """How a run of `cfg` claims its folder (``savlt.outputs.check_claim``): see the module's
+    docstring; `inputs` (name -> path): files read besides the configuration's, e.g. --config."""
+    return {
+        "continues": _same_unfinished_run(cfg),
+        "overwrite": overwrite,
+        "replaceable": ("run", "evaluation"),
+        "roots": {"the data root": [cfg.data.root]},
+        "inputs": {**run_inputs(cfg), **(inputs or {})},
+    }
 
 
 @contextmanager
-def claim_run_folder(paths: RunPaths, cfg: Config, overwrite: bool = False) -> Iterator[None]:
-    """Hold `paths.root` for this run while the block runs: refuse a folder holding anything else
-    (unless `overwrite`, which empties it first), a file or a read-only place in its stead, and a
-    folder another process is writing. When a user error stops a run that started in an empty
-    folder before its first training step, what it wrote is removed, so fixing the error and
-    running the same command again is never refused."""
-    conflict = folder_conflict(paths, cfg)
-    if conflict is not None and not overwrite:
-        raise OutputError(
-            f"run folder {paths.root} is not empty: it holds {conflict}. Choose another --out, "
-            "or pass --overwrite to replace it"
+def claim_run_folder(
+    paths: RunPaths, cfg: Config, overwrite: bool = False, inputs: Mapping[str, str | Path] | None = None
+) -> Iterator[None]:
+    """Hold `paths.root` for this run while the block runs (``savlt.outputs.claim_folder``, by
+    ``run_folder_rules``). When a user error stops a run before its first training step, the
+    folder is left as it was found, so fixing the error and running the same command again is
+    never refused."""
+    with claim_folder(
+        paths.root,
+        "run",
+        committed=lambda: paths.history.exists() or paths.checkpoint.exists(),
+        **run_folder_rules(cfg, overwrite, inputs),
+    ):
+        yield
+
+
+@contextmanager
+def claim_evaluation_folder(
+    target: RunPaths, run: Path, cfg: Config, trained_on: str | Path | None, overwrite: bool = False
+) -> Iterator[None]:
+    """Hold `target.root` for an evaluation of the run folder `run` (trained on the data root
+    `trained_on`) on ``cfg.data.root`` while the block runs: a missing or empty folder is
+    written, an evaluation of the same run (its manifest names the run, or it is RUN/evaluation,
+    also of a run moved or made before manifests) is replaced, so nothing stale stays beside the
+    new one; anything else is refused unless `overwrite` (the rules of ``claim_run_folder``; the
+    run folder is one of the inputs). Neither data root may hold it. A user error leaves the
+    folder as it was found."""
+
+    def of_this_run(folder: Path) -> bool:
+        if folder.resolve() == (run / "evaluation").resolve():
+            return True
+        return (read_manifest(folder) or {}).get("run") == str(run.resolve())
+
+    with claim_folder(
+        target.root,
+        "evaluation",
+        record={"run": str(run.resolve())},
+        replaces=of_this_run,
+        overwrite=overwrite,
+        replaceable=("run", "evaluation"),
+        roots={"the data root": [cfg.data.root, trained_on]},
+        inputs={"run folder": str(run), **run_inputs(cfg)},
+    ):
+        yield
+
+
+def calibration_required(paths: RunPaths) -> str | None:
+    """Why the run in `paths` must have its calibration.json (None: it was made before
+    calibration existed, so it has none): a run with a manifest (manifests came after
+    calibration) or whose metrics.json records the fit ("validation_fit") was calibrated."""
+    manifest = read_manifest(paths.root)
+    if manifest is not None and "files" not in manifest:
+        return "this run is unfinished: run the same savlt train command again to finish it"
+    if manifest is not None:
+        return (
+            f"the run wrote it ({paths.manifest.name} lists it): restore it from a copy of the run "
+            "folder, or train the run again"
         )
-    if overwrite and cfg.data.root and _inside(paths.root, Path(cfg.data.root)):
-        raise OutputError(
-            f"--overwrite would delete the data: run folder {paths.root} holds the data root {cfg.data.root}"
+    try:
+        metrics = json.loads(paths.metrics.read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(metrics, dict) and "validation_fit" in metrics:
+        return (
+            f"the run was calibrated ({paths.metrics.name} records the fit): restore it from a copy "
+            "of the run folder, or train the run again"
         )
-    writable_folder(paths.root, "run folder")
-    busy = f"another savlt process is writing the run folder {paths.root} (it holds {paths.lock})"
-    with exclusive(paths.lock, busy):
-        if overwrite:
-            _empty(paths.root, keep=paths.lock)
-        fresh = not _entries(paths.root)
-        try:
-            yield
-        except SavltError:
-            if fresh and not paths.history.exists() and not paths.checkpoint.exists():
-                _empty(paths.root, keep=paths.lock)
-            raise
+    return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
@@ -19,10 +20,12 @@ from typing import Any
 from accelerate import Accelerator
 
 from savlt.config import Config
-from savlt.data.discover import ImageRecord
+from savlt.data.dataset import OCTDataset
+from savlt.data.discover import DataError, ImageRecord
 from savlt.engine.calibration import calibrate
 from savlt.engine.checkpoint import save_checkpoint
 from savlt.engine.fit import FITS, FitJob
+from savlt.engine.inference import start_loader_workers
 from savlt.engine.inputs import RunInputs, prepare_inputs
 from savlt.engine.rundir import (
     RunPaths,
@@ -36,10 +39,11 @@ from savlt.engine.rundir import (
     score_sets,
     seed_everything,
     tissue_masks,
+    write_predictions,
     write_run_report,
 )
-from savlt.engine.runfolder import claim_run_folder, with_absolute_paths
-from savlt.io import write_json
+from savlt.engine.runfolder import VALIDATION, claim_run_folder, with_absolute_paths
+from savlt.io import append_line, write_json
 from savlt.models.adapters import parameter_counts
 from savlt.models.vision_language import VisionLanguage
 
@@ -63,6 +67,11 @@ def _draw_inputs(cfg: Config, paths: RunPaths, accelerator: Accelerator) -> RunI
     accelerator.wait_for_everyone()
     if not main:
         inputs = prepare_inputs(cfg)
+    if VALIDATION in inputs.eval_sets():
+        raise DataError(
+            f"a test center is named {VALIDATION!r}, the name of the validation draw's predictions "
+            f"({paths.validation_predictions}): rename that center's folder"
+        )
     if main:
         write_json(paths.split, inputs.split.to_json())
         write_json(paths.few_shot, inputs.few_shot.to_json())
@@ -85,18 +94,28 @@ def _touched(inputs: RunInputs) -> list[ImageRecord]:
     return [r for name in centers for r in inputs.scan.center(name).records]
 
 
-def train(cfg: Config, out: str | Path, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+def train(
+    cfg: Config,
+    out: str | Path,
+    progress: bool = True,
+    overwrite: bool = False,
+    inputs: Mapping[str, str | Path] | None = None,
+) -> dict[str, Any]:
     """Train on the few-shot draw, save the run folder, evaluate every center; returns metrics.
 
     `out` must be missing, empty or hold this configuration's unfinished run (which is continued);
-    `overwrite` empties a folder holding anything else first. Relative paths in `cfg` are taken
-    from the current directory and saved absolute."""
+    `overwrite` replaces a SAVLT run or evaluation folder holding nothing else, and none of the
+    run's inputs: its settings' files and `inputs` (name -> path, e.g. the --config file); see
+    ``claim_run_folder``. Relative paths in `cfg` are taken from the current directory and saved
+    absolute."""
     cfg = with_absolute_paths(cfg)
     paths = RunPaths(out)
     accelerator = make_accelerator(cfg)
+    start_loader_workers(cfg, OCTDataset)
     backbone = backbone_for(cfg)  # first: a backbone that cannot be loaded leaves no folder behind
+    claim = claim_run_folder(paths, cfg, overwrite, inputs)
     with ExitStack() as hold:  # the main process holds the folder's lock for the whole run
-        on_main(accelerator, lambda: hold.enter_context(claim_run_folder(paths, cfg, overwrite)))
+        on_main(accelerator, lambda: hold.enter_context(claim))
         return _train(cfg, paths, accelerator, progress, backbone)
 
 
@@ -135,8 +154,7 @@ def _train(
         def record(entry: dict[str, Any]) -> None:
             history.append(entry)
             if main:
-                with paths.history.open("a") as handle:
-                    handle.write(json.dumps(entry) + "\n")
+                append_line(paths.history, json.dumps(entry))
 
         fit = FITS[cfg.method_spec.fit]
         fit(
@@ -147,9 +165,13 @@ def _train(
         if main:
             save_checkpoint(model, paths.checkpoint, backbone_name, cfg.method)
         log.info("training took %.1f s", time.time() - started)
-        calibration = calibrate(model, inputs.val_records(), cfg, accelerator, masks, progress)
+        calibration, validation = calibrate(
+            model, inputs.val_records(), cfg, accelerator, masks, progress, unassessable
+        )
         if main:
             calibration.save(paths.calibration)
+            if validation is not None:  # what the temperature, threshold and sets were fitted on
+                write_predictions(paths.validation_predictions, validation, cfg, unassessable, calibration)
 
         header = run_header(cfg, backbone_name, inputs, masks, calibration)
         metrics, results = score_sets(

@@ -216,7 +216,8 @@ def how_to_provide(name: str) -> str:
         "tokenizer's save_pretrained(DIR), copy DIR here and pass --model DIR, or\n"
         "  - allow a download with --set model.allow_download=true on a machine that can reach the hub.\n"
         f"If {name!r} is an open_clip model (such as BiomedCLIP), name it --model hf-hub:{name}.\n"
-        "For a quick try without weights use --model tiny."
+        "To try SAVLT without downloading anything use --model tiny-oct, the small OCT CLIP shipped "
+        "with SAVLT (pretrained on synthetic scans)."
     )
 
 

@@ -16,6 +16,13 @@ from savlt.report.plots import Bins, confusion_png, reliability_png, roc_png, tr
 
 SCREEN = ("sensitivity", "specificity", "ppv", "npv")
 SCREEN_TITLES = ("sensitivity", "specificity", "PPV", "NPV")
+# What every report says first: what SAVLT's answers are for.
+RESEARCH_USE = (
+    "**Research use only, not a medical device.** These figures describe a model on the data named "
+    "here; they are not a diagnosis and have not been validated for clinical use."
+)
+ARGMAX_SCREEN = "screen: the predicted class is high-risk"
+FAILED = "FAILED"
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
@@ -36,6 +43,24 @@ def intervals(metrics: dict[str, Any]) -> tuple[str, str]:
     key = next(keys, "ci95")
     level = metrics.get("ci_level")
     return key, (f"{100 * level:g}%" if level else f"{key[2:]}%")
+
+
+def interval_text(metrics: dict[str, Any]) -> str:
+    """How the intervals were computed (metrics.json's per-center "interval_methods"), in words,
+    naming the centers when they differ; "percentile bootstrap" for a file written before they
+    were recorded."""
+    by_method: dict[tuple[str, str], list[str]] = {}
+    for center, m in metrics["centers"].items():
+        if "interval_methods" in m:
+            how = m["interval_methods"]
+            by_method.setdefault((how["proportions"], how["auc_macro_f1"]), []).append(center)
+    if not by_method:
+        return "percentile bootstrap"
+    parts = [f"proportions {prop}, AUC and macro-F1 {boot}" for prop, boot in by_method]
+    if len(parts) == 1:
+        return parts[0]
+    named = zip(parts, by_method.values(), strict=True)
+    return "; ".join(f"{', '.join(centers)}: {part}" for part, centers in named)
 
 
 def scans_cell(metrics: dict[str, Any], m: dict[str, Any]) -> str:
@@ -83,7 +108,8 @@ def results_rows(metrics: dict[str, Any], every_interval: bool = False) -> tuple
 
 
 def results_table(metrics: dict[str, Any]) -> str:
-    return text_table(*results_rows(metrics))
+    """The terminal's results table, titled with the screen its binary columns show."""
+    return f"Results per center ({ARGMAX_SCREEN}):\n" + text_table(*results_rows(metrics))
 
 
 def _role(metrics: dict[str, Any], center: str) -> str:
@@ -99,29 +125,80 @@ def _blocks(metrics: dict[str, Any], name: str, key: str) -> Iterator[tuple[str,
             yield center, m, block, block.get(key) or {}
 
 
+def threshold_cell(op: dict[str, Any]) -> str:
+    """The threshold a center's screen used: "not established" when it fell back to the class."""
+    if op.get("established") is False:
+        return "not established"
+    return fmt(op.get("threshold"))
+
+
+def screen_verdict(op: dict[str, Any]) -> str:
+    """The referral screen's verdict on a center: FAILED when its sensitivity is below the target
+    and so is its interval's upper end (``engine.calibration.screen_failed``)."""
+    if op.get("screen_failed") is None:
+        return "n/a"
+    return FAILED if op["screen_failed"] else "ok"
+
+
+def failed_note(metrics: dict[str, Any], failed: Sequence[str]) -> str:
+    """The line under a screening table naming the centers where the screen failed."""
+    level = intervals(metrics)[1]
+    return (
+        f"The screen FAILED on {', '.join(failed)}: its sensitivity there is below the target, and so is "
+        f"the upper end of its {level} interval."
+    )
+
+
 def decision_rows(metrics: dict[str, Any], every_interval: bool = True) -> tuple[list[str], list[list[str]]]:
-    """The screen at the referral threshold per center, beside the argmax screen's sensitivity
-    and specificity; no rows when the run has no threshold."""
+    """The referral screen per center (as delivered: the threshold, or the predicted class when
+    the operating point is not established), beside the argmax screen's sensitivity and
+    specificity; no rows when the run has no calibration."""
     key, level = intervals(metrics)
     more = f" [{level} CI]" if every_interval else ""
-    header = ["center", "threshold", *(t + more for t in SCREEN_TITLES), "argmax sens.", "argmax spec."]
+    header = [
+        "center",
+        "threshold",
+        *(t + more for t in SCREEN_TITLES),
+        "argmax sens.",
+        "argmax spec.",
+        "screen",
+    ]
     rows = []
     for center, m, op, ci in _blocks(metrics, "operating_point", key):
         rows.append(
             [
                 _role(metrics, center),
-                fmt(op["threshold"]),
+                threshold_cell(op),
                 *(fmt_ci(op[k], ci.get(k)) if every_interval else fmt(op[k]) for k in SCREEN),
                 fmt(m["binary"]["sensitivity"]),
                 fmt(m["binary"]["specificity"]),
+                screen_verdict(op),
             ]
         )
     return header, rows
 
 
+def set_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Per center: the prediction sets' empirical coverage (with its interval), mean size and the
+    share of empty sets."""
+    key, level = intervals(metrics)
+    header = ["center", "target coverage", f"coverage [{level} CI]", "mean set size", "empty sets"]
+    rows = [
+        [
+            _role(metrics, center),
+            f"{1 - sets['alpha']:g}",
+            fmt_ci(sets["coverage"], ci.get("coverage")),
+            f"{sets['mean_size']:.2f}",
+            fmt(sets["empty"]),
+        ]
+        for center, _, sets, ci in _blocks(metrics, "prediction_sets", key)
+    ]
+    return header, rows
+
+
 def patient_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Per center: patients, accuracy and the binary screen per patient (argmax, with intervals
-    over patients), and the sensitivity and specificity at the referral threshold."""
+    over patients), and the sensitivity and specificity of the referral screen."""
     key, level = intervals(metrics)
     header = [
         "center",
@@ -129,7 +206,7 @@ def patient_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         f"accuracy [{level} CI]",
         f"AUC [{level} CI]",
         *(f"{t} [{level} CI]" for t in SCREEN_TITLES),
-        "sens. / spec. at threshold",
+        "referral sens. / spec.",
     ]
     rows = []
     for center, _, pm, ci in _blocks(metrics, "patient", key):
@@ -149,25 +226,33 @@ def patient_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def decision_table(metrics: dict[str, Any]) -> str:
-    """The terminal's screening table: per center, the screen at the referral threshold (per scan)
-    and the patients' accuracy and AUC; empty when the run has no threshold and no patients."""
-    header = ["center", "threshold", *SCREEN_TITLES, "patients", "patient acc.", "patient AUC"]
+    """The terminal's screening table: per center, the referral screen (per scan, with FAILED
+    where it fails its target beyond doubt) and the patients' accuracy and AUC, titled with the
+    rule; empty when the run has no calibration and no patients."""
+    header = ["center", "threshold", *SCREEN_TITLES, "screen", "patients", "patient acc.", "patient AUC"]
     rows = []
+    rule = ARGMAX_SCREEN
     for center, m in metrics["centers"].items():
         op, pm = m.get("operating_point") or {}, m.get("patient") or {}
         if not op and not pm:
             continue
+        rule = op.get("rule", rule)
         rows.append(
             [
                 _role(metrics, center),
-                fmt(op.get("threshold")),
+                threshold_cell(op),
                 *(fmt(op.get(k)) for k in SCREEN),
+                screen_verdict(op) if op else "n/a",
                 str(pm.get("n", "n/a")),
                 fmt(pm.get("accuracy")),
                 fmt((pm.get("binary") or {}).get("auc")),
             ]
         )
-    return text_table(header, rows) if rows else ""
+    if not rows:
+        return ""
+    failed = [r[0] for r in rows if r[header.index("screen")] == FAILED]
+    note = f"\n{failed_note(metrics, failed)}" if failed else ""
+    return f"Referral screen ({rule}):\n" + text_table(header, rows) + note
 
 
 def patient_source_text(source: str | None) -> str:
@@ -199,18 +284,23 @@ def fit_lines(metrics: dict[str, Any]) -> list[str]:
     fit = metrics.get("validation_fit")
     if not fit:
         return ["This run has no calibration (made before calibration.json existed).", ""]
-    threshold = (
-        f"refer when p(high-risk) ≥ {fmt(fit['threshold'])}, the highest threshold reaching sensitivity "
-        f"{fit['target_sensitivity']:g} on the validation draw"
-        if fit.get("threshold") is not None
-        else "no referral threshold"
+    rules = (m["operating_point"]["rule"] for m in metrics["centers"].values() if "operating_point" in m)
+    rule = next(rules, None)
+    sets = (
+        f" Prediction sets at coverage {1 - fit['conformal_alpha']:g} ({str(fit['conformal_score']).upper()} "
+        "score on the uncalibrated probabilities) were fitted on the same draw."
+        if fit.get("conformal_alpha") is not None
+        else ""
     )
     lines = [
-        f"Temperature {fit['temperature']:.3g} and threshold fitted on the validation draw only: "
-        f"{fit['scans']} scans ({fit['positives']} high-risk) from {fit['patients']} patients; {threshold}. "
-        "Probabilities below are calibrated; the argmax (and the table above) is the same either way.",
+        f"Temperature {fit['temperature']:.3g}, referral threshold and prediction sets fitted on the "
+        f"validation draw only (its predictions: predictions/validation.csv): {fit['scans']} scans "
+        f"({fit['positives']} high-risk) from {fit['patients']} patients.{sets} Every figure here is "
+        "computed from the calibrated probabilities the run delivers.",
         "",
     ]
+    if rule:
+        lines += [f"**Referral rule**: {rule}.", ""]
     lines += [f"- **Warning**: {w}." for w in fit.get("warnings", [])]
     return lines + ([""] if fit.get("warnings") else [])
 
@@ -222,6 +312,21 @@ def decision_lines(metrics: dict[str, Any]) -> list[str]:
     header, rows = decision_rows(metrics)
     if rows:
         lines += [markdown_table(header, rows), ""]
+        failed = [r[0] for r in rows if r[-1] == FAILED]
+        if failed:
+            lines += [f"**{failed_note(metrics, failed)}**", ""]
+    header, rows = set_rows(metrics)
+    if rows:
+        lines += [
+            "## Prediction sets",
+            "",
+            "Each scan's set holds the classes that cannot be ruled out at the target coverage "
+            "(split conformal on the validation draw). The guarantee holds for scans like the validation "
+            "draw's; on other centers the coverage below is measured, not promised.",
+            "",
+            markdown_table(header, rows),
+            "",
+        ]
     header, rows = patient_rows(metrics)
     if rows:
         aggregate = next(iter(centers.values()))["patient"].get("aggregate")
@@ -331,15 +436,16 @@ def write_report(
     `reliability` a center to its reliability bins before and after calibration.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    lines = [f"# {title}", ""]
+    lines = [f"# {title}", "", RESEARCH_USE, ""]
     info = {k: metrics[k] for k in ("method", "backbone", "shots", "seed", "train_center") if k in metrics}
     if info:
         lines += [", ".join(f"**{k}**: {v}" for k, v in info.items()), ""]
     lines += prior_lines(metrics.get("structure_prior"))
     lines += split_lines(metrics)
     lines += [
-        f"Fractions in [0, 1]; brackets are {intervals(metrics)[1]} percentile-bootstrap intervals. "
-        "The binary screen is high-risk (" + ", ".join(metrics.get("high_risk", [])) + ") against the rest.",
+        f"Fractions in [0, 1]; brackets are {intervals(metrics)[1]} intervals: {interval_text(metrics)}. "
+        "The binary screen is high-risk (" + ", ".join(metrics.get("high_risk", [])) + ") against the rest; "
+        f"in this table, {ARGMAX_SCREEN}.",
         "",
         markdown_table(*results_rows(metrics, every_interval=True)),
         "",
@@ -353,8 +459,19 @@ def write_report(
             m["confusion"], class_names, f"{center} (n={m['n']})", folder / f"confusion_{center}.png"
         )
         positive, score = scores[center]
+        op = m.get("operating_point") or {}
+        point = (
+            (1 - op["specificity"], op["sensitivity"])
+            if op.get("sensitivity") is not None and op.get("specificity") is not None
+            else None
+        )
         roc_png(
-            positive, score, m["binary"]["auc"], f"{center}: high-risk screen", folder / f"roc_{center}.png"
+            positive,
+            score,
+            m["binary"]["auc"],
+            f"{center}: high-risk screen",
+            folder / f"roc_{center}.png",
+            point,
         )
         fallback = m.get("roi_fallback")
         lines += [f"## {center}", "", *center_lines(metrics, center, class_names)]

@@ -47,7 +47,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         "seg.seed": args.seed,
     }
     cfg = config_from_args(args, flags)
-    summary = train_segmenter(cfg, args.out, progress=not args.quiet)
+    inputs = {"config file": args.config} if args.config else None
+    summary = train_segmenter(cfg, args.out, progress=not args.quiet, overwrite=args.overwrite, inputs=inputs)
     print(summary.table())
     print(
         f"checkpoints: {args.out}/fold0 … fold{cfg.seg.folds - 1} (best: fold{summary.best_fold}); "
@@ -73,15 +74,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from savlt.data.discover import scan_data
-    from savlt.seg.evaluate import evaluate_roi, write_roi_quality
+    from savlt.seg.evaluate import check_roi_quality_folder, evaluate_roi, write_roi_quality
     from savlt.seg.model import load_segmenter, resolve_checkpoint
 
     cfg = config_from_args(args, {"data.root": args.data})
+    out = args.out or args.segdir or Path("roi_quality")
+    check_roi_quality_folder(out, cfg.data.root)
     folder = resolve_checkpoint(args.segdir) if args.segdir else None
     segmenter = load_segmenter(folder) if folder else None
     scan = scan_data(cfg.data.root, cfg.class_map(), _centers(args.centers))
     quality = evaluate_roi(scan, segmenter, top_fraction=cfg.roi.top_fraction, progress=not args.quiet)
-    out = args.out or args.segdir or Path("roi_quality")
     print(quality.table())
     written = write_roi_quality(quality, out, folder)
     print("written: " + ", ".join(map(str, written)))
@@ -130,6 +132,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--out", type=Path, default=Path("seg"), help="output folder (default ./seg)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace --out when it holds an earlier segmenter training"
+    )
     p.set_defaults(func=cmd_train)
 
     p = commands.add_parser("predict", help="write a predicted mask for every image, in the masks layout")
@@ -138,7 +143,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _add_common(p, "data root whose images are segmented")
     p.add_argument("--out", type=Path, help="mask root (default: the data root, beside the images)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing mask files (ground truth!)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the existing masks an earlier seg predict wrote (listed in MASKROOT/savlt-masks.json); "
+        "masks drawn by hand, or changed since, are never replaced",
+    )
     p.set_defaults(func=cmd_predict)
 
     p = commands.add_parser("evaluate", help="mask and ROI-band quality against ground-truth masks")

@@ -8,6 +8,7 @@ The trained segmenter and the classical mask are scored on the same images, side
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,13 +20,22 @@ import torch
 from savlt.data.discover import DatasetScan
 from savlt.data.imageio import read_image, read_mask
 from savlt.data.masks import classical_tissue_mask
-from savlt.io import markdown_table, progress_batches, text_table, write_json, write_text
+from savlt.io import (
+    OutputError,
+    check_outside_data,
+    markdown_table,
+    progress_batches,
+    text_table,
+    write_json,
+    write_text,
+)
 from savlt.models.roi import roi_boxes
 from savlt.seg.metrics import dice_iou
 from savlt.seg.model import TissueSegmenter
 from savlt.seg.samples import masked_records
 
 MaskFunction = Callable[[list[np.ndarray]], list[np.ndarray]]
+REPORT_TITLE = "# Tissue masks: ROI quality"  # roi_quality.md's first line
 
 
 @dataclass
@@ -123,13 +133,38 @@ def evaluate_roi(
     return RoiQuality([s for s, _ in sources], truth_fallback, list(scan.centers), top_fraction)
 
 
+def _is_ours(path: Path) -> bool:
+    """Whether the existing `path` is a roi_quality.json or .md SAVLT wrote (by its content)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".md":
+            return text.startswith(REPORT_TITLE + "\n")
+        data = json.loads(text)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"segmenter", "summary", "per_image"} <= set(data)
+
+
+def check_roi_quality_folder(out: Path, data_root: str | Path | None) -> None:
+    """Refuse, before any work, a report folder in the data root, or one holding a roi_quality.json
+    or .md SAVLT did not write (it would be replaced)."""
+    what = "report folder (--out)"
+    check_outside_data(out, [data_root], what, holding=False)
+    for path in (out / "roi_quality.json", out / "roi_quality.md"):
+        if (path.exists() or path.is_symlink()) and (path.is_symlink() or not _is_ours(path)):
+            raise OutputError(
+                f"{what}: {path} exists and is not a report SAVLT wrote; SAVLT never replaces a file it "
+                "did not write: move it, or choose another --out"
+            )
+
+
 def write_roi_quality(quality: RoiQuality, out: Path, segmenter_folder: Path | None) -> Sequence[Path]:
     """roi_quality.json and roi_quality.md in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     data = {"segmenter": str(segmenter_folder) if segmenter_folder else None, **quality.to_json()}
     write_json(out / "roi_quality.json", data)
     notes = [
-        "# Tissue masks: ROI quality",
+        REPORT_TITLE,
         "",
         f"- centers: {', '.join(quality.centers)}; segmenter: `{segmenter_folder or 'none (classical only)'}`",
         f"- ROI error: |y0 predicted − y0 ground truth| as a fraction of the image height, y0 = first all-tissue "

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from savlt.config import SegConfig
 from savlt.data.transforms import NORMALIZATION
 from savlt.errors import SavltError
-from savlt.io import atomic_path, state_mismatch, write_json
+from savlt.io import OutputError, atomic_path, state_mismatch, write_json
 
 log = logging.getLogger(__name__)
 
@@ -271,8 +271,15 @@ def import_segmenter(
     segmentation scripts write it) into a segmenter folder. The network is rebuilt from `arch` and
     `encoder`; the input is `input_size` square with ImageNet normalisation and the mask is the
     sigmoid probability at `threshold` (the published set-up). `centers`, when known, records the
-    centers whose masks trained it."""
-    file = Path(file)
+    centers whose masks trained it. `folder` must not hold a segmenter's files already (nothing is
+    replaced)."""
+    file, folder = Path(file), Path(folder)
+    for name in (WEIGHTS_FILE, SPEC_FILE):
+        if (folder / name).exists() or (folder / name).is_symlink():
+            raise OutputError(
+                f"segmenter folder {folder} already holds {name}: seg import never replaces a file: choose "
+                "another --out"
+            )
     state = read_state_dict(file, "segmenter weights")
     state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel
     model = build_model(arch, encoder)

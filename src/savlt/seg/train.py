@@ -5,6 +5,10 @@ the learning rate when validation Dice stops improving (ReduceLROnPlateau), and 
 epoch as a checkpoint folder (``OUT/fold<k>``). History is written after every epoch, so an
 interrupted run keeps what it learnt. All randomness (folds, initialisation, batch order,
 augmentation) comes from ``seg.seed``, so a CPU run is repeatable.
+
+OUT is written only when it is missing or empty, or, with ``overwrite``, holds an earlier
+segmenter training and nothing else (``savlt.outputs``); never inside, around or over the data
+root. A user error leaves OUT as it was found.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from tqdm import tqdm
 from savlt.config import Config
 from savlt.data.discover import DataError, scan_data
 from savlt.io import markdown_table, text_table, write_json, write_text
+from savlt.outputs import claim_folder
 from savlt.seg.metrics import dice_iou
 from savlt.seg.model import (
     IMAGENET_MEAN,
@@ -324,8 +329,16 @@ def _write_report(cfg: Config, summary: TrainSummary, centers: list[str]) -> Pat
     return path
 
 
-def train_segmenter(cfg: Config, out: str | Path, progress: bool = True) -> TrainSummary:
-    """Cross-validate a segmenter on every masked image under cfg.data.root (centers: cfg.seg.centers)."""
+def train_segmenter(
+    cfg: Config,
+    out: str | Path,
+    progress: bool = True,
+    overwrite: bool = False,
+    inputs: dict[str, str | Path] | None = None,
+) -> TrainSummary:
+    """Cross-validate a segmenter on every masked image under cfg.data.root (centers:
+    cfg.seg.centers) into `out` (see the module's docstring for when it is written; `inputs`: other
+    files read, name -> path, e.g. the --config file)."""
     started = time.perf_counter()
     out = Path(out)
     encoder_state, stats, used = _encoder_init(cfg)
@@ -350,28 +363,36 @@ def train_segmenter(cfg: Config, out: str | Path, progress: bool = True) -> Trai
             f"{n} image(s) with masks are too few for {k}-fold cross-validation (every fold needs at least "
             "2 training images and 1 validation image); add masks or lower --folds"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.yaml")
-    pairs = load_pairs(records, (seg.image_size, seg.image_size), progress=progress)
-    splits = list(KFold(n_splits=k, shuffle=True, random_state=seg.seed).split(np.arange(n)))
-    names = [f"{r.center}/{r.rel}" for r in records]
-    write_json(
-        out / "folds.json",
-        {
-            f"fold{i}": {"train": [names[j] for j in tr], "val": [names[j] for j in va]}
-            for i, (tr, va) in enumerate(splits)
-        },
-    )
-    provenance = {"data_root": str(cfg.data.root), "centers": list(scan.centers), "images": n}
-    results, histories = [], []
-    for fold, (train_idx, val_idx) in enumerate(splits):
-        result, history = _train_fold(
-            cfg, pairs, train_idx, val_idx, fold, encoder_init, provenance, out, progress
+    weights = used if used not in (None, "imagenet") else None
+    with claim_folder(
+        out,
+        "segmenter-training",
+        overwrite=overwrite,
+        replaceable=("segmenter-training",),
+        roots={"the data root": [cfg.data.root]},
+        inputs={"seg.encoder_weights": weights, **(inputs or {})},
+    ):
+        cfg.save(out / "config.yaml")
+        pairs = load_pairs(records, (seg.image_size, seg.image_size), progress=progress)
+        splits = list(KFold(n_splits=k, shuffle=True, random_state=seg.seed).split(np.arange(n)))
+        names = [f"{r.center}/{r.rel}" for r in records]
+        write_json(
+            out / "folds.json",
+            {
+                f"fold{i}": {"train": [names[j] for j in tr], "val": [names[j] for j in va]}
+                for i, (tr, va) in enumerate(splits)
+            },
         )
-        results.append(result)
-        histories.append(history)
-    summary = TrainSummary(out, results, images=n, skipped=total - n, seconds=time.perf_counter() - started)
-    write_json(out / "summary.json", summary.to_json())
-    plot_curves(histories, out / "curves.png")
-    _write_report(cfg, summary, list(scan.centers))
+        provenance = {"data_root": str(cfg.data.root), "centers": list(scan.centers), "images": n}
+        results, histories = [], []
+        for fold, (train_idx, val_idx) in enumerate(splits):
+            result, history = _train_fold(
+                cfg, pairs, train_idx, val_idx, fold, encoder_init, provenance, out, progress
+            )
+            results.append(result)
+            histories.append(history)
+        summary = TrainSummary(out, results, images=n, skipped=total - n, seconds=time.perf_counter() - started)
+        write_json(out / "summary.json", summary.to_json())
+        plot_curves(histories, out / "curves.png")
+        _write_report(cfg, summary, list(scan.centers))
     return summary

@@ -1,7 +1,8 @@
 """The prediction service of a loaded run (``savlt serve``): a FastAPI app with the review page.
 
-``GET /health`` (no token), ``GET /model`` and ``POST /predict`` (a bearer token when one is set),
-``GET /`` the review page and ``/static/`` its files (no token: the page asks for it).
+``GET /health`` (no token), ``GET /model``, ``POST /predict`` and ``GET /openapi.json`` (a bearer
+token when one is set), ``GET``/``HEAD /`` the review page and ``/static/`` its files (no token: the
+page asks for it). Every answer carries ``X-Content-Type-Options: nosniff``.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from savlt.classes import short_name
+from savlt.engine.calibration import Calibration
 from savlt.engine.loaded import HEATMAPS_NEED_ATTENTION, Prediction, Ready, Run
-from savlt.io import atomic_path
-from savlt.report.plots import heatmap_png
+from savlt.io import NoSpaceError, atomic_path
+from savlt.report.plots import heatmap_png, heatmap_title
 from savlt.serve.batcher import MicroBatcher
 from savlt.serve.uploads import (
     FIELD,
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
 PREVIEW_SIDE = 1024  # the scan sent back to the page (?scan=true) is at most this many pixels wide or high
+NOSNIFF = ("X-Content-Type-Options", "nosniff")  # on every answer: browsers take the content type as given
 # The page loads nothing but its own files; images come back as data: URLs.
 PAGE_POLICY = (
     "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
@@ -85,11 +88,14 @@ def _prediction_failed(name: str, exc: BaseException) -> ApiError:
     return ApiError(500, f"{name}: prediction failed ({exc})")
 
 
-def _heatmap(name: str, rgb: np.ndarray, attention: np.ndarray, box: Sequence[float]) -> str:
-    """The heat map ``savlt predict --heatmap`` writes, as a PNG data URL (drawn in memory)."""
+def _heatmap(name: str, rgb: np.ndarray, attention: np.ndarray, result: dict[str, Any]) -> str:
+    """The heat map ``savlt predict --heatmap`` writes for the prediction `result`, as a PNG data
+    URL (drawn in memory)."""
     buffer = io.BytesIO()
+    predicted = result["predicted"]
+    title = heatmap_title(name, predicted, result["probabilities"][predicted])
     with _failure_named(name):
-        heatmap_png(rgb, attention, box, buffer)
+        heatmap_png(rgb, attention, result["roi_box"], buffer, title)
     return _png_data_url(buffer.getvalue())
 
 
@@ -106,6 +112,13 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)[-100:] or "upload"
 
 
+def prediction_set_summary(calibration: Calibration | None) -> dict[str, Any] | None:
+    """The run's prediction sets for ``GET /model`` (alpha and score); None without them."""
+    if calibration is None or calibration.conformal_alpha is None:
+        return None
+    return {"alpha": calibration.conformal_alpha, "score": calibration.conformal_score}
+
+
 def run_summary(run: Run, options: ServeOptions) -> dict[str, Any]:
     """What ``GET /model`` answers: the run's classes, method, backbone, shots, its per-center
     metrics (metrics.json as written) and, when the run has one, its operating point."""
@@ -117,7 +130,6 @@ def run_summary(run: Run, options: ServeOptions) -> dict[str, Any]:
             log.warning("cannot read %s (%s): /model shows no metrics", run.paths.metrics, exc)
     cfg = run.cfg
     centers = metrics.get("centers") or {}
-    train_block = centers.get(cfg.data.train_center) or {}
     return {
         "run": run.paths.root.name,
         "method": cfg.method,
@@ -132,7 +144,8 @@ def run_summary(run: Run, options: ServeOptions) -> dict[str, Any]:
         "complete": metrics.get("complete") is True,
         "unassessable_policy": metrics.get("unassessable_policy"),
         "centers": centers,
-        "operating_point": metrics.get("operating_point") or train_block.get("operating_point"),
+        "operating_point": None if run.calibration is None else run.calibration.operating_point(),
+        "prediction_sets": prediction_set_summary(run.calibration),
         "limits": options.limits.to_json(),
         "batching": {"max_batch": options.max_batch, "max_wait_ms": options.max_wait_ms},
     }
@@ -187,8 +200,15 @@ class Service:
             stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
             for upload in uploads:
                 target = self.options.keep_uploads / f"{stamp}-{uuid4().hex[:8]}-{_safe_name(upload.name)}"
-                with atomic_path(target) as tmp:
-                    tmp.write_bytes(upload.data)
+                try:
+                    with atomic_path(target) as tmp:
+                        tmp.write_bytes(upload.data)
+                except NoSpaceError as exc:
+                    log.error("%s", exc)
+                    raise ApiError(
+                        507, f"the upload {upload.name} cannot be kept (--keep-uploads): no space left on the "
+                        "server's disk; nothing was diagnosed"
+                    ) from None
         prepared = []
         for position, scan in enumerate(scans):
             with _failure_named(scan.name):
@@ -215,13 +235,29 @@ class Service:
                 result, attention = dict(answer[0]), answer[1]
                 if heatmap:
                     result["heatmap"] = await run_in_threadpool(
-                        _heatmap, item.name, item.rgb, attention, result["roi_box"]
+                        _heatmap, item.name, item.rgb, attention, result
                     )
             result["path"] = item.name
             if scan:
                 result["scan"] = await run_in_threadpool(_scan_preview, item.rgb)
             results.append(result)
         return results
+
+
+class NoSniff:
+    """ASGI middleware: every answer says ``X-Content-Type-Options: nosniff``."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async def send_with_header(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                header = (NOSNIFF[0].lower().encode(), NOSNIFF[1].encode())
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
 
 
 def create_app(run: Run, options: ServeOptions | None = None) -> FastAPI:
@@ -242,9 +278,11 @@ def create_app(run: Run, options: ServeOptions | None = None) -> FastAPI:
         summary="Cervical OCT scans diagnosed by a trained SAVLT run",
         version="1",
         lifespan=lifespan,
-        docs_url=None,  # the interactive docs load their scripts from a CDN; /openapi.json stays
+        docs_url=None,  # the interactive docs load their scripts from a CDN
         redoc_url=None,
+        openapi_url=None,  # served below, behind the token
     )
+    app.add_middleware(NoSniff)
 
     def authorised(request: Request) -> None:
         if options.token is None:
@@ -263,14 +301,19 @@ def create_app(run: Run, options: ServeOptions | None = None) -> FastAPI:
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception) -> JSONResponse:
         log.error("internal error: %r", exc)
-        return JSONResponse(
-            {"error": f"internal error ({type(exc).__name__}): see the server log"}, status_code=500
+        return JSONResponse(  # answered outside the middleware, so the header is set here
+            {"error": f"internal error ({type(exc).__name__}): see the server log"},
+            status_code=500,
+            headers=dict([NOSNIFF]),
         )
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page() -> FileResponse:
-        headers = {"Content-Security-Policy": PAGE_POLICY, "X-Content-Type-Options": "nosniff"}
-        return FileResponse(STATIC / "index.html", headers=headers)
+        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_POLICY})
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(authorised)])
+    async def openapi() -> dict[str, Any]:
+        return app.openapi()
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 

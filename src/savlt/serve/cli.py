@@ -10,20 +10,19 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import signal
 import socket
 from pathlib import Path
 
 from savlt.errors import SavltError
+from savlt.io import read_text
 
 log = logging.getLogger(__name__)
 
 
 def read_token(path: Path) -> str:
     """The bearer token: the file's one line, surrounding whitespace removed."""
-    try:
-        token = path.read_text().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SavltError(f"cannot read the token file {path} ({exc})") from None
+    token = read_text(path, "token file").strip()
     if not token or any(c.isspace() for c in token):
         raise SavltError(
             f"token file {path} must hold one token on one line (no spaces), found {len(token)} characters"
@@ -68,6 +67,13 @@ def _not_negative(value: str) -> float:
     return number
 
 
+def _port(value: str) -> int:
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0 to 65535 (0: any free port), got {value}")
+    return number
+
+
 def _count(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -79,14 +85,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
+    from savlt.config import load_config
     from savlt.engine.loaded import load_run
-    from savlt.io import writable_folder
+    from savlt.engine.runfolder import RunPaths
+    from savlt.io import check_outside_data, writable_folder
     from savlt.serve.app import ServeOptions, create_app
     from savlt.serve.uploads import MB, Limits
 
     token = read_token(args.token_file) if args.token_file is not None else None
-    if args.keep_uploads is not None:
-        writable_folder(args.keep_uploads, "upload folder (--keep-uploads)")
+    if args.keep_uploads is not None:  # uploads kept in the run's data root would be taken for scans
+        what = "upload folder (--keep-uploads)"
+        config = RunPaths(args.run).config  # read before the model loads (load_run names a bad run)
+        trained_on = load_config(config).data.root if config.is_file() else None
+        check_outside_data(args.keep_uploads, [trained_on], what, holding=False)
+        writable_folder(args.keep_uploads, what)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SavltError("--device cuda: no CUDA device is available here (use --device cpu)")
     limits = Limits(round(args.max_upload_mb * MB), args.max_pixels, args.max_files)
@@ -103,7 +115,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"serving {args.run} at http://{shown}:{port}/ (review page; API: /predict, /model, /health; Ctrl-C stops)",
         flush=True,
     )
-    uvicorn.Server(uvicorn.Config(app, log_level="info" if args.verbose else "warning")).run(sockets=[sock])
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info" if args.verbose else "warning"))
+    # uvicorn finishes the requests in flight on Ctrl-C and `kill`; a closed terminal counts as `kill`
+    signal.signal(signal.SIGHUP, lambda signum, frame: server.handle_exit(signal.SIGTERM, frame))
+    server.run(sockets=[sock])
     return 0
 
 
@@ -113,7 +128,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
     )
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    p.add_argument("--port", type=_port, default=8000, help="port, 0 to 65535 (default 8000; 0: any free port)")
     p.add_argument(
         "--device",
         choices=["cpu", "cuda"],

@@ -8,16 +8,16 @@ import io
 import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
-import tifffile
 from PIL import Image, UnidentifiedImageError
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from savlt.data.imageio import ImageDecodeError, pil_pixels, to_rgb, to_uint8
+from savlt.data.imageio import ImageDecodeError, as_scan, pil_pixels, read_tiff
+from savlt.io import plain_text
 
 FIELD = "files"
 MB = 2**20
@@ -137,8 +137,9 @@ class _Collector:
         name = options.get(b"name", b"").decode("utf-8", "replace")
         if name != FIELD:
             raise ApiError(400, f"unexpected form field {name!r}: send the scans in the field {FIELD!r}")
-        raw_name = options.get(b"filename", b"").decode("utf-8", "replace")
-        part.name = PurePosixPath(raw_name.replace("\\", "/")).name or f"upload-{len(self.parts)}"
+        raw_name = options.get(b"filename", b"").decode("utf-8", "surrogateescape")
+        name = PurePosixPath(raw_name.replace("\\", "/")).name
+        part.name = plain_text(name) if name else f"upload-{len(self.parts)}"  # a name as `savlt predict` writes it
         if len(self.parts) > self.limits.max_files:
             raise ApiError(
                 413,
@@ -237,31 +238,6 @@ class PixelBudget:
         self.left -= pixels
 
 
-def _tiff(name: str, data: bytes, budget: PixelBudget) -> list[tuple[str, np.ndarray]] | None:
-    """The stored pixels of a TIFF, read the way ``savlt.data.imageio`` reads the file: the first
-    image, or every page of a multi-page volume; None when tifffile cannot parse it."""
-    try:
-        with tifffile.TiffFile(io.BytesIO(data)) as tif:
-            pages = list(tif.series[0].pages) if tif.series else []
-            if len(pages) <= 1:
-                first = tif.pages[0]
-                budget.take(name, int(first.imagewidth), int(first.imagelength))
-                return [(name, np.asarray(tif.asarray(key=0)))]
-            found = []
-            for number, page in enumerate(pages):
-                page_name = f"{name}#{number}"
-                budget.take(page_name, int(page.imagewidth), int(page.imagelength))
-                try:
-                    found.append((page_name, np.asarray(page.asarray())))
-                except Exception as exc:  # noqa: BLE001 - tifffile raises many kinds for a damaged file
-                    raise FileRejected(page_name, f"corrupt or truncated TIFF volume ({exc})") from None
-            return found
-    except FileRejected:
-        raise
-    except Exception:  # noqa: BLE001 - left to Pillow, which reads some TIFFs tifffile rejects
-        return None
-
-
 def _pillow(name: str, data: bytes, budget: PixelBudget) -> np.ndarray:
     try:
         with warnings.catch_warnings():
@@ -279,26 +255,28 @@ def _pillow(name: str, data: bytes, budget: PixelBudget) -> np.ndarray:
 
 
 def _scan(name: str, pixels: np.ndarray) -> Scan:
-    if pixels.ndim == 3 and pixels.shape[0] in (1, 3, 4) and pixels.shape[2] > 4:
-        pixels = np.moveaxis(pixels, 0, -1)  # channel-first TIFF
     try:
-        rgb = to_rgb(to_uint8(pixels) if pixels.ndim == 2 else pixels, Path(name))
+        rgb, pixels = as_scan(pixels, name)
     except ImageDecodeError as exc:
         raise FileRejected(name, exc.reason) from None
-    if rgb.dtype != np.uint8:
-        rgb = to_uint8(rgb)
-    if min(rgb.shape[:2]) < 8:
-        raise FileRejected(name, f"image is too small ({rgb.shape[1]}×{rgb.shape[0]} pixels)")
     return Scan(name, rgb, pixels)
 
 
 def decode_upload(upload: Upload, budget: PixelBudget) -> list[Scan]:
-    """The scans of an uploaded file, decoded from its content (TIFF found by its signature, any
-    other format by Pillow), as ``savlt predict`` decodes the same bytes in a file: one scan, or
-    one per page of a TIFF volume. FileRejected names the file and the reason."""
+    """The scans of an uploaded file, decoded from its content (TIFF found by its signature and read
+    by the reader ``savlt predict`` uses, any other format by Pillow): one scan, or one per page of
+    a TIFF volume, each page held to the pixel limits before it is decoded. FileRejected names the
+    file (or page) and the reason."""
     if not upload.data:
         raise FileRejected(upload.name, "the file is empty (0 bytes)")
-    pages = _tiff(upload.name, upload.data, budget) if upload.data[:4] in TIFF_MAGIC else None
+    try:
+        pages = (
+            read_tiff(io.BytesIO(upload.data), upload.name, check=budget.take)
+            if upload.data[:4] in TIFF_MAGIC
+            else None
+        )
+    except ImageDecodeError as exc:
+        raise FileRejected(str(exc.path), exc.reason) from None
     if pages is None:
         pages = [(upload.name, _pillow(upload.name, upload.data, budget))]
     return [_scan(name, pixels) for name, pixels in pages]

@@ -8,7 +8,6 @@ a sweep file or configuration error (found before anything is trained).
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ def _print_failure(failure) -> None:
 
 
 def _dry_run(sweep, out: Path) -> int:
-    from savlt.sweep.runner import SweepLayout, classify_points, is_complete
+    from savlt.sweep.runner import SweepLayout, check_sweep_folder, classify_points, is_complete
 
     layout = SweepLayout(out)
     rows = []
@@ -41,6 +40,7 @@ def _dry_run(sweep, out: Path) -> int:
         )
         rows.append([point.name, state])
     print(text_table(["point", "state"], rows))
+    check_sweep_folder(sweep, layout)  # a folder that is not a sweep's, or in a data root, is an error
     classify_points(sweep, layout)  # a finished run with another configuration is an error
     print(f"{len(sweep.points)} points, every configuration valid; nothing was trained")
     return 0
@@ -53,17 +53,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.sweep, args.set or [])
     if args.dry_run:
         return _dry_run(sweep, args.out)
-
-    def terminate(signum, frame):  # a `kill` stops the points in flight like Ctrl-C does
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:  # an interruption is handled inside: the summary below covers the points finished so far
-        result = run_sweep(
-            sweep, args.out, jobs=args.jobs, progress=not args.quiet, on_failure=_print_failure
-        )
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    # an interruption (Ctrl-C, `kill`, a closed terminal) is handled inside: the summary below
+    # covers the points finished so far
+    result = run_sweep(sweep, args.out, jobs=args.jobs, progress=not args.quiet, on_failure=_print_failure)
     summary = aggregate(args.out)
     print(text_summary(summary))
     print(

@@ -9,21 +9,21 @@ DIR/sweep.log             one line per event
 
 A point whose ``metrics.json`` says ``"complete": true`` is skipped (after checking that its
 saved configuration is the one the sweep asks for); a point folder without it was interrupted
-and is wiped and trained again. Killing a sweep therefore loses only the points in flight.
+and is wiped and trained again (only when it holds nothing SAVLT did not write, checked again
+right before). Killing a sweep therefore loses only the points in flight. DIR must be missing,
+empty or a sweep's holding nothing SAVLT did not write there (``savlt.outputs``), and lie outside
+every point's data root.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -35,7 +35,9 @@ from tqdm import tqdm
 from savlt.config import ConfigError, load_config
 from savlt.engine.runfolder import is_complete, same_run
 from savlt.errors import SavltError
-from savlt.io import exclusive, writable_folder, write_json, write_text
+from savlt.io import OutputError, append_line, folder_entries, write_json, write_text
+from savlt.outputs import check_claim, check_foreign, claim_folder, describe, folder_kind
+from savlt.processes import die_with_parent, stop_groups
 from savlt.sweep.grid import Sweep, SweepPoint
 
 LOG_TAIL_LINES = 25
@@ -69,7 +71,6 @@ class SweepLayout:
         self.sweep = self.root / "sweep.yaml"
         self.status = self.root / "status.json"
         self.log = self.root / "sweep.log"
-        self.lock = self.root / ".sweep.lock"
 
     def run(self, name: str) -> Path:
         return self.root / "runs" / name
@@ -118,30 +119,6 @@ def _check_finished(point: SweepPoint, folder: Path) -> None:
             f"{folder} was trained with another configuration than the sweep's point {point.name}: "
             f"{'; '.join(diff[:3])}. Use another --out folder, or delete that run folder to retrain it"
         )
-
-
-@contextlib.contextmanager
-def _exclusive(layout: SweepLayout) -> Iterator[None]:
-    """One sweep process per output folder (the lock dies with the process)."""
-    writable_folder(layout.root, "sweep folder")
-    with exclusive(layout.lock, f"another sweep is running in {layout.root}"):
-        yield
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A pre-exec hook that kills a point when the sweep process dies (Linux only)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-
-    def hook() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-    return hook
 
 
 @dataclass
@@ -219,8 +196,7 @@ class _Status:
         }
 
     def event(self, message: str) -> None:
-        with self.layout.log.open("a") as handle:
-            handle.write(f"{_now()} {message}\n")
+        append_line(self.layout.log, f"{_now()} {message}")
 
     def set(self, name: str, state: str, **info: Any) -> None:
         entry = self.data["points"][name]
@@ -248,6 +224,39 @@ def classify_points(sweep: Sweep, layout: SweepLayout) -> tuple[list[SweepPoint]
         else:
             todo.append(point)
     return done, todo
+
+
+def _sweep_rules(sweep: Sweep) -> dict[str, Any]:
+    """How a sweep claims its folder (``savlt.outputs.check_claim``): an earlier sweep's is continued."""
+    return {
+        "continues": lambda folder: True,
+        "roots": {"the data root": sorted({str(p.config.data.root or "") for p in sweep.points})},
+    }
+
+
+def check_point_folder(point: SweepPoint, layout: SweepLayout) -> None:
+    """Refuse to wipe the unfinished run folder of `point` unless SAVLT wrote everything in it."""
+    folder = layout.run(point.name)
+    what = f"the unfinished run folder of point {point.name},"
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{what} {folder}, is a file SAVLT did not write, so it is not wiped: move it out")
+    if not folder.is_dir() or not folder_entries(folder) or is_complete(folder):
+        return
+    if folder_kind(folder) != "run":
+        raise OutputError(
+            f"{what} {folder}, holds {describe(folder)}, not a SAVLT run, so it is not wiped: move it "
+            "out, or choose another --out"
+        )
+    check_foreign(folder, "run", "wiped")
+
+
+def check_sweep_folder(sweep: Sweep, layout: SweepLayout) -> None:
+    """Refuse a sweep folder that is not missing, empty or a sweep's holding nothing SAVLT did not
+    write, one inside, around or over a point's data root, and an unfinished point folder holding
+    anything SAVLT did not write (it would be wiped). Nothing is written."""
+    check_claim(layout.root, "sweep", **_sweep_rules(sweep))
+    for point in sweep.points:
+        check_point_folder(point, layout)
 
 
 def prepare_point_folders(sweep: Sweep, layout: SweepLayout) -> tuple[list[SweepPoint], list[SweepPoint]]:
@@ -287,7 +296,8 @@ def warm_data_cache(points: list[SweepPoint]) -> None:
 
 def _start(point: SweepPoint, layout: SweepLayout, plan: DevicePlan, slot: int, python: str) -> _Running:
     folder = layout.run(point.name)
-    if folder.exists():  # an interrupted or failed attempt: start clean
+    if folder.exists():  # an interrupted or failed attempt: start clean, if SAVLT wrote all of it
+        check_point_folder(point, layout)
         shutil.rmtree(folder)
     log_path = layout.point_log(point.name)
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -311,22 +321,18 @@ def _start(point: SweepPoint, layout: SweepLayout, plan: DevicePlan, slot: int, 
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         env={**os.environ, **plan.env(slot)},
-        preexec_fn=_die_with_parent(),
+        start_new_session=True,  # its own process group: stopping the point stops all it started
+        preexec_fn=die_with_parent(),  # and a sweep that is killed outright stops its points
     )
     return _Running(point, process, slot, time.time(), log)
 
 
-def _stop(running: list[_Running], grace: float = 10.0) -> None:
+def _stop(running: list[_Running], status: _Status) -> None:
+    """Stop the points in flight with every process they started (``stop_groups``)."""
+    left = stop_groups([job.process for job in running])
+    if left:
+        status.event(f"processes {left} of stopped points did not end, even killed")
     for job in running:
-        if job.process.poll() is None:
-            job.process.terminate()
-    deadline = time.time() + grace
-    for job in running:
-        try:
-            job.process.wait(timeout=max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            job.process.kill()
-            job.process.wait()
         job.log.close()
 
 
@@ -348,7 +354,10 @@ def run_sweep(
     layout = SweepLayout(out)
     result = SweepResult(layout.root)
     started = time.time()
-    with _exclusive(layout):
+    check_sweep_folder(sweep, layout)  # before anything is written
+    with claim_folder(
+        layout.root, "sweep", committed=lambda: (layout.root / "logs").is_dir(), **_sweep_rules(sweep)
+    ):
         done, todo = prepare_point_folders(sweep, layout)
         status = _Status(layout, sweep, jobs)
         for point in done:
@@ -414,7 +423,7 @@ def run_sweep(
             status.event(f"interrupted; stopping {len(running)} point(s) in flight")
         finally:
             finished = not (result.interrupted or queue or running)
-            _stop(running)  # also on an unexpected error: no point outlives the sweep
+            _stop(running, status)  # also on an unexpected error: no point outlives the sweep
             bar.close()
             result.seconds = time.time() - started
             status.data["seconds"] = round(result.seconds, 1)

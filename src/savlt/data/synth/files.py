@@ -3,6 +3,7 @@ several B-scans per patient, a metadata.csv per center, and some patients as mul
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -15,15 +16,16 @@ import tifffile
 from tqdm import tqdm
 
 from savlt.classes import DEFAULT_CLASSES, short_name
-from savlt.data.imageio import is_image_file
 from savlt.data.synth.checks import SynthError, check_centers, check_int, check_size
 from savlt.data.synth.fields import DEFAULT_H, DEFAULT_W
 from savlt.data.synth.preview import write_preview
 from savlt.data.synth.render import image_rng, patient_bscans, patient_rng, render_bscan
 from savlt.data.synth.scanner import ScannerSignature, scanner_signature
-from savlt.io import atomic_path, write_csv
+from savlt.io import atomic_path, read_manifest, write_csv
+from savlt.outputs import claim_folder
 
 DEFAULT_CENTERS: tuple[str, ...] = ("mixed", "xiangya", "huaxi")
+KIND = "synth"  # the kind in OUT/savlt-manifest.json
 _UINT16_PEDESTAL, _UINT16_PEAK = 600, 40000
 _JPEG_QUALITY = 90
 
@@ -117,18 +119,20 @@ def _write_patient(
     return rows
 
 
-def _prepare_folders(out: Path, centers: Sequence[str]) -> None:
-    """Creates the class folders and removes images/masks (and the metadata.csv) a previous run left
-    there for the same centers."""
-    for center in centers:
-        (out / center / "metadata.csv").unlink(missing_ok=True)
-        for class_name in DEFAULT_CLASSES:
-            for kind in ("images", "masks"):
-                folder = out / center / kind / class_name
-                folder.mkdir(parents=True, exist_ok=True)
-                for old in folder.glob(f"{center}_*"):
-                    if old.is_file() and is_image_file(old):
-                        old.unlink()
+def claim_synth_folder(out: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold `out` for a synthetic data set while the block runs, checked before anything is
+    written (``savlt.outputs.claim_folder``): a missing or empty folder is used as it is; one
+    holding exactly an earlier, finished synth output (its manifest lists the files) is replaced;
+    anything else is refused, nothing deleted. A SynthError leaves `out` as it was found."""
+    if out.exists() and not out.is_dir():
+        raise SynthError(f"out must be a folder, but {out} is a file: choose another output path")
+    return claim_folder(
+        out,
+        KIND,
+        replaces=lambda folder: "files" in (read_manifest(folder) or {}),
+        advice="savlt synth writes only into an empty or new folder, or over its own earlier output "
+        "(a finished one): choose another folder",
+    )
 
 
 @dataclass(frozen=True)
@@ -172,10 +176,9 @@ def generate_dataset(
     (<center>_<class-short>_p<PPP>.tif, 16-bit for xiangya, else 8-bit; one page per scan, no mask files).
 
     Each image is seeded from (seed, crc32(center), class index, image index), so the same seed gives
-    byte-identical files whatever else is generated. Re-running into the same folder overwrites the files of
-    these centers and removes ones a previous run left in their class folders; with preview=False an old
-    preview.png is removed, as it would no longer match. Bad arguments raise SynthError before anything is
-    written.
+    byte-identical files whatever else is generated. OUT must be missing, empty or hold exactly an earlier
+    synth output, which is replaced (``claim_synth_folder``); OUT/savlt-manifest.json lists the files
+    written. Bad arguments raise SynthError, and any other OUT OutputError, before anything is written.
     """
     started = time.perf_counter()
     out = Path(out).expanduser()
@@ -184,38 +187,34 @@ def generate_dataset(
     centers = check_centers(centers)
     size = check_size(size)
     _check_patients(patients_per_class, per_class, volume_fraction)
-    if out.exists() and not out.is_dir():
-        raise SynthError(f"out must be a folder, but {out} is a file: choose another output path")
-    _prepare_folders(out, centers)
-    patients = volumes = 0
-    if patients_per_class is None:
-        jobs = [
-            (center, class_index, index)
-            for center in centers
-            for class_index in range(len(DEFAULT_CLASSES))
-            for index in range(per_class)
-        ]
-        for center, class_index, index in tqdm(jobs, desc="synth", unit="img", disable=not progress):
-            _render_and_write(out, seed, center, class_index, index, size)
-    else:
-        total = len(centers) * len(DEFAULT_CLASSES) * per_class
-        bar = tqdm(total=total, desc="synth", unit="img", disable=not progress)
-        for center in centers:
-            rows = []
-            for class_index in range(len(DEFAULT_CLASSES)):
-                for patient, indices in enumerate(np.array_split(np.arange(per_class), patients_per_class)):
-                    as_volume = _is_volume(patient, volume_fraction)
-                    scans = indices.tolist()
-                    rows += _write_patient(out, seed, center, class_index, patient, scans, size, as_volume)
-                    patients, volumes = patients + 1, volumes + as_volume
-                    bar.update(len(scans))
-            write_csv(out / center / "metadata.csv", METADATA_COLUMNS, rows)
-        bar.close()
-    preview_path = out / "preview.png"
-    if preview:
-        write_preview(out, centers=centers)
-    else:
-        preview_path.unlink(missing_ok=True)  # a sheet from an earlier run would no longer match
+    with claim_synth_folder(out):
+        patients = volumes = 0
+        if patients_per_class is None:
+            jobs = [
+                (center, class_index, index)
+                for center in centers
+                for class_index in range(len(DEFAULT_CLASSES))
+                for index in range(per_class)
+            ]
+            for center, class_index, index in tqdm(jobs, desc="synth", unit="img", disable=not progress):
+                _render_and_write(out, seed, center, class_index, index, size)
+        else:
+            total = len(centers) * len(DEFAULT_CLASSES) * per_class
+            bar = tqdm(total=total, desc="synth", unit="img", disable=not progress)
+            for center in centers:
+                rows = []
+                for class_index in range(len(DEFAULT_CLASSES)):
+                    for patient, indices in enumerate(np.array_split(np.arange(per_class), patients_per_class)):
+                        as_volume = _is_volume(patient, volume_fraction)
+                        scans = indices.tolist()
+                        rows += _write_patient(out, seed, center, class_index, patient, scans, size, as_volume)
+                        patients, volumes = patients + 1, volumes + as_volume
+                        bar.update(len(scans))
+                write_csv(out / center / "metadata.csv", METADATA_COLUMNS, rows)
+            bar.close()
+        preview_path = out / "preview.png"
+        if preview:
+            write_preview(out, centers=centers)
     counts = {center: dict.fromkeys(DEFAULT_CLASSES, per_class) for center in centers}
     seconds = time.perf_counter() - started
     return SynthSummary(out, counts, preview_path if preview else None, seconds, patients, volumes)

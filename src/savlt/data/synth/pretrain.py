@@ -6,8 +6,9 @@ centers out of distribution. Each scan gets a caption describing the structure t
 in varied words: several phrasings per structure, sometimes with the scanner and depth details,
 never one of the class descriptions used as text anchors (``savlt.classes.DEFAULT_CLASSES``).
 
-OUT/pairs.csv (columns file, text, with files relative to OUT) and OUT/images/<scanner>/<stem>.png.
-The same seed gives the same files and captions.
+OUT/pairs.csv (columns file, text, with files relative to OUT) and OUT/images/<scanner>/<stem>.png;
+OUT is claimed as for the data set (``files.claim_synth_folder``). The same seed gives the same
+files and captions.
 """
 
 from __future__ import annotations
@@ -25,7 +26,12 @@ from tqdm import tqdm
 from savlt.classes import DEFAULT_CLASSES, short_name
 from savlt.data.synth.checks import SynthError, check_centers, check_int, check_size
 from savlt.data.synth.fields import DEFAULT_H, DEFAULT_W
-from savlt.data.synth.files import DEFAULT_CENTERS, SynthSummary, write_scan
+from savlt.data.synth.files import (
+    DEFAULT_CENTERS,
+    SynthSummary,
+    claim_synth_folder,
+    write_scan,
+)
 from savlt.data.synth.render import image_rng, render_bscan
 from savlt.io import write_text
 
@@ -127,24 +133,23 @@ def generate_pretrain_corpus(
             f"scanner {clash[0]!r} is an evaluation center: pretraining scans must come from other "
             f"scanners (e.g. {', '.join(PRETRAIN_SCANNERS)})"
         )
-    if out.exists() and not out.is_dir():
-        raise SynthError(f"out must be a folder, but {out} is a file: choose another output path")
     classes = list(DEFAULT_CLASSES)
     jobs = [(s, c, i) for s in scanners for c in range(len(classes)) for i in range(per_class)]
     rows = []
-    for scanner, class_index, index in tqdm(
-        jobs, desc="synth (pretraining)", unit="img", disable=not progress
-    ):
-        class_name = classes[class_index]
-        image, _ = render_bscan(scanner, class_name, image_rng(seed, scanner, class_index, index), size)
-        rel = f"images/{scanner}/{scanner}_{short_name(class_name).lower()}_{index:04d}.png"
-        write_scan(out / rel, image, scanner)
-        text_rng = np.random.default_rng([seed, zlib.crc32(rel.encode("utf-8"))])
-        rows.append((rel, caption(class_name, scanner, text_rng)))
-    table = io.StringIO()
-    writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(["file", "text"])
-    writer.writerows(rows)
-    write_text(out / "pairs.csv", table.getvalue())
+    with claim_synth_folder(out):
+        for scanner, class_index, index in tqdm(
+            jobs, desc="synth (pretraining)", unit="img", disable=not progress
+        ):
+            class_name = classes[class_index]
+            image, _ = render_bscan(scanner, class_name, image_rng(seed, scanner, class_index, index), size)
+            rel = f"images/{scanner}/{scanner}_{short_name(class_name).lower()}_{index:04d}.png"
+            write_scan(out / rel, image, scanner)
+            text_rng = np.random.default_rng([seed, zlib.crc32(rel.encode("utf-8"))])
+            rows.append((rel, caption(class_name, scanner, text_rng)))
+        table = io.StringIO()
+        writer = csv.writer(table, lineterminator="\n")
+        writer.writerow(["file", "text"])
+        writer.writerows(rows)
+        write_text(out / "pairs.csv", table.getvalue())
     counts = {scanner: dict.fromkeys(classes, per_class) for scanner in scanners}
     return SynthSummary(out, counts, None, time.perf_counter() - started)

@@ -8,6 +8,7 @@
   const KNOWN = new Set([
     "path", "predicted", "probabilities", "high_risk_probability", "roi_box", "roi_fallback",
     "heatmap", "assessable", "reason", "error", "scan", "referral", "referral_threshold",
+    "operating_point_established", "referral_rule", "prediction_set", "logits",
   ]);
 
   const $ = (selector, root = document) => root.querySelector(selector);
@@ -45,13 +46,9 @@
     $("#token-input").focus();
   }
 
-  // The referral threshold on the high-risk probability: the prediction's own, else the run's
-  // operating point, else none.
-  function threshold(item) {
-    if (item && typeof item.referral_threshold === "number") return item.referral_threshold;
-    const op = model && model.operating_point;
-    return op && typeof op.threshold === "number" ? op.threshold : null;
-  }
+  // The referral threshold in use on a prediction's high-risk probability (null when the
+  // operating point is not established, or the run has none).
+  const threshold = (item) => (typeof item.referral_threshold === "number" ? item.referral_threshold : null);
 
   function fact(list, term, value) {
     const row = document.createElement("div");
@@ -72,30 +69,42 @@
     fact(facts, "Shots per class", String(model.shots));
     fact(facts, "Trained on", model.train_center);
     fact(facts, "High-risk classes", model.high_risk.map(label).join(", "));
-    const t = threshold(null);
-    $("#threshold-note").textContent = t === null
-      ? "This run has no calibrated operating point: a scan screens positive when its predicted class is high-risk."
-      : `Referral threshold on the high-risk probability: ${fixed(t)} (the run's operating point).`;
+    const op = model.operating_point;
+    const note = $("#threshold-note");
+    if (op && op.established === false) {
+      note.textContent = `Operating point not established: ${op.not_established_because}. The screen falls back to the predicted class: a scan is referred when its predicted class is high-risk.`;
+      note.classList.add("warning");
+    } else if (op && typeof op.threshold === "number") {
+      note.textContent = `Referral rule: refer when the predicted class is high-risk or the high-risk probability reaches ${percent(op.threshold)} (the run's operating point).`;
+    } else {
+      note.textContent = "This run has no calibrated operating point: a scan is referred when its predicted class is high-risk.";
+    }
     const body = $("#center-table tbody");
     body.replaceChildren();
     const centers = Object.entries(model.centers || {});
     for (const [name, m] of centers) {
       const row = document.createElement("tr");
       const binary = m.binary || {};
-      // The screen at the referral threshold when the run has one, else "predicted class is high-risk".
+      // The referral screen when the run is calibrated, else the predicted class alone.
       const screen = m.operating_point && typeof m.operating_point.sensitivity === "number" ? m.operating_point : binary;
-      const cells = [name, m.n, fixed(m.accuracy), fixed(binary.auc), fixed(screen.sensitivity), fixed(screen.specificity)];
+      const failed = Boolean(m.operating_point && m.operating_point.screen_failed);
+      const verdict = !m.operating_point || m.operating_point.screen_failed === null ? "—" : failed ? "Failed" : "OK";
+      const cells = [name, m.n, fixed(m.accuracy), fixed(binary.auc), fixed(screen.sensitivity), fixed(screen.specificity), verdict];
       cells.forEach((value, i) => {
         const cell = document.createElement(i === 0 ? "th" : "td");
         if (i === 0) cell.scope = "row";
-        else cell.className = "num";
+        else cell.className = i === cells.length - 1 ? "screen-verdict" : "num";
         cell.textContent = value === undefined || value === null ? "—" : String(value);
         row.append(cell);
       });
+      if (failed) {
+        row.classList.add("failed");
+        row.lastElementChild.title = `Sensitivity below the target ${m.operating_point.target_sensitivity}, and so is the upper end of its interval`;
+      }
       body.append(row);
     }
     const atThreshold = centers.some(([, m]) => m.operating_point && typeof m.operating_point.sensitivity === "number");
-    $("#screen-note").textContent = atThreshold ? "at the referral threshold" : "predicted class high-risk";
+    $("#screen-note").textContent = atThreshold ? "the referral screen" : "predicted class high-risk";
     $("#center-table").hidden = centers.length === 0;
     $("#summary").hidden = false;
   }
@@ -202,20 +211,38 @@
     const t = threshold(item);
     const text = $(".risk-text", card);
     $(".risk-bar .fill", card).style.width = `${100 * risk}%`;
-    let positive;
+    // The service's referral is the answer; the page only words it (refer when the predicted class
+    // is high-risk or the probability reaches the threshold).
+    const highRiskClass = model.high_risk.includes(item.predicted);
+    const positive = typeof item.referral === "string" ? item.referral === "refer" : highRiskClass;
+    let why;
     if (t === null) {
-      positive = model.high_risk.includes(item.predicted);
-      text.textContent = `High-risk probability ${percent(risk)}: predicted class is ${positive ? "" : "not "}high-risk`;
+      why = `predicted class is ${highRiskClass ? "" : "not "}high-risk`;
     } else {
-      positive = typeof item.referral === "string" ? item.referral === "refer" : risk >= t;
       const marker = $(".risk-bar .marker", card);
       marker.hidden = false;
       marker.style.left = `calc(${100 * t}% - 1px)`;
       const side = risk >= t ? "at or above" : "below";
-      const decision = typeof item.referral === "string" ? `: ${item.referral}` : "";
-      text.textContent = `High-risk probability ${percent(risk)}, ${side} the referral threshold ${percent(t)}${decision}`;
+      why = `${side} the referral threshold ${percent(t)}`;
+      if (highRiskClass && risk < t) why += ", but the predicted class is high-risk";
     }
+    text.textContent = `${positive ? "Refer" : "No referral"}: high-risk probability ${percent(risk)}, ${why}.`;
     text.classList.add(positive ? "positive" : "negative");
+    const fallback = $(".operating-point", card);
+    if (item.operating_point_established === false) {
+      fallback.hidden = false;
+      fallback.textContent = item.referral_rule
+        ? `${item.referral_rule.charAt(0).toUpperCase()}${item.referral_rule.slice(1)}.`
+        : "Operating point not established: the screen falls back to the predicted class.";
+    }
+    const set = $(".prediction-set", card);
+    if (Array.isArray(item.prediction_set)) {
+      set.hidden = false;
+      const coverage = model.prediction_sets ? ` (${percent(1 - model.prediction_sets.alpha)} coverage)` : "";
+      set.textContent = item.prediction_set.length
+        ? `Cannot be ruled out${coverage}: ${item.prediction_set.map(label).join(", ")}`
+        : `Prediction set${coverage}: empty — the model is less sure of this scan than of the validation scans`;
+    }
     const list = $(".probabilities", card);
     for (const name of model.classes) {
       const p = item.probabilities[name];
