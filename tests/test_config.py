@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from savlt.cli import main
-from savlt.config import Config, ConfigError, load_config
+from savlt.config import Config, ConfigError, config_reference, load_config
 from savlt.methods import METHODS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -148,3 +150,55 @@ def test_sections_check_their_own_fields() -> None:
     with pytest.raises(ConfigError, match="eval.ci_level"):
         EvalConfig(ci_level=1.0)
     assert TrainConfig(shots=4, n_iters=3).total_steps == 12 and TrainConfig(max_steps=7).total_steps == 7
+
+
+def _leaf_keys(node: object, prefix: str = "") -> list[str]:
+    keys = []
+    for item in dataclasses.fields(node):
+        value = getattr(node, item.name)
+        if dataclasses.is_dataclass(value):
+            keys += _leaf_keys(value, f"{item.name}.")
+        else:
+            keys.append(prefix + item.name)
+    return keys
+
+
+def test_every_key_is_documented_once_in_order() -> None:
+    rows = config_reference()
+    assert [row.key for row in rows] == _leaf_keys(Config())
+    undocumented = [row.key for row in rows if len(row.help.split()) < 3]
+    assert not undocumented, f"keys without a help text: {undocumented}"
+    shots = next(row for row in rows if row.key == "train.shots")
+    assert (shots.type, shots.default, shots.defines_run) == ("int", "16", True)
+    normalize = next(row for row in rows if row.key == "data.normalize")
+    assert normalize.type == "backbone | clip | imagenet"
+    assert not next(row for row in rows if row.key == "data.num_workers").defines_run
+
+
+def test_defining_leaves_out_what_cannot_change_a_number() -> None:
+    a = load_config(overrides=["data.num_workers=0", "seg.epochs=3"])
+    b = load_config(overrides=["data.num_workers=5", "seg.epochs=9"])
+    assert a.defining(("seg", "pretrain")) == b.defining(("seg", "pretrain"))
+    assert a.defining() != b.defining()  # seg is part of the tree unless left out
+    assert load_config(overrides=["train.lr=0.1"]).defining() != Config().defining()
+
+
+def test_config_command_lists_every_key(capsys) -> None:
+    assert main(["config", "--list"]) == 0
+    listed = capsys.readouterr().out
+    for row in config_reference():
+        assert f"{row.key}  {row.type} = {row.default}" in listed
+    assert main(["config", "--markdown"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[:2] == ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    assert len(table) == 2 + len(config_reference())
+    assert any(line.startswith("| `data.normalize` | backbone \\| clip \\| imagenet |") for line in table)
+
+
+def test_config_command_prints_the_resolved_configuration(capsys) -> None:
+    assert main(["config", "--config", str(CONFIGS / "demo.yaml"), "--set", "train.lr=5e-4"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    expected = load_config(CONFIGS / "demo.yaml", ["train.lr=5e-4"]).to_dict()
+    assert printed == expected and printed["train"]["lr"] == 0.0005
+    assert main(["config", "--set", "train.lrr=1"]) == 2
+    assert "unknown config key train.lrr" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from conftest import CENTER_SIZES, processes_left
 from savlt.cli import main
 from savlt.config import ConfigError, load_config
 from savlt.io import write_manifest
-from savlt.sweep import SweepError, aggregate, build_sweep, is_complete, load_sweep, run_sweep
+from savlt.sweep import Sweep, SweepError, aggregate, build_sweep, is_complete, load_sweep, run_sweep
 from savlt.sweep.runner import SweepLayout, prepare_point_folders
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -214,20 +214,39 @@ def test_paper_sweep_file_is_the_published_protocol() -> None:
         assert cfg.data.train_center == "mixed" and cfg.data.test_centers == ["xiangya", "huaxi"]
 
 
-def test_finished_point_with_another_config_is_refused(tmp_path: Path) -> None:
-    sweep = build_sweep({"base": {"data": str(tmp_path / "d"), "model": "tiny"}, "grid": {"seed": [5, 42]}})
+def finished_point(tmp_path: Path, seeds: list[int], *settings: str) -> Sweep:
+    """A sweep over `seeds` whose point seed=5 is finished in its folder, trained with `settings`."""
+    sweep = build_sweep({"base": {"data": str(tmp_path / "d"), "model": "tiny"}, "grid": {"seed": seeds}})
     folder = SweepLayout(tmp_path / "out").run("seed=5")
     folder.mkdir(parents=True)
     write_spec(SweepLayout(tmp_path / "out").sweep, sweep.to_json())  # an earlier sweep's folder
     write_manifest(tmp_path / "out", "sweep", ["sweep.yaml"])
     write_manifest(folder, "run", ["config.yaml", "metrics.json"])
     load_config(
-        overrides=[f"data.root={tmp_path / 'd'}", "model.backbone=tiny", "train.seed=5", "train.lr=0.1"]
+        overrides=[f"data.root={tmp_path / 'd'}", "model.backbone=tiny", "train.seed=5", *settings]
     ).save(folder / "config.yaml")
     (folder / "metrics.json").write_text(json.dumps({"complete": True, "centers": {}}))
-    with pytest.raises(SweepError, match=r"train.lr \(0.1 in the run, 0.001 in the sweep\)"):
+    return sweep
+
+
+def test_finished_point_with_another_config_is_refused(tmp_path: Path) -> None:
+    sweep = finished_point(tmp_path, [5, 42], "train.lr=0.1", "data.num_workers=0")
+    with pytest.raises(SweepError, match=r"train.lr \(0.1 in the run, 0.001 in the sweep\)\.") as refused:
         run_sweep(sweep, tmp_path / "out", progress=False)
+    assert "num_workers" not in str(refused.value)  # only what defines a run is listed
     assert not SweepLayout(tmp_path / "out").run("seed=42").exists()  # refused before training anything
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        ["data.num_workers=0", "data.cache_dir=/elsewhere", "model.allow_download=true"],
+        ["seg.epochs=3", "seg.arch=linknet", "pretrain.lr=0.1", "pretrain.max_steps=7"],
+    ],
+)
+def test_a_setting_that_does_not_define_the_run_keeps_a_finished_point(tmp_path: Path, settings) -> None:
+    result = run_sweep(finished_point(tmp_path, [5], *settings), tmp_path / "out", progress=False)
+    assert (result.skipped, result.trained, result.failed) == (["seed=5"], [], [])
 
 
 # ------------------------------------------------------------------ aggregation (fabricated runs)

@@ -268,6 +268,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from savlt.config import config_reference, reference_markdown
+
+    if args.markdown:
+        print(reference_markdown(), end="")
+    elif args.list:
+        for row in config_reference():
+            note = "" if row.defines_run else "  (does not define a run)"
+            print(f"{row.key}  {row.type} = {row.default}{note}\n    {row.help}")
+    else:
+        print(config_from_args(args).to_yaml(), end="")
+    return 0
+
+
 # ------------------------------------------------------------------------------ parser
 
 
@@ -371,7 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help="data root (default: the one the run was trained on)")
     p.add_argument("--centers", help="comma-separated centers (default: all of the run's)")
     p.add_argument(
-        "--out", type=Path, help="output folder (default RUN/evaluation; an evaluation of this run is replaced)"
+        "--out",
+        type=Path,
+        help="output folder (default RUN/evaluation; an evaluation of this run is replaced)",
     )
     p.add_argument(
         "--overwrite",
@@ -384,6 +400,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="accuracy and AUC of finished runs side by side, per center")
     p.add_argument("runs", nargs="+", type=Path, help="run folders")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "config",
+        help="print the resolved configuration, or (--list) every key with its type, default and help",
+    )
+    add_config_arguments(p)
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--list", action="store_true", help="every configuration key, its type, default and help"
+    )
+    shown.add_argument("--markdown", action="store_true", help="the same list as a Markdown table")
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("predict", help="diagnose scans with a saved run")
     p.add_argument("run", type=Path)
@@ -423,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"savlt: error: {plain_text(str(exc))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the output went into a pipe that closed early (e.g. `| head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 1
     except OSError as exc:  # a full disk where no writer of SAVLT's own named the file (a figure, a log)
         if exc.errno not in NO_SPACE or args.verbose:
             raise

@@ -15,7 +15,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -47,10 +47,22 @@ def _need_seed(value: int | None, key: str) -> None:
     )
 
 
+def setting(
+    default: Any = dataclasses.MISSING, *, help: str, factory: Any = None, defines_run: bool = True
+) -> Any:
+    """A configuration field with its help text (shown by ``savlt config --list`` and in the
+    documentation) and whether it defines a run: a field that cannot change a number (worker
+    counts, cache folders, download permission) does not, so changing it keeps a finished run."""
+    metadata = {"help": help, "defines_run": defines_run}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class ClassSpec:
-    name: str
-    description: str
+    name: str = setting(help="class name: the class folder's name (or an alias of it)")
+    description: str = setting(help="the class's text description, the prompt of its text anchor")
 
 
 def _default_classes() -> list[ClassSpec]:
@@ -59,35 +71,62 @@ def _default_classes() -> list[ClassSpec]:
 
 @dataclass
 class DataConfig:
-    root: str | None = None
-    train_center: str = "mixed"
-    # External test centers; None = every center under root other than train_center.
-    test_centers: list[str] | None = None
-    split_ratios: list[float] = field(default_factory=lambda: [0.45, 0.15, 0.40])
-    # The split is seeded separately from training so every training seed meets the same test set.
-    split_seed: int = 0
-    split_file: str | None = None
-    # Where splits and few-shot lists are cached; None = <root>/.savlt (skipped if not writable).
-    cache_dir: str | None = None
-    image_size: int = 224
-    # Pixel normalisation: the backbone's own statistics (CLIP's for every OpenAI CLIP and for
-    # BiomedCLIP; an open_clip folder's preprocess_cfg), CLIP's, or ImageNet's (what the published
-    # code uses).
-    normalize: Literal["backbone", "clip", "imagenet"] = "backbone"
-    # Seed of the few-shot draw; None = train.seed (every seed draws its own shots). The published
-    # code fixes one draw (seed 42) for every training seed.
-    fewshot_seed: int | None = None
-    num_workers: int = 2
-    class_aliases: dict[str, str] = field(default_factory=dict)
-    classes: list[ClassSpec] = field(default_factory=_default_classes)
-    high_risk: list[str] = field(default_factory=lambda: list(DEFAULT_HIGH_RISK))
-    # Patients: a center's metadata.csv (columns file, patient[, volume, …]) when it has one, else
-    # this regular expression on the file name (its group "patient", else its first group, else the
-    # whole match); without either every scan is its own patient (a volume's pages one patient).
-    patient_pattern: str | None = None
-    # The training center is split, and the shots drawn, by patient (a patient's scans never cross
-    # parts) or by image (patients may cross parts, recorded in metrics.json: for comparison only).
-    split_by: Literal["patient", "image"] = "patient"
+    root: str | None = setting(None, help="the data root: one folder per center, each with images/<class>/")
+    train_center: str = setting("mixed", help="the center whose split trains, validates and tests internally")
+    test_centers: list[str] | None = setting(
+        None, help="external test centers; null = every center under root other than train_center"
+    )
+    split_ratios: list[float] = setting(
+        help="train, validation and test fractions of the training center", factory=lambda: [0.45, 0.15, 0.40]
+    )
+    split_seed: int = setting(
+        0, help="seed of the split, apart from training's so every training seed meets the same test set"
+    )
+    split_file: str | None = setting(
+        None, help="a split.json to use instead of drawing one (paths inside the data root)"
+    )
+    cache_dir: str | None = setting(
+        None,
+        help="where splits and few-shot lists are cached; null = <root>/.savlt (skipped if not writable)",
+        defines_run=False,
+    )
+    image_size: int = setting(224, help="side of the square image the backbone sees, in pixels")
+    normalize: Literal["backbone", "clip", "imagenet"] = setting(
+        "backbone",
+        help="pixel normalisation: the backbone's own statistics (CLIP's for OpenAI CLIP and BiomedCLIP, an "
+        "open_clip folder's preprocess_cfg), CLIP's, or ImageNet's (what the published code uses)",
+    )
+    fewshot_seed: int | None = setting(
+        None,
+        help="seed of the few-shot draw; null = train.seed (every seed draws its own shots); the published "
+        "code fixes one draw (42) for every training seed",
+    )
+    num_workers: int = setting(
+        2,
+        help="data-loader worker processes (a scan's augmentation is seeded by the sampler, so the numbers "
+        "do not depend on it)",
+        defines_run=False,
+    )
+    class_aliases: dict[str, str] = setting(
+        help="folder name -> class name, for centers whose class folders are named otherwise", factory=dict
+    )
+    classes: list[ClassSpec] = setting(
+        help="the classes in order, each with its name and text description", factory=_default_classes
+    )
+    high_risk: list[str] = setting(
+        help="the classes that are referred (the high-risk screen)", factory=lambda: list(DEFAULT_HIGH_RISK)
+    )
+    patient_pattern: str | None = setting(
+        None,
+        help="regular expression taking the patient from a file name (group 'patient', else the first "
+        "group, else the match) when a center has no metadata.csv; without either every scan is its own "
+        "patient (a volume's pages one patient)",
+    )
+    split_by: Literal["patient", "image"] = setting(
+        "patient",
+        help="split the training center and draw the shots by patient (a patient's scans never cross "
+        "parts) or by image (patients may cross parts, recorded in metrics.json: for comparison only)",
+    )
 
     def __post_init__(self) -> None:
         ratios = self.split_ratios
@@ -120,11 +159,17 @@ class DataConfig:
 
 @dataclass
 class RoiConfig:
-    # auto = the segmenter when one is given, else the classical mask.
-    mask_source: Literal["auto", "classical", "segmenter", "files"] = "auto"
-    segmenter: str | None = None
-    # The ROI starts at the first all-tissue row at or below this fraction of the height.
-    top_fraction: float = 0.1
+    mask_source: Literal["auto", "classical", "segmenter", "files"] = setting(
+        "auto",
+        help="where the tissue masks come from: auto = the segmenter when one is given, else the classical "
+        "mask; files = each center's masks/ folder",
+    )
+    segmenter: str | None = setting(
+        None, help="a segmenter checkpoint folder (savlt seg train), e.g. seg/fold0"
+    )
+    top_fraction: float = setting(
+        0.1, help="the ROI starts at the first all-tissue row at or below this fraction of the height"
+    )
 
     def __post_init__(self) -> None:
         _need(0 <= self.top_fraction < 1, "roi.top_fraction must lie in [0, 1)")
@@ -136,19 +181,24 @@ class RoiConfig:
 
 @dataclass
 class PeftConfig:
-    type: Literal["lora", "dora", "adalora", "loha", "lokr"] = "lora"
-    r: int = 8
-    alpha: float = 4.0
-    dropout: float = 0.25
-    # Adapt the last `gradual_step` vision layers; None = all of them.
-    gradual_step: int | None = None
-    text: bool = False
-    text_r: int = 2
-    text_alpha: float = 16.0
-    # "published": the published code's adapter settings (AdaLoRA init_r 32, total_step 1000, no
-    # rank re-allocation or orthogonality term; LoHa/LoKr module_dropout 0.1; text adapters with
-    # the vision r/alpha and a trained text projection). See the README's reproduction table.
-    variant: Literal["savlt", "published"] = "savlt"
+    type: Literal["lora", "dora", "adalora", "loha", "lokr"] = setting(
+        "lora", help="the low-rank adapter family on the vision (and text) tower"
+    )
+    r: int = setting(8, help="rank of the vision adapters")
+    alpha: float = setting(4.0, help="scaling numerator of the vision adapters (LoRA's alpha)")
+    dropout: float = setting(0.25, help="dropout on the adapters' input")
+    gradual_step: int | None = setting(
+        None, help="adapt only the last this many vision layers; null = all of them"
+    )
+    text: bool = setting(False, help="adapt the text tower too")
+    text_r: int = setting(2, help="rank of the text adapters")
+    text_alpha: float = setting(16.0, help="scaling numerator of the text adapters")
+    variant: Literal["savlt", "published"] = setting(
+        "savlt",
+        help="published = the published code's adapter settings (AdaLoRA init_r 32, total_step 1000, no "
+        "rank re-allocation or orthogonality term; LoHa/LoKr module_dropout 0.1; text adapters with the "
+        "vision r/alpha and a trained text projection)",
+    )
 
     def __post_init__(self) -> None:
         _need(self.r >= 1 and self.text_r >= 1, "peft.r and peft.text_r must be >= 1")
@@ -158,31 +208,44 @@ class PeftConfig:
 
 @dataclass
 class ModelConfig:
-    # A Hugging Face CLIP hub id (read from the local cache), a local folder (Hugging Face or
-    # open_clip), hf-hub:ORG/NAME (an open_clip model such as BiomedCLIP, from the local cache),
-    # open_clip:ARCH (with model.weights), tiny-oct (shipped), or a built-in random model (tiny,
-    # tiny-openclip, …; for demos and tests). See the README's "Medical CLIP backbones".
-    backbone: str = "openai/clip-vit-base-patch16"
-    # The local weights file of an open_clip:ARCH backbone.
-    weights: str | None = None
-    pooling: Pooling = "roi"
-    # Where the ROI acts: only in the pooling ("pool"); also inside the backbone, zeroing the
-    # non-ROI patch tokens after every block as the published BiomedCLIP code does ("every_block");
-    # or after every block and before the first, so no pixel outside the ROI reaches the ROI or
-    # CLS tokens ("isolated").
-    roi_masking: RoiMasking = "pool"
-    heads: int = 4
-    # Pool the patch tokens after the vision tower's final LayerNorm (true), or before it as the
-    # published code does (false).
-    token_layernorm: bool = True
-    # Pooling start: identity D×D layer and N(0, 0.02) queries, or the published code's
-    # xavier-uniform queries and PyTorch's default random D×D layer ("reference").
-    pool_init: Literal["identity", "reference"] = "identity"
-    # Weight of the prototype branch: 0 = text anchors only, 1 = prototypes only.
-    alpha: float = 0.5
-    inference_scale: float = 100.0
-    # Reading weights is offline-first; only with this set may a missing checkpoint be fetched.
-    allow_download: bool = False
+    backbone: str = setting(
+        "openai/clip-vit-base-patch16",
+        help="a Hugging Face CLIP hub id (from the local cache), a local folder (Hugging Face or open_clip), "
+        "hf-hub:ORG/NAME (an open_clip model such as BiomedCLIP, from the local cache), open_clip:ARCH "
+        "(with model.weights), tiny-oct (shipped), or a built-in random model (tiny, tiny-openclip, …)",
+    )
+    weights: str | None = setting(None, help="the local weights file of an open_clip:ARCH backbone")
+    pooling: Pooling = setting(
+        "roi",
+        help="how patch tokens become the image feature: roi = attention pooling over the ROI's patch "
+        "tokens, cls = the CLS token, attn = attention pooling over every patch (a method may fix it)",
+    )
+    roi_masking: RoiMasking = setting(
+        "pool",
+        help="where the ROI acts: only in the pooling (pool); also zeroing the non-ROI patch tokens after "
+        "every block as the published BiomedCLIP code does (every_block); or before the first block too, so "
+        "no pixel outside the ROI reaches the ROI or CLS tokens (isolated)",
+    )
+    heads: int = setting(4, help="attention heads of the ROI pooling")
+    token_layernorm: bool = setting(
+        True,
+        help="pool the patch tokens after the vision tower's final LayerNorm (true) or before it as the "
+        "published code does (false)",
+    )
+    pool_init: Literal["identity", "reference"] = setting(
+        "identity",
+        help="pooling start: an identity D×D layer and N(0, 0.02) queries, or the published code's "
+        "xavier-uniform queries and PyTorch's default random D×D layer (reference)",
+    )
+    alpha: float = setting(
+        0.5, help="weight of the prototype branch: 0 = text anchors only, 1 = prototypes only"
+    )
+    inference_scale: float = setting(100.0, help="logit scale of the cosine similarities at inference")
+    allow_download: bool = setting(
+        False,
+        help="weights are read offline; only with this set may a missing checkpoint be fetched",
+        defines_run=False,
+    )
 
     def __post_init__(self) -> None:
         _need(0 <= self.alpha <= 1, f"model.alpha: {self.alpha} must lie in [0, 1]")
@@ -191,28 +254,38 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    shots: int = 16
-    seed: int = 5
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    min_lr: float = 1e-6
-    # Total optimiser steps = n_iters * shots (the published schedule), unless max_steps is set.
-    n_iters: int = 10
-    max_steps: int | None = None
-    batch_size: int = 32
-    grad_accum: int = 1
-    val_every: int = 50
-    crop_scale: list[float] = field(default_factory=lambda: [0.75, 1.0])
-    hflip: bool = True
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    # "full": a stream of full batches; "epoch": reshuffle every epoch and keep the short last
-    # batch (published), validating only at epoch ends whose step is a multiple of val_every.
-    batches: Literal["full", "epoch"] = "full"
-    # Published-code quirks, off by default (see the README's reproduction table): every trainable
-    # backbone tensor takes two AdamW updates per step; the model stays in eval mode (LoRA dropout
-    # off) after the first validation.
-    double_adapter_update: bool = False
-    eval_mode_after_validation: bool = False
+    shots: int = setting(16, help="K: labelled training scans per class")
+    seed: int = setting(5, help="training seed (and the few-shot draw's when data.fewshot_seed is null)")
+    lr: float = setting(1e-3, help="AdamW learning rate, cosine-annealed to min_lr")
+    weight_decay: float = setting(1e-4, help="AdamW weight decay")
+    min_lr: float = setting(1e-6, help="learning rate at the end of the cosine schedule")
+    n_iters: int = setting(
+        10, help="optimiser steps = n_iters × shots (the published schedule), unless max_steps is set"
+    )
+    max_steps: int | None = setting(None, help="optimiser steps of the run, instead of n_iters × shots")
+    batch_size: int = setting(32, help="scans per optimiser step (per process, before grad_accum)")
+    grad_accum: int = setting(1, help="batches accumulated into one optimiser step")
+    val_every: int = setting(50, help="validate (and record the validation loss) every this many steps")
+    crop_scale: list[float] = setting(
+        help="area range [low, high] of the random resized crop", factory=lambda: [0.75, 1.0]
+    )
+    hflip: bool = setting(True, help="random horizontal flips in training")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = setting(
+        "auto", help="training precision; auto = bf16 on a GPU that has it, else full precision"
+    )
+    batches: Literal["full", "epoch"] = setting(
+        "full",
+        help="full: a stream of full batches; epoch: reshuffle every epoch and keep the short last batch "
+        "(published), validating only at epoch ends whose step is a multiple of val_every",
+    )
+    double_adapter_update: bool = setting(
+        False, help="published-code quirk: every trainable backbone tensor takes two AdamW updates per step"
+    )
+    eval_mode_after_validation: bool = setting(
+        False,
+        help="published-code quirk: the model stays in eval mode (LoRA dropout off) after the first "
+        "validation",
+    )
 
     def __post_init__(self) -> None:
         _need(self.shots >= 1, "train.shots must be >= 1")
@@ -242,31 +315,44 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 64
-    bootstrap: int = 1000
-    ci_level: float = 0.95
-    # Score of the high-risk screen's AUC: "probability" ranks by the probability mass on the
-    # high-risk classes (computed as log-odds in float64, so confident scans do not tie);
-    # "logit_sum" is the published sigmoid(Σ high-risk logits − Σ other logits).
-    auc_score: Literal["probability", "logit_sum"] = "probability"
-    # Scans that cannot be assessed (no finite pixel values, fewer than `min_contrast` grey levels
-    # of the stored type between the 0.5th and 99.5th percentile, tissue on less than
-    # `min_tissue` of the scan): left out of the metrics and counted per center ("exclude"), or
-    # scored like the others ("include"). `savlt predict` never diagnoses them.
-    unassessable: Literal["exclude", "include"] = "exclude"
-    min_contrast: float = 8.0
-    min_tissue: float = 0.05
-    # A patient's class probabilities: the mean over its scans, or those of its scan with the
-    # highest high-risk probability ("max_risk").
-    patient_aggregate: Literal["mean", "max_risk"] = "mean"
-    # The referral threshold on the calibrated high-risk probability is the highest that reaches
-    # this sensitivity on the validation draw.
-    target_sensitivity: float = 0.95
-    # Prediction sets: split-conformal at coverage 1 − conformal_alpha, fitted on the validation
-    # draw, with the LAC score (1 − p of the class: the smallest sets) or APS (the probability mass
-    # ranked at or above the class: larger sets on uncertain scans).
-    conformal_alpha: float = 0.1
-    conformal_score: Literal["lac", "aps"] = "lac"
+    batch_size: int = setting(64, help="scans per forward pass when scoring")
+    bootstrap: int = setting(1000, help="bootstrap resamples (by patient) for the AUC and macro-F1 intervals")
+    ci_level: float = setting(0.95, help="level of every confidence interval")
+    auc_score: Literal["probability", "logit_sum"] = setting(
+        "probability",
+        help="score of the high-risk screen's AUC: probability = the probability mass on the high-risk "
+        "classes (as float64 log-odds, so confident scans do not tie); logit_sum = the published "
+        "sigmoid(Σ high-risk logits − Σ other logits)",
+    )
+    unassessable: Literal["exclude", "include"] = setting(
+        "exclude",
+        help="scans that cannot be assessed (no finite pixels, too few grey levels, too little tissue): left "
+        "out of the metrics and counted per center (exclude), or scored like the others (include); savlt "
+        "predict never diagnoses them",
+    )
+    min_contrast: float = setting(
+        8.0,
+        help="an assessable scan has at least this many grey levels between its 0.5th and 99.5th percentile",
+    )
+    min_tissue: float = setting(0.05, help="an assessable scan shows tissue on at least this fraction")
+    patient_aggregate: Literal["mean", "max_risk"] = setting(
+        "mean",
+        help="a patient's class probabilities: the mean over its scans, or those of its scan with the "
+        "highest high-risk probability (max_risk)",
+    )
+    target_sensitivity: float = setting(
+        0.95,
+        help="the referral threshold is the highest calibrated high-risk probability reaching this "
+        "sensitivity on the validation draw",
+    )
+    conformal_alpha: float = setting(
+        0.1, help="prediction sets are split-conformal at coverage 1 − conformal_alpha (validation draw)"
+    )
+    conformal_score: Literal["lac", "aps"] = setting(
+        "lac",
+        help="conformal score: lac (1 − p of the class: the smallest sets, may be empty) or aps (the "
+        "probability mass ranked at or above the class: larger sets on uncertain scans)",
+    )
 
     def __post_init__(self) -> None:
         _need(self.bootstrap >= 0, "eval.bootstrap must be >= 0")
@@ -287,22 +373,32 @@ class EvalConfig:
 class SegConfig:
     """Tissue-segmenter training (``savlt seg train``)."""
 
-    arch: Literal["unet", "pspnet", "deeplabv3plus", "linknet", "segformer"] = "unet"
-    encoder: str = "resnet18"
-    # "auto": ImageNet weights when they are in the local cache (as the published scripts use),
-    # else from scratch with a warning; "imagenet" insists on them; a file path; None = scratch.
-    encoder_weights: str | None = "auto"
-    # Centers whose masks train the segmenter; None = the training center (data.train_center)
-    # only, so an external test center never trains the structure prior it is evaluated with.
-    centers: list[str] | None = None
-    folds: int = 5
-    epochs: int = 30  # the published scripts: 50 epochs of batch 256 on a GPU
-    batch_size: int = 8
-    lr: float = 1e-4  # Adam, as the published scripts
-    image_size: int = 224
-    threshold: float = 0.5
-    seed: int = 0
-    plateau_patience: int = 3
+    arch: Literal["unet", "pspnet", "deeplabv3plus", "linknet", "segformer"] = setting(
+        "unet", help="segmenter architecture (segmentation_models_pytorch)"
+    )
+    encoder: str = setting("resnet18", help="the segmenter's encoder")
+    encoder_weights: str | None = setting(
+        "auto",
+        help="auto = ImageNet weights when they are in the local cache (as the published scripts use), "
+        "else from scratch with a warning; imagenet insists on them; a file path; null = from scratch",
+    )
+    centers: list[str] | None = setting(
+        None,
+        help="centers whose masks train the segmenter; null = the training center only, so an external "
+        "test center never trains the structure prior it is evaluated with",
+    )
+    folds: int = setting(5, help="k of the k-fold cross-validation")
+    epochs: int = setting(
+        30, help="training epochs per fold (the published scripts: 50 of batch 256 on a GPU)"
+    )
+    batch_size: int = setting(8, help="images per step")
+    lr: float = setting(1e-4, help="Adam learning rate (as the published scripts)")
+    image_size: int = setting(224, help="side of the square training image (a multiple of 32)")
+    threshold: float = setting(0.5, help="probability above which a pixel is tissue")
+    seed: int = setting(0, help="seed of the folds and of training")
+    plateau_patience: int = setting(
+        3, help="epochs without a better validation Dice before the learning rate is halved"
+    )
 
     def __post_init__(self) -> None:
         _need(self.folds >= 2, "seg.folds must be >= 2 (k-fold cross-validation)")
@@ -320,26 +416,33 @@ class SegConfig:
 class PretrainConfig:
     """Contrastive image–text pretraining (``savlt pretrain``) of the backbone in model.backbone."""
 
-    # A pairs CSV (columns file, text; files relative to the CSV's folder) or a data root whose
-    # class folders give each scan its class description as caption.
-    pairs: str | None = None
-    adapters: Literal["none", "lora"] = "none"  # none = full fine-tuning
-    batch_size: int = 64
-    grad_accum: int = 1
-    lr: float = 5e-4
-    weight_decay: float = 0.1
-    warmup: float = 0.05  # fraction of the steps with a linear warm-up, then cosine decay to 0
-    max_steps: int = 1000
-    val_fraction: float = 0.1  # held-out pairs for image→text and text→image recall@1/5
-    eval_every: int = 100
-    save_every: int = 100  # a resumable checkpoint every this many steps
-    seed: int = 0
-    # Start the learnable temperature here (CLIP starts from scratch at 0.07); None keeps the
-    # backbone's own, as for an already pretrained CLIP.
-    init_temperature: float | None = None
-    # End after this many steps although the learning-rate schedule spans max_steps (the same
-    # trajectory, stopped early); None = max_steps.
-    stop_after: int | None = None
+    pairs: str | None = setting(
+        None,
+        help="a pairs CSV (columns file, text; files relative to the CSV's folder) or a data root whose class "
+        "folders give each scan its class description as caption",
+    )
+    adapters: Literal["none", "lora"] = setting("none", help="none = full fine-tuning; lora = LoRA adapters")
+    batch_size: int = setting(64, help="pairs per step (the loss contrasts the pairs of a batch)")
+    grad_accum: int = setting(1, help="batches accumulated into one optimiser step")
+    lr: float = setting(5e-4, help="AdamW peak learning rate")
+    weight_decay: float = setting(0.1, help="AdamW weight decay")
+    warmup: float = setting(0.05, help="fraction of the steps with a linear warm-up, then cosine decay to 0")
+    max_steps: int = setting(1000, help="optimiser steps the learning-rate schedule spans")
+    val_fraction: float = setting(0.1, help="held-out pairs for image→text and text→image recall@1/5")
+    eval_every: int = setting(100, help="evaluate the held-out recall every this many steps")
+    save_every: int = setting(100, help="write a resumable checkpoint every this many steps")
+    seed: int = setting(0, help="seed of the held-out draw, the batches and the augmentation")
+    init_temperature: float | None = setting(
+        None,
+        help="start the learnable temperature here (CLIP from scratch starts at 0.07); null keeps the "
+        "backbone's own",
+    )
+    stop_after: int | None = setting(
+        None,
+        help="end after this many steps although the schedule spans max_steps (the same trajectory, stopped "
+        "early; a run may be continued further later); null = max_steps",
+        defines_run=False,
+    )
 
     def __post_init__(self) -> None:
         _need(self.batch_size >= 2, "pretrain.batch_size must be >= 2 (the loss contrasts pairs in a batch)")
@@ -369,15 +472,21 @@ class PretrainConfig:
 
 @dataclass
 class Config:
-    method: str = "savlt"
-    data: DataConfig = field(default_factory=DataConfig)
-    roi: RoiConfig = field(default_factory=RoiConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    peft: PeftConfig = field(default_factory=PeftConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    seg: SegConfig = field(default_factory=SegConfig)
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    method: str = setting("savlt", help="the method (see savlt train --help for the list)")
+    data: DataConfig = setting(help="the data set, its split and the few-shot draw", factory=DataConfig)
+    roi: RoiConfig = setting(help="the tissue region of interest", factory=RoiConfig)
+    model: ModelConfig = setting(help="the backbone and the SAVLT head", factory=ModelConfig)
+    peft: PeftConfig = setting(help="the backbone's low-rank adapters", factory=PeftConfig)
+    train: TrainConfig = setting(help="the few-shot training", factory=TrainConfig)
+    eval: EvalConfig = setting(help="scoring, intervals, calibration and the referral", factory=EvalConfig)
+    seg: SegConfig = setting(
+        help="tissue-segmenter training (savlt seg train); not part of a classification run's identity",
+        factory=SegConfig,
+    )
+    pretrain: PretrainConfig = setting(
+        help="contrastive pretraining (savlt pretrain); not part of a classification run's identity",
+        factory=PretrainConfig,
+    )
 
     def __post_init__(self) -> None:
         _need(self.method in METHODS, f"method: {self.method!r} is not one of {', '.join(METHODS)}")
@@ -403,8 +512,22 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def defining(self, leave_out: Collection[str] = ()) -> dict[str, Any]:
+        """``to_dict()`` without the fields that do not define a run (see ``setting``) and without
+        the top-level sections in `leave_out`: what two configurations must share to make the same
+        run."""
+        tree = {name: value for name, value in self.to_dict().items() if name not in leave_out}
+        for row in config_reference():
+            section, _, name = row.key.rpartition(".")
+            if not row.defines_run and section in tree:
+                tree[section].pop(name, None)
+        return tree
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def save(self, path: str | Path) -> None:
-        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        write_text(path, self.to_yaml())
 
     def get(self, key: str) -> Any:
         """Value at a dotted key, e.g. ``cfg.get("train.shots")``."""
@@ -412,6 +535,79 @@ class Config:
         for part in key.split("."):
             value = getattr(value, part)
         return value
+
+
+# ---------------------------------------------------------------- the reference of every key
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """One configuration key as ``savlt config --list`` and the documentation show it."""
+
+    key: str  # dotted, e.g. train.lr
+    type: str
+    default: str
+    help: str
+    defines_run: bool
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return " | ".join(map(str, args))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is list:
+        item = args[0]
+        if dataclasses.is_dataclass(item):
+            return "list of {" + ", ".join(f.name for f in dataclasses.fields(item)) + "}"
+        return f"list of {_type_name(item)}"
+    if origin is dict:
+        return f"mapping {_type_name(args[0])} -> {_type_name(args[1])}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _default_text(value: Any) -> str:
+    if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+        return "[" + ", ".join(item.name for item in value) + "] (with descriptions)"
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
+def config_reference() -> list[ConfigKey]:
+    """Every configuration key in order, with its type, default and help (from the field metadata)."""
+    rows: list[ConfigKey] = []
+    defaults = Config()
+    for section in dataclasses.fields(Config):
+        value = getattr(defaults, section.name)
+        if not dataclasses.is_dataclass(value):
+            hints = typing.get_type_hints(Config)
+            rows.append(_row(section, section.name, hints[section.name], value))
+            continue
+        hints = typing.get_type_hints(type(value))
+        for item in dataclasses.fields(value):
+            rows.append(
+                _row(item, f"{section.name}.{item.name}", hints[item.name], getattr(value, item.name))
+            )
+    return rows
+
+
+def _row(item: dataclasses.Field, key: str, hint: Any, default: Any) -> ConfigKey:
+    return ConfigKey(
+        key, _type_name(hint), _default_text(default), item.metadata["help"], item.metadata["defines_run"]
+    )
+
+
+def reference_markdown() -> str:
+    """The reference as a Markdown table, one row per key (the documentation's configuration page)."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;").replace("\n", " ")
+
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for row in config_reference():
+        meaning = row.help + ("" if row.defines_run else " *(does not define a run)*")
+        lines.append(f"| `{row.key}` | {cell(row.type)} | `{cell(row.default)}` | {cell(meaning)} |")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- loading and validation

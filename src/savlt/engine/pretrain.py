@@ -189,9 +189,8 @@ def _resume(paths: PretrainPaths, cfg: Config, towers: Towers, optimizer: torch.
     if not state_file.is_file():
         return 0
     saved = load_config(paths.config)
-    # where the run stops does not change its trajectory, so a run may be continued or ended earlier
-    saved.pretrain.stop_after = cfg.pretrain.stop_after
-    if not same_run(saved, cfg):
+    # pretrain.stop_after does not define the run: it may be continued or ended earlier
+    if not same_run(saved, cfg, leave_out=("seg",)):
         raise ConfigError(
             f"{paths.root} holds a pretraining run with another configuration: use another --out "
             f"folder, or delete {paths.checkpoint} to start again"

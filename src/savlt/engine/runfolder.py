@@ -101,19 +101,25 @@ def with_absolute_paths(cfg: Config) -> Config:
     return dataclasses.replace(cfg, **changed) if changed else cfg
 
 
-def run_identity(cfg: Config) -> dict[str, Any]:
-    """The configuration as it decides a run: ``data.normalize`` as the mean and std it stands for,
-    so a run saved with ``clip`` (the default before backbones brought their own) equals the same
-    run with ``backbone`` on a CLIP backbone."""
-    tree = cfg.to_dict()
+# The sections a classification run never reads: the segmenter's and pretraining's own settings.
+OTHER_COMMANDS = ("seg", "pretrain")
+
+
+def run_identity(cfg: Config, leave_out: tuple[str, ...] = OTHER_COMMANDS) -> dict[str, Any]:
+    """What defines a run (``Config.defining``: no worker counts, cache folders or other
+    commands' sections), with ``data.normalize`` as the mean and std it stands for, so a run saved
+    with ``clip`` (the default before backbones brought their own) equals the same run with
+    ``backbone`` on a CLIP backbone."""
+    tree = cfg.defining(leave_out)
     stats = normalization(cfg.data.normalize, declared_normalization(cfg.model.backbone))
     tree["data"]["normalize"] = [list(part) for part in stats]
     return tree
 
 
-def same_run(a: Config, b: Config) -> bool:
-    """Whether two configurations make the same run (see ``run_identity``)."""
-    return a == b or run_identity(a) == run_identity(b)
+def same_run(a: Config, b: Config, leave_out: tuple[str, ...] = OTHER_COMMANDS) -> bool:
+    """Whether two configurations make the same run (see ``run_identity``); a pretraining run
+    compares its own section too (`leave_out` without it)."""
+    return a == b or run_identity(a, leave_out) == run_identity(b, leave_out)
 
 
 def _same_unfinished_run(cfg: Config) -> Callable[[Path], bool]:

@@ -33,7 +33,7 @@ import yaml
 from tqdm import tqdm
 
 from savlt.config import ConfigError, load_config
-from savlt.engine.runfolder import is_complete, same_run
+from savlt.engine.runfolder import OTHER_COMMANDS, is_complete, same_run
 from savlt.errors import SavltError
 from savlt.io import OutputError, append_line, folder_entries, write_json, write_text
 from savlt.outputs import check_claim, check_foreign, claim_folder, describe, folder_kind
@@ -114,7 +114,7 @@ def _check_finished(point: SweepPoint, folder: Path) -> None:
     except (ConfigError, OSError) as exc:
         raise SweepError(f"{folder} is complete but its config.yaml cannot be read ({exc})") from None
     if not same_run(saved, point.config):
-        diff = _config_differences(point.config.to_dict(), saved.to_dict())
+        diff = _config_differences(point.config.defining(OTHER_COMMANDS), saved.defining(OTHER_COMMANDS))
         raise SweepError(
             f"{folder} was trained with another configuration than the sweep's point {point.name}: "
             f"{'; '.join(diff[:3])}. Use another --out folder, or delete that run folder to retrain it"
