@@ -21,10 +21,21 @@ from savlt.cli import main
 from savlt.config import ConfigError, load_config
 from savlt.engine.loaded import load_run
 from savlt.engine.pretrain import pretrain
-from savlt.models.backbone import build_random, declared_normalization, load_backbone
+from savlt.models.backbone import (
+    PRESETS,
+    Preset,
+    build_random,
+    declared_normalization,
+    is_built_in,
+    load_backbone,
+    resolve,
+    shipped_folder,
+)
+from savlt.models.backbone_files import BackboneError, hf_folder_stats
 from savlt.models.openclip import BIOMEDBERT, BIOMEDCLIP, build_open_clip
 from savlt.models.savlt import model_from_config
-from savlt.models.vision_language import CLIP_STATS, BackboneError, VisionLanguage
+from savlt.models.vision_language import VisionLanguage
+from savlt.normalization import CLIP_STATS
 from savlt.serve import ServeOptions, create_app
 
 KINDS = ["tiny", "tiny-openclip"]
@@ -453,3 +464,49 @@ def test_a_run_on_an_open_clip_backbone_saves_reloads_and_predicts_the_same(
     assert [served["probabilities"][n] for n in run.class_names] == pytest.approx(
         [predicted[0]["probabilities"][n] for n in run.class_names], abs=1e-5
     )
+
+
+def test_every_kind_of_name_resolves_once_to_its_source_and_statistics(biomed_folder, tmp_path: Path) -> None:
+    folder, _ = biomed_folder
+    hf = tmp_path / "hf-clip"
+    build_random("tiny").save_pretrained(hf, normalization=((0.1, 0.2, 0.3), (0.4, 0.5, 0.6)))
+    expected = {
+        "tiny": ("preset", None, CLIP_STATS),
+        "tiny-openclip": ("preset", None, CLIP_STATS),
+        "tiny-oct": ("shipped", shipped_folder("tiny-oct"), hf_folder_stats(shipped_folder("tiny-oct"))),
+        "open_clip:ViT-B-16": ("open_clip_arch", None, CLIP_STATS),
+        "hf-hub:savlt-test/not-cached": ("open_clip_hub", None, CLIP_STATS),
+        str(folder): ("open_clip_folder", folder, ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))),
+        str(hf): ("hf_folder", hf, ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))),
+        "openai/clip-vit-base-patch16": ("hf_hub", None, CLIP_STATS),
+    }
+    for spec, (kind, where, stats) in expected.items():
+        source = resolve(spec)
+        assert (source.kind, source.folder, source.stats()) == (kind, where, stats), spec
+        assert declared_normalization(spec) == stats
+    assert load_backbone(str(hf)).normalization == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+
+
+def test_a_preset_added_in_one_place_is_found_by_loading_and_normalisation(monkeypatch) -> None:
+    shapes = {
+        "vision": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+        },
+        "text": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+        },
+        "projection": {"projection_dim": 16},
+    }
+    monkeypatch.setitem(PRESETS, "micro", Preset("hf", shapes))
+    assert is_built_in("micro") and resolve("micro").kind == "preset"
+    model = load_backbone("micro")
+    assert (model.source, model.width, model.embed_dim) == ("micro", 32, 16)
+    assert declared_normalization("micro") == model.normalization == CLIP_STATS
+    with pytest.raises(BackboneError, match="model.weights is only for open_clip:ARCH"):
+        load_backbone("micro", weights="w.safetensors")

@@ -22,7 +22,8 @@ from savlt.data.discover import DataError, scan_dataset
 from savlt.data.imageio import ImageDecodeError, read_image, read_mask
 from savlt.data.prepare import resolve_few_shot, resolve_split
 from savlt.data.splits import load_split, ratio_split, sample_few_shot
-from savlt.data.transforms import NORMALIZATION, eval_transform, train_transform
+from savlt.data.transforms import eval_transform, train_transform
+from savlt.normalization import NORMALIZATION
 
 CLASSES = ClassMap(tuple(DEFAULT_CLASSES))
 

@@ -10,10 +10,10 @@ import torch
 from conftest import tiny_model
 
 from savlt.config import ConfigError
-from savlt.data.transforms import NORMALIZATION
 from savlt.models.adapters import adalora_factors, adalora_orthogonality, parameter_counts
 from savlt.models.backbone import build_random, load_backbone
-from savlt.models.vision_language import BackboneError
+from savlt.models.backbone_files import BackboneError
+from savlt.normalization import NORMALIZATION
 
 
 def batch(size: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

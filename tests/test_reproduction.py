@@ -17,7 +17,7 @@ from savlt.cli import main
 from savlt.config import load_config
 from savlt.data.discover import scan_dataset
 from savlt.data.splits import load_split
-from savlt.data.transforms import NORMALIZATION, eval_transform, normalization
+from savlt.data.transforms import eval_transform
 from savlt.engine.fit import _update_again
 from savlt.engine.inputs import StepBatches, prepare_inputs
 from savlt.engine.metrics import center_metrics, risk_scores
@@ -27,6 +27,7 @@ from savlt.models.backbone import build_random
 from savlt.models.pooling import RoiAttentionPool
 from savlt.models.roi import patches_in_boxes, roi_boxes
 from savlt.models.savlt import SavltModel
+from savlt.normalization import NORMALIZATION, normalization
 from savlt.seg import SegmenterError, load_segmenter
 from savlt.seg.model import build_model
 

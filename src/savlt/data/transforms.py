@@ -3,7 +3,7 @@
 Training: RandomResizedCrop (bicubic for the image, nearest for the mask) + horizontal flip +
 normalisation. Evaluation: a deterministic resize + normalisation, never a random crop.
 Normalisation uses the backbone's own statistics by default, or CLIP's or ImageNet's
-(``data.normalize``; ``normalization`` turns the setting into a mean and std).
+(``data.normalize``; ``savlt.normalization`` turns the setting into a mean and std).
 """
 
 from __future__ import annotations
@@ -12,19 +12,7 @@ import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
 
-Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
-
-# Per-channel (mean, std) on the 0..1 scale: what every OpenAI CLIP checkpoint was trained with,
-# and ImageNet's (the published SAVLT code and most segmentation encoders).
-NORMALIZATION: dict[str, Stats] = {
-    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
-
-
-def normalization(setting: str, backbone: Stats) -> Stats:
-    """``data.normalize`` as a mean and std: "backbone" takes the backbone's own."""
-    return backbone if setting == "backbone" else NORMALIZATION[setting]
+from savlt.normalization import Stats
 
 
 def train_transform(size: int, crop_scale: tuple[float, float], hflip: bool, stats: Stats) -> A.Compose:

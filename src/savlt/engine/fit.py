@@ -30,12 +30,13 @@ from savlt.config import Config
 from savlt.data.dataset import OCTDataset
 from savlt.data.discover import ImageRecord
 from savlt.data.masks import MaskStore, TissueMasks
-from savlt.data.transforms import normalization, train_transform
+from savlt.data.transforms import train_transform
 from savlt.engine.inference import loader_for, run_inference
 from savlt.engine.inputs import StepBatches
 from savlt.models.adapters import adalora_factors, adalora_orthogonality
 from savlt.models.heads import LinearHead
 from savlt.models.savlt import SavltModel
+from savlt.normalization import normalization
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,9 @@ from savlt.config import Config
 from savlt.data.dataset import OCTDataset
 from savlt.data.discover import ImageRecord
 from savlt.data.masks import MaskStore
-from savlt.data.transforms import eval_transform, normalization
+from savlt.data.transforms import eval_transform
 from savlt.models.savlt import SavltModel
+from savlt.normalization import normalization
 from savlt.processes import start_worker_server, worker_context, worker_started
 
 

@@ -17,7 +17,7 @@ from savlt.config import load_config
 from savlt.data.dataset import OCTDataset
 from savlt.data.imageio import ImageDecodeError, decode_image, tiff_pages
 from savlt.data.quality import Thresholds, assess
-from savlt.data.transforms import eval_transform, normalization
+from savlt.data.transforms import eval_transform
 from savlt.engine.calibration import (
     REFERRAL,
     SET_SEPARATOR,
@@ -55,6 +55,7 @@ from savlt.io import (
     write_csv,
     write_json,
 )
+from savlt.normalization import normalization
 from savlt.report.plots import heatmap_png, heatmap_title, is_heatmap_png
 
 # A decoded scan: (8-bit H×W×3 RGB, the pixel values as stored).

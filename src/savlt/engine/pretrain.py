@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from savlt.config import Config, ConfigError, PeftConfig, load_config
 from savlt.data.pairs import Pair, PairDataset, load_pairs, split_pairs
-from savlt.data.transforms import Stats, eval_transform, normalization, train_transform
+from savlt.data.transforms import eval_transform, train_transform
 from savlt.engine.inference import loader_for, start_loader_workers
 from savlt.engine.inputs import StepBatches
 from savlt.engine.rundir import backbone_for, log_to, make_accelerator, on_main, seed_everything
@@ -62,6 +62,7 @@ from savlt.io import (
 )
 from savlt.models.adapters import add_adapters
 from savlt.models.hf_clip import HFClip
+from savlt.normalization import Stats, normalization
 from savlt.outputs import claim_folder
 
 log = logging.getLogger("savlt")

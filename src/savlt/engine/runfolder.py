@@ -23,7 +23,8 @@ refused with what is there, unless ``overwrite``, which replaces a SAVLT run or 
 holding nothing SAVLT did not write and none of the command's inputs (``savlt.outputs``). Neither
 is ever written inside, around or over the data root (an evaluation: neither the data root it
 scores nor the one the run was trained on). One process writes a folder at a time. This module
-imports no model code, so the sweep can use it cheaply.
+imports neither torch nor transformers (the backbone registry resolves names and reads statistics
+without them; tests/test_architecture.py checks it), so the sweep can use it cheaply.
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from savlt.config import Config, load_config
-from savlt.data.transforms import normalization
 from savlt.errors import SavltError
 from savlt.io import LOCK_NAME, MANIFEST_NAME, read_manifest
 from savlt.models.backbone import declared_normalization, is_built_in
+from savlt.normalization import normalization
 from savlt.outputs import claim_folder, is_complete
 
 # predictions/<VALIDATION>.csv holds the validation draw's predictions, beside one file per center.

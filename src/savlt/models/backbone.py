@@ -1,87 +1,117 @@
-"""Loading the backbone named by ``model.backbone`` (offline first) as a ``VisionLanguage``.
+"""The backbone registry: what ``model.backbone`` names, resolved once (``resolve``) into a
+``BackboneSource`` that knows how to load the model and which mean and std it declares.
 
-- a built-in random model: ``tiny`` (tests), ``small``, ``random-vit-b16`` (Hugging Face CLIPs),
-  ``tiny-openclip`` and ``random-biomedclip`` (open_clip, BiomedCLIP-shaped);
+- a built-in random model (``PRESETS``): ``tiny`` (tests), ``small``, ``random-vit-b16``
+  (Hugging Face CLIPs), ``tiny-openclip`` and ``random-biomedclip`` (open_clip, BiomedCLIP-shaped);
 - ``tiny-oct``: a small CLIP pretrained on synthetic OCT scans by ``savlt pretrain``, shipped
-  inside the package;
+  inside the package (``SHIPPED``);
 - a local folder: a Hugging Face CLIP (``config.json``) or an open_clip model
   (``open_clip_config.json`` + weights);
 - ``hf-hub:ORG/NAME``: an open_clip model from the local Hugging Face cache (BiomedCLIP);
 - ``open_clip:ARCH``: an open_clip architecture with ``model.weights`` a local file;
 - any other name: a Hugging Face CLIP hub id, from the local cache.
 
-Pretrained weights are never fetched silently: only with ``model.allow_download`` may the hub be
-asked, and when the files are missing the error says how to provide them.
+Built-in names win over a local folder of the same name. Resolving and reading the statistics
+import neither torch nor transformers (a sweep and the run identity use them); loading imports the
+family's module then. Pretrained weights are never fetched silently: only with
+``model.allow_download`` may the hub be asked, and when the files are missing the error says how
+to provide them. A new preset is one entry of ``PRESETS``: loading and normalisation both find it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
-from huggingface_hub import try_to_load_from_cache
-
-from savlt.data.transforms import Stats
 from savlt.models.backbone_files import (
     HUB_PREFIX,
     OPEN_CLIP_CONFIG,
     OPEN_CLIP_PREFIX,
+    BackboneError,
     hf_folder_stats,
+    hub_cache,
     preprocess_stats,
     read_open_clip_config,
 )
-from savlt.models.hf_clip import (
-    RANDOM_PRESETS,
-    build_random_hf,
-    hub_cache,
-    load_hf,
-    load_hf_folder,
-    load_hf_hub,
-)
-from savlt.models.vision_language import CLIP_STATS, BackboneError, VisionLanguage
+from savlt.normalization import CLIP_STATS, Stats
+
+if TYPE_CHECKING:
+    from savlt.models.vision_language import VisionLanguage
 
 DEFAULT_BACKBONE = "openai/clip-vit-base-patch16"
 
-# Random open_clip models shaped like BiomedCLIP: "tiny-openclip" for tests and demos,
-# "random-biomedclip" with BiomedCLIP's own shapes (timm ViT-B/16 trunk, BERT-base text tower,
-# 512-d, context 256) for speed and memory measurements without the weights.
-OPEN_CLIP_PRESETS: dict[str, dict[str, int]] = {
-    "tiny-openclip": {
-        "width": 96,
-        "layers": 4,
-        "heads": 4,
-        "text_width": 64,
-        "text_layers": 2,
-        "embed": 64,
-        "context": 128,
-    },
-    "random-biomedclip": {
-        "width": 768,
-        "layers": 12,
-        "heads": 12,
-        "text_width": 768,
-        "text_layers": 12,
-        "embed": 512,
-        "context": 256,
-    },
+
+def _tower(hidden: int, layers: int, heads: int) -> dict[str, int]:
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": 4 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+    }
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A built-in backbone with random weights: its family and its shapes."""
+
+    family: Literal["hf", "open_clip"]
+    shapes: dict[str, Any]
+
+
+# "tiny" for tests; "small" the architecture of the shipped tiny-oct; "random-vit-b16" the shapes
+# of openai/clip-vit-base-patch16; "tiny-openclip" for tests and demos of the open_clip path;
+# "random-biomedclip" BiomedCLIP's own shapes (timm ViT-B/16 trunk, BERT-base text tower, 512-d,
+# context 256). The large ones measure speed and memory without the weights.
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        "hf", {"vision": _tower(96, 4, 4), "text": _tower(64, 2, 4), "projection": {"projection_dim": 64}}
+    ),
+    "small": Preset(
+        "hf", {"vision": _tower(144, 4, 4), "text": _tower(128, 4, 4), "projection": {"projection_dim": 128}}
+    ),
+    "random-vit-b16": Preset(
+        "hf",
+        {"vision": _tower(768, 12, 12), "text": _tower(512, 12, 8), "projection": {"projection_dim": 512}},
+    ),
+    "tiny-openclip": Preset(
+        "open_clip",
+        {
+            "width": 96,
+            "layers": 4,
+            "heads": 4,
+            "text_width": 64,
+            "text_layers": 2,
+            "embed": 64,
+            "context": 128,
+        },
+    ),
+    "random-biomedclip": Preset(
+        "open_clip",
+        {
+            "width": 768,
+            "layers": 12,
+            "heads": 12,
+            "text_width": 768,
+            "text_layers": 12,
+            "embed": 512,
+            "context": 256,
+        },
+    ),
 }
 
 # Backbones pretrained by `savlt pretrain` and shipped inside the package, loaded offline by name.
 SHIPPED = ("tiny-oct",)
 
+Kind = Literal[
+    "preset", "shipped", "open_clip_arch", "open_clip_hub", "open_clip_folder", "hf_folder", "hf_hub"
+]
+
 
 def is_built_in(spec: str) -> bool:
     """Whether `spec` names a model built into SAVLT (random presets and shipped backbones), which
     wins over a local folder of the same name."""
-    return spec in RANDOM_PRESETS or spec in OPEN_CLIP_PRESETS or spec in SHIPPED
-
-
-def build_random(preset: str = "tiny") -> VisionLanguage:
-    """A built-in backbone with random weights, the same every time."""
-    if preset in OPEN_CLIP_PRESETS:
-        from savlt.models.openclip import build_random_open_clip  # imports open_clip: only when needed
-
-        return build_random_open_clip(preset, OPEN_CLIP_PRESETS[preset])
-    return build_random_hf(preset)
+    return spec in PRESETS or spec in SHIPPED
 
 
 def shipped_folder(name: str) -> Path:
@@ -89,73 +119,118 @@ def shipped_folder(name: str) -> Path:
     return Path(__file__).resolve().parents[1] / "backbones" / name
 
 
-def _shipped(name: str) -> VisionLanguage:
-    folder = shipped_folder(name)
-    if not (folder / "model.safetensors").is_file():
-        raise BackboneError(
-            f"the weights of the built-in backbone {name!r} are missing from this installation "
-            f"({folder}); reinstall SAVLT, or rebuild them as the README's 'A pretrained OCT-CLIP' says"
+@dataclass(frozen=True)
+class BackboneSource:
+    """One resolved ``model.backbone``: its kind, and where its files are for the kinds that have
+    a folder (shipped, local folders, an ``hf-hub:`` model found in the local cache)."""
+
+    spec: str
+    kind: Kind
+    folder: Path | None = None
+
+    def stats(self) -> Stats:
+        """The mean and std the backbone declares, read from its files without building it
+        (CLIP's when it declares none): what ``data.normalize=backbone`` stands for."""
+        if self.folder is None:
+            return CLIP_STATS
+        try:
+            if (self.folder / OPEN_CLIP_CONFIG).is_file():
+                return preprocess_stats(read_open_clip_config(self.folder), self.folder / OPEN_CLIP_CONFIG)
+            if self.folder.is_dir():
+                return hf_folder_stats(self.folder)
+        except OSError:  # not a usable path (e.g. too long): loading it says so
+            pass
+        return CLIP_STATS
+
+    def load(self, allow_download: bool = False, weights: str | None = None) -> VisionLanguage:
+        """The backbone itself; ``weights`` is the local weights file of an ``open_clip:ARCH``."""
+        if weights is not None and self.kind != "open_clip_arch":
+            raise BackboneError(
+                f"model.weights is only for open_clip:ARCH backbones; {self.spec!r} brings its own weights "
+                "(remove model.weights)"
+            )
+        if self.kind == "preset":
+            return build_random(self.spec)
+        if self.kind in ("open_clip_arch", "open_clip_hub"):
+            from savlt.models.openclip import load_open_clip  # imports open_clip: only when needed
+
+            return load_open_clip(self.spec, weights, allow_download)
+        if self.kind == "open_clip_folder":
+            from savlt.models.openclip import load_open_clip_folder
+
+            return load_open_clip_folder(self.folder, allow_download)
+        from savlt.models import hf_clip
+
+        if self.kind == "shipped":
+            if not (self.folder / "model.safetensors").is_file():
+                raise BackboneError(
+                    f"the weights of the built-in backbone {self.spec!r} are missing from this installation "
+                    f"({self.folder}); reinstall SAVLT, or rebuild them as the README's 'A pretrained "
+                    "OCT-CLIP' says"
+                )
+            return hf_clip.load_hf(str(self.folder), local_only=True, name=self.spec)
+        if self.kind == "hf_folder":
+            if not (self.folder / "config.json").is_file():
+                raise BackboneError(
+                    f"backbone folder {self.folder} holds neither config.json (a Hugging Face CLIP saved with "
+                    "save_pretrained) nor open_clip_config.json (an open_clip model with its weights)"
+                )
+            return hf_clip.load_hf_folder(self.folder)
+        return hf_clip.load_hf_hub(self.spec, allow_download)
+
+
+def _cached_hub_folder(spec: str) -> Path | None:
+    """The local cache folder of an ``hf-hub:`` open_clip model, when its config is there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(
+            spec.removeprefix(HUB_PREFIX), OPEN_CLIP_CONFIG, cache_dir=hub_cache()
         )
-    return load_hf(str(folder), local_only=True, name=name)
+    except ValueError:  # not a valid repository id: loading it says so
+        return None
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def resolve(spec: str = DEFAULT_BACKBONE) -> BackboneSource:
+    """What `spec` names, in the order of the module docstring (the one place names are read)."""
+    if spec in SHIPPED:
+        return BackboneSource(spec, "shipped", shipped_folder(spec))
+    if spec in PRESETS:
+        return BackboneSource(spec, "preset")
+    if spec.startswith(OPEN_CLIP_PREFIX):
+        return BackboneSource(spec, "open_clip_arch")
+    if spec.startswith(HUB_PREFIX):
+        return BackboneSource(spec, "open_clip_hub", _cached_hub_folder(spec))
+    folder = Path(spec).expanduser()
+    try:
+        is_folder = folder.exists() or spec.startswith((".", "/", "~"))
+        if is_folder and (folder / OPEN_CLIP_CONFIG).is_file():
+            return BackboneSource(spec, "open_clip_folder", folder)
+    except OSError:  # not a usable path (e.g. too long): loading it says so
+        is_folder = False
+    return BackboneSource(spec, "hf_folder", folder) if is_folder else BackboneSource(spec, "hf_hub")
+
+
+def build_random(preset: str = "tiny") -> VisionLanguage:
+    """A built-in backbone with random weights, the same every time."""
+    entry = PRESETS[preset]
+    if entry.family == "open_clip":
+        from savlt.models.openclip import build_random_open_clip  # imports open_clip: only when needed
+
+        return build_random_open_clip(preset, entry.shapes)
+    from savlt.models.hf_clip import build_random_hf
+
+    return build_random_hf(preset, entry.shapes)
 
 
 def load_backbone(
     spec: str = DEFAULT_BACKBONE, allow_download: bool = False, weights: str | None = None
 ) -> VisionLanguage:
-    """The backbone ``spec`` names (see the module docstring); ``weights`` is the local weights
-    file of an ``open_clip:ARCH`` backbone."""
-    if weights is not None and not spec.startswith(OPEN_CLIP_PREFIX):
-        raise BackboneError(
-            f"model.weights is only for open_clip:ARCH backbones; {spec!r} brings its own weights "
-            "(remove model.weights)"
-        )
-    if spec in SHIPPED:
-        return _shipped(spec)
-    if is_built_in(spec):
-        return build_random(spec)
-    if spec.startswith((OPEN_CLIP_PREFIX, HUB_PREFIX)):
-        from savlt.models.openclip import load_open_clip
-
-        return load_open_clip(spec, weights, allow_download)
-    folder = Path(spec).expanduser()
-    if folder.exists() or spec.startswith((".", "/", "~")):
-        if (folder / OPEN_CLIP_CONFIG).is_file():
-            from savlt.models.openclip import load_open_clip_folder
-
-            return load_open_clip_folder(folder, allow_download)
-        if not (folder / "config.json").is_file():
-            raise BackboneError(
-                f"backbone folder {folder} holds neither config.json (a Hugging Face CLIP saved with "
-                "save_pretrained) nor open_clip_config.json (an open_clip model with its weights)"
-            )
-        return load_hf_folder(folder)
-    return load_hf_hub(spec, allow_download)
+    """The backbone ``spec`` names (see the module docstring)."""
+    return resolve(spec).load(allow_download, weights)
 
 
 def declared_normalization(spec: str) -> Stats:
-    """The mean and std the backbone `spec` declares, read from its files without building it
-    (CLIP's when it declares none), in the order ``load_backbone`` resolves names: what
-    ``data.normalize=backbone`` stands for."""
-    if spec in SHIPPED:
-        return hf_folder_stats(shipped_folder(spec))
-    if is_built_in(spec) or spec.startswith(OPEN_CLIP_PREFIX):
-        return CLIP_STATS
-    folder = Path(spec).expanduser()
-    if spec.startswith(HUB_PREFIX):
-        try:
-            cached = try_to_load_from_cache(
-                spec.removeprefix(HUB_PREFIX), OPEN_CLIP_CONFIG, cache_dir=hub_cache()
-            )
-        except ValueError:  # not a valid repository id: loading it says so
-            cached = None
-        if not isinstance(cached, str):
-            return CLIP_STATS
-        folder = Path(cached).parent
-    try:
-        if (folder / OPEN_CLIP_CONFIG).is_file():
-            return preprocess_stats(read_open_clip_config(folder), folder / OPEN_CLIP_CONFIG)
-        if folder.is_dir():
-            return hf_folder_stats(folder)
-    except OSError:  # not a usable path (e.g. too long): loading it says so
-        pass
-    return CLIP_STATS
+    """The mean and std the backbone `spec` declares (``BackboneSource.stats``)."""
+    return resolve(spec).stats()

@@ -5,16 +5,29 @@ Hugging Face or open_clip folder."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-from savlt.data.transforms import NORMALIZATION, Stats
-from savlt.models.vision_language import BackboneError
+from savlt.errors import SavltError
+from savlt.normalization import CLIP_STATS, Stats
+
+
+class BackboneError(SavltError):
+    """The backbone cannot be loaded or used; the message says what to provide or change."""
+
 
 OPEN_CLIP_PREFIX = "open_clip:"
 HUB_PREFIX = "hf-hub:"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # an open_clip folder's
+
+
+def hub_cache() -> str:
+    """The local Hugging Face hub cache (HF_HUB_CACHE, else HF_HOME/hub)."""
+    return os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
+    )
 
 
 def _stats(mean: Any, std: Any, where: str) -> Stats:
@@ -51,7 +64,7 @@ def preprocess_stats(config: dict[str, Any], where: Path) -> Stats:
     preprocess = config.get("preprocess_cfg") or {}
     if not isinstance(preprocess, dict):
         raise BackboneError(f"{where}: preprocess_cfg must be a mapping")
-    clip = NORMALIZATION["clip"]
+    clip = CLIP_STATS
     return _stats(preprocess.get("mean", list(clip[0])), preprocess.get("std", list(clip[1])), str(where))
 
 
@@ -60,9 +73,9 @@ def hf_folder_stats(folder: Path) -> Stats:
     when it has none."""
     processor = folder / "preprocessor_config.json"
     if not processor.is_file():
-        return NORMALIZATION["clip"]
+        return CLIP_STATS
     values = _json(processor)
-    clip = NORMALIZATION["clip"]
+    clip = CLIP_STATS
     return _stats(
         values.get("image_mean", list(clip[0])), values.get("image_std", list(clip[1])), str(processor)
     )

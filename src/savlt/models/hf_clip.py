@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -23,8 +22,9 @@ from torch import nn
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 from transformers.utils import logging as hf_logging
 
-from savlt.models.backbone_files import hf_folder_stats
-from savlt.models.vision_language import CLIP_STATS, BackboneError, Stats, VisionLanguage
+from savlt.models.backbone_files import BackboneError, hf_folder_stats, hub_cache
+from savlt.models.vision_language import VisionLanguage
+from savlt.normalization import CLIP_STATS, Stats
 
 _PROJECTIONS = r"self_attn\.(q_proj|k_proj|v_proj|out_proj)"
 
@@ -148,31 +148,11 @@ def tiny_tokenizer(max_length: int = 128) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
-def _tower(hidden: int, layers: int, heads: int) -> dict[str, int]:
-    return {
-        "hidden_size": hidden,
-        "intermediate_size": 4 * hidden,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-    }
-
-
-# "tiny" for tests; "small" the architecture of the shipped ``tiny-oct``; "random-vit-b16" the
-# shapes of openai/clip-vit-base-patch16, for speed and memory measurements without the weights.
-RANDOM_PRESETS: dict[str, dict[str, dict[str, int]]] = {
-    "tiny": {"vision": _tower(96, 4, 4), "text": _tower(64, 2, 4), "projection": {"projection_dim": 64}},
-    "small": {"vision": _tower(144, 4, 4), "text": _tower(128, 4, 4), "projection": {"projection_dim": 128}},
-    "random-vit-b16": {
-        "vision": _tower(768, 12, 12),
-        "text": _tower(512, 12, 8),
-        "projection": {"projection_dim": 512},
-    },
-}
-
-
-def random_clip_config(preset: str, vocab_size: int, max_length: int = 128) -> CLIPConfig:
-    """ViT with 16-pixel patches at 224 (the 14×14 token grid of ViT-B/16)."""
-    shapes = RANDOM_PRESETS[preset]
+def random_clip_config(
+    shapes: dict[str, dict[str, int]], vocab_size: int, max_length: int = 128
+) -> CLIPConfig:
+    """ViT with 16-pixel patches at 224 (the 14×14 token grid of ViT-B/16), with the tower shapes
+    of a preset (``savlt.models.backbone.PRESETS``)."""
     return CLIPConfig(
         text_config={
             **shapes["text"],
@@ -188,22 +168,16 @@ def random_clip_config(preset: str, vocab_size: int, max_length: int = 128) -> C
     )
 
 
-def build_random_hf(preset: str) -> HFClip:
+def build_random_hf(name: str, shapes: dict[str, dict[str, int]]) -> HFClip:
     """The same random CLIP every time (its own seed; the global RNG is left alone)."""
     tokenizer = tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        clip = CLIPModel(random_clip_config(preset, len(tokenizer)))
-    return HFClip(clip.eval(), tokenizer, preset).eval()
+        clip = CLIPModel(random_clip_config(shapes, len(tokenizer)))
+    return HFClip(clip.eval(), tokenizer, name).eval()
 
 
 # ---------------------------------------------------------------------- pretrained, offline first
-
-
-def hub_cache() -> str:
-    return os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
-    )
 
 
 def how_to_provide(name: str) -> str:

@@ -46,11 +46,14 @@ from savlt.models.backbone_files import (
     OPEN_CLIP_CONFIG,
     OPEN_CLIP_PREFIX,
     WEIGHT_FILES,
+    BackboneError,
+    hub_cache,
     preprocess_stats,
     read_open_clip_config,
 )
-from savlt.models.hf_clip import hub_cache, quiet_hf
-from savlt.models.vision_language import CLIP_STATS, BackboneError, Stats, VisionLanguage
+from savlt.models.hf_clip import quiet_hf
+from savlt.models.vision_language import VisionLanguage
+from savlt.normalization import CLIP_STATS, Stats
 
 BIOMEDCLIP = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 BIOMEDBERT = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"

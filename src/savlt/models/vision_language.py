@@ -20,14 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from savlt.data.transforms import NORMALIZATION, Stats
-from savlt.errors import SavltError
-
-CLIP_STATS: Stats = NORMALIZATION["clip"]  # every OpenAI CLIP checkpoint's, and BiomedCLIP's
-
-
-class BackboneError(SavltError):
-    """The backbone cannot be loaded or used; the message says what to provide or change."""
+from savlt.normalization import Stats
 
 
 class VisionLanguage(ABC):

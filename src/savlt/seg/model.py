@@ -26,9 +26,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from savlt.config import SegConfig
-from savlt.data.transforms import NORMALIZATION
 from savlt.errors import SavltError
 from savlt.io import OutputError, atomic_path, state_mismatch, write_json
+from savlt.normalization import NORMALIZATION
 
 log = logging.getLogger(__name__)
 
