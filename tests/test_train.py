@@ -178,7 +178,7 @@ def test_a_chosen_device_keeps_the_runs_precision(fast_run, monkeypatch) -> None
     """`--device cuda` runs at the precision the run has without it (bf16 where "auto" finds it)."""
     from accelerate import Accelerator
 
-    from savlt.engine import rundir
+    from savlt.engine import runtime
 
     out, _ = fast_run
     asked = []
@@ -187,7 +187,7 @@ def test_a_chosen_device_keeps_the_runs_precision(fast_run, monkeypatch) -> None
         asked.append(kwargs)
         return Accelerator(cpu=True)  # this machine has no GPU: record what was asked, run on the CPU
 
-    monkeypatch.setattr(rundir, "Accelerator", recording)
+    monkeypatch.setattr(runtime, "Accelerator", recording)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     load_run(out, device="cuda")
     load_run(out, device="cpu")
@@ -195,7 +195,7 @@ def test_a_chosen_device_keeps_the_runs_precision(fast_run, monkeypatch) -> None
 
 
 def test_a_run_at_another_precision_than_the_process_is_a_clear_error(fast_run) -> None:
-    from savlt.engine.rundir import make_accelerator
+    from savlt.engine.runtime import make_accelerator
 
     out, _ = fast_run
     load_run(out, device="cpu")  # this process now runs on the CPU without mixed precision
@@ -304,7 +304,7 @@ def test_baselines_train_save_and_reload(method: str, synth_root: Path, tmp_path
 def test_adalora_and_text_adapters_train(
     synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import savlt.engine.fit as engine_fit
+    import savlt.models.adapters as adapters
 
     penalties: list[float] = []
 
@@ -313,7 +313,7 @@ def test_adalora_and_text_adapters_train(
         penalties.append(float(penalty.detach()))
         return penalty
 
-    monkeypatch.setattr(engine_fit, "adalora_orthogonality", recorded)
+    monkeypatch.setattr(adapters, "adalora_orthogonality", recorded)
     cfg = fast_config(synth_root, "peft.type=adalora", "train.max_steps=10", "data.test_centers=[]")
     assert train(cfg, tmp_path / "ada", progress=False)["centers"]["mixed"]["n"] == 15
     assert len(penalties) == 10 and all(p > 0 for p in penalties)  # the penalty is in every step's loss

@@ -13,18 +13,14 @@ trajectory. AdamW with a cosine schedule to ``min_lr`` over ``n_iters × shots``
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from peft import PeftModel
 from sklearn.linear_model import LogisticRegression
-from tqdm import tqdm
 
 from savlt.config import Config
 from savlt.data.dataset import OCTDataset
@@ -33,7 +29,8 @@ from savlt.data.masks import MaskStore, TissueMasks
 from savlt.data.transforms import train_transform
 from savlt.engine.inference import loader_for, run_inference
 from savlt.engine.inputs import StepBatches
-from savlt.models.adapters import adalora_factors, adalora_orthogonality
+from savlt.engine.loop import run_steps
+from savlt.models.adapters import training_hooks
 from savlt.models.heads import LinearHead
 from savlt.models.savlt import SavltModel
 from savlt.normalization import normalization
@@ -117,69 +114,90 @@ def train_steps(
     optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=t.min_lr)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
-    # The published code never calls AdaLoRA's rank re-allocation nor adds its penalty.
-    adalora = (
-        model.clip.base_model
-        if isinstance(model.clip, PeftModel) and cfg.peft.type == "adalora" and cfg.peft.variant == "savlt"
-        else None
+    task = _FewShotSteps(
+        model, wrapped, cfg, accelerator, sampler, optimizer, schedule, rest, val_records, masks, on_history
     )
-    # AdaLoRA's orthogonality penalty, once per optimiser step (spread over the accumulated micro-steps)
-    orth_weight = adalora.peft_config["default"].orth_reg_weight / t.grad_accum if adalora else 0.0
-    factors = adalora_factors(adalora) if orth_weight else []
-    state = TrainState()
     model.train()
-    bar = tqdm(
-        total=steps, desc="training", unit="step", disable=not (progress and accelerator.is_main_process)
+    run_steps(
+        task,
+        accelerator,
+        wrapped,
+        optimizer,
+        loader,
+        t.grad_accum,
+        (0, steps),
+        "training",
+        "train.lr",
+        progress,
     )
-    running = 0.0
-    for micro, (pixels, mask, labels, _) in enumerate(loader):
-        pixels = pixels.to(accelerator.device, non_blocking=True)
-        labels = labels.to(accelerator.device, non_blocking=True)
-        mask = mask.to(accelerator.device, non_blocking=True) if model.uses_masks else None
-        last_micro = (micro + 1) % t.grad_accum == 0
+    model.eval()
+    return task.state
+
+
+class _FewShotSteps:
+    """The few-shot training step (see ``engine.loop``): the model's loss on each process's share of
+    the global batch, plus what the adapters add (``training_hooks``), AdamW on a cosine schedule,
+    validation every ``train.val_every`` steps and at the end."""
+
+    def __init__(
+        self,
+        model: SavltModel,
+        wrapped: torch.nn.Module,
+        cfg: Config,
+        accelerator: Accelerator,
+        sampler: StepBatches,
+        optimizer: torch.optim.Optimizer,
+        schedule: torch.optim.lr_scheduler.LRScheduler,
+        rest: list[torch.nn.Parameter],
+        val_records: list[ImageRecord],
+        masks: MaskStore | None,
+        on_history: History,
+    ) -> None:
+        self.model, self.wrapped, self.cfg, self.accelerator = model, wrapped, cfg, accelerator
+        self.sampler, self.optimizer, self.schedule, self.rest = sampler, optimizer, schedule, rest
+        self.val_records, self.masks, self.on_history = val_records, masks, on_history
+        self.hooks = training_hooks(model.clip, cfg.peft, cfg.train.grad_accum)
+        self.state = TrainState()
+
+    def loss(self, batch: Any, micro: int) -> torch.Tensor:
+        pixels, mask, labels, _ = batch
+        device = self.accelerator.device
+        pixels = pixels.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        mask = mask.to(device, non_blocking=True) if self.model.uses_masks else None
         # Each process holds its share of the global batch; summing and dividing by the global
         # batch size makes the DDP-averaged gradient equal to the single-process mean.
-        loss_scale = accelerator.num_processes / (sampler.sizes[micro] * t.grad_accum)
-        with accelerator.no_sync(wrapped) if not last_micro else nullcontext(), accelerator.autocast():
-            out = wrapped(pixels, mask)
-            loss = model.loss(out, labels) * loss_scale
-            if orth_weight:
-                loss = loss + orth_weight * adalora_orthogonality(factors)
-        accelerator.backward(loss)
-        running += float(loss.detach()) / accelerator.num_processes
-        state.roi_fallbacks += int(out.fallback.sum())
-        state.samples_seen += len(labels)
-        if not last_micro:
-            continue
-        optimizer.step()
-        if t.double_adapter_update:
-            _update_again(optimizer, rest)
-        step = (micro + 1) // t.grad_accum
-        if adalora is not None:
-            adalora.update_and_allocate(step)
-        optimizer.zero_grad(set_to_none=True)
-        if accelerator.num_processes > 1:  # each rank holds only its shard's part of the batch loss
-            running = float(accelerator.reduce(torch.tensor(running, device=accelerator.device), "sum"))
-        lr = schedule.get_last_lr()[0]
-        schedule.step()
-        entry = {"step": step, "loss": running, "lr": lr}
-        running = 0.0
-        if val_records and ((step % t.val_every == 0 and sampler.epoch_end[micro]) or step == steps):
-            entry.update(_validate(model, val_records, cfg, accelerator, masks, step))
-            model.train(not t.eval_mode_after_validation)
-        if not math.isfinite(entry["loss"]):
-            raise FloatingPointError(
-                f"training diverged at step {step} (loss {entry['loss']}); try a lower train.lr"
+        scale = self.accelerator.num_processes / (self.sampler.sizes[micro] * self.cfg.train.grad_accum)
+        out = self.wrapped(pixels, mask)
+        loss = self.model.loss(out, labels) * scale
+        if self.hooks.penalty is not None:
+            loss = loss + self.hooks.penalty()
+        self.state.roi_fallbacks += int(out.fallback.sum())
+        self.state.samples_seen += len(labels)
+        return loss
+
+    def before_update(self, step: int) -> None:
+        """The learning rate comes from the schedule (stepped in ``after_update``)."""
+
+    def after_update(self, step: int) -> dict[str, Any]:
+        if self.cfg.train.double_adapter_update:
+            _update_again(self.optimizer, self.rest)
+        if self.hooks.after_update is not None:
+            self.hooks.after_update(step)
+        lr = self.schedule.get_last_lr()[0]
+        self.schedule.step()
+        return {"lr": lr}
+
+    def end_step(self, step: int, entry: dict[str, Any]) -> dict[str, str]:
+        t = self.cfg.train
+        end_of_epoch = self.sampler.epoch_end[step * t.grad_accum - 1]
+        if self.val_records and ((step % t.val_every == 0 and end_of_epoch) or step == t.total_steps):
+            entry.update(
+                _validate(self.model, self.val_records, self.cfg, self.accelerator, self.masks, step)
             )
-        on_history(entry)
-        bar.set_postfix(
-            loss=f"{entry['loss']:.3f}",
-            **({"val_acc": f"{entry['val_accuracy']:.2f}"} if "val_accuracy" in entry else {}),
-        )
-        bar.update(1)
-    bar.close()
-    model.eval()
-    return state
+            self.model.train(not t.eval_mode_after_validation)
+        self.on_history(entry)
+        return {"val_acc": f"{entry['val_accuracy']:.2f}"} if "val_accuracy" in entry else {}
 
 
 def _update_again(optimizer: torch.optim.Optimizer, keep: list[torch.nn.Parameter]) -> None:

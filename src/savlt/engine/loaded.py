@@ -30,19 +30,9 @@ from savlt.engine.checkpoint import load_checkpoint
 from savlt.engine.inference import start_loader_workers
 from savlt.engine.inputs import reload_inputs
 from savlt.engine.metrics import high_risk_mask, probabilities
-from savlt.engine.rundir import (
-    RunPaths,
-    build_model,
-    check_images,
-    log_to,
-    make_accelerator,
-    on_main,
-    run_header,
-    score_sets,
-    tissue_masks,
-    write_run_report,
-)
-from savlt.engine.runfolder import calibration_required, claim_evaluation_folder
+from savlt.engine.runfolder import RunPaths, calibration_required, claim_evaluation_folder
+from savlt.engine.runtime import build_model, check_images, log_to, make_accelerator, on_main, tissue_masks
+from savlt.engine.scoring import Scoring, run_header, score_sets, write_run_report
 from savlt.errors import SavltError
 from savlt.io import (
     OutputError,
@@ -162,19 +152,18 @@ class Run:
                 records = [r for center in sets.values() for r in center]
                 check = partial(check_images, cfg, records, progress, "nothing was scored")
                 unassessable = on_main(self.accelerator, check, share=True) or {}
-                metrics, results = score_sets(
-                    self.model,
-                    sets,
+                scoring = Scoring(
                     cfg,
                     self.accelerator,
                     self.masks,
                     target,
                     header,
-                    progress,
-                    unassessable,
                     self.calibration,
+                    unassessable,
                     inputs.patient_sources(),
+                    progress,
                 )
+                metrics, results = score_sets(self.model, sets, scoring)
                 if main:
                     title = f"SAVLT evaluation: {self.paths.root.name}"
                     write_run_report(target.root, metrics, results, cfg, [], title, self.calibration)

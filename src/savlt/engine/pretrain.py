@@ -42,15 +42,15 @@ from accelerate import Accelerator
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm import tqdm
 
 from savlt.config import Config, ConfigError, PeftConfig, load_config
 from savlt.data.pairs import Pair, PairDataset, load_pairs, split_pairs
 from savlt.data.transforms import eval_transform, train_transform
 from savlt.engine.inference import loader_for, start_loader_workers
 from savlt.engine.inputs import StepBatches
-from savlt.engine.rundir import backbone_for, log_to, make_accelerator, on_main, seed_everything
+from savlt.engine.loop import run_steps
 from savlt.engine.runfolder import run_inputs, same_run, with_absolute_paths
+from savlt.engine.runtime import backbone_for, log_to, make_accelerator, on_main, seed_everything
 from savlt.errors import SavltError
 from savlt.io import (
     append_line,
@@ -283,6 +283,59 @@ def _claim(paths: PretrainPaths, cfg: Config) -> contextlib.AbstractContextManag
     )
 
 
+class _PretrainSteps:
+    """The contrastive pretraining step (see ``engine.loop``): CLIP's symmetric loss on each
+    process's share of the batch, the warm-up + cosine learning rate, the temperature kept in
+    range, held-out recall every ``pretrain.eval_every`` steps, the history and a resumable
+    checkpoint every ``pretrain.save_every`` steps (both on the main process)."""
+
+    def __init__(
+        self,
+        towers: Towers,
+        wrapped: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        cfg: Config,
+        accelerator: Accelerator,
+        paths: PretrainPaths,
+        train_pairs: list[Pair],
+        val_pairs: list[Pair],
+        end: int,
+    ) -> None:
+        self.towers, self.wrapped, self.optimizer, self.cfg = towers, wrapped, optimizer, cfg
+        self.accelerator, self.paths, self.end = accelerator, paths, end
+        self.train_pairs, self.val_pairs = train_pairs, val_pairs
+        self.recall: dict[str, float] = {}
+
+    def loss(self, batch: Any, micro: int) -> torch.Tensor:
+        pixels, index = batch
+        texts = [self.train_pairs[i].text for i in index.tolist()]
+        image, text, logit_scale = self.towers.features(
+            self.wrapped, pixels.to(self.accelerator.device), texts
+        )
+        return clip_loss(image, text, logit_scale) / self.cfg.pretrain.grad_accum
+
+    def before_update(self, step: int) -> None:
+        self.lr = _lr_at(step - 1, self.cfg.pretrain.max_steps, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+
+    def after_update(self, step: int) -> dict[str, Any]:
+        with torch.no_grad():
+            self.towers.base.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        return {"lr": self.lr, "temperature": float(1 / self.towers.base.logit_scale.detach().exp())}
+
+    def end_step(self, step: int, entry: dict[str, Any]) -> dict[str, str]:
+        p = self.cfg.pretrain
+        if step % p.eval_every == 0 or step == self.end:
+            self.recall = evaluate_recall(self.towers, self.val_pairs, self.cfg, self.accelerator)
+            entry.update(self.recall)
+        if self.accelerator.is_main_process:
+            append_line(self.paths.history, json.dumps(entry))
+            if step % p.save_every == 0 or step == self.end:
+                _save_checkpoint(self.paths, self.towers, self.optimizer, step)
+        return {"i2t_r1": f"{self.recall['i2t_r1']:.2f}"} if self.recall else {}
+
+
 def _pretrain(
     cfg: Config,
     paths: PretrainPaths,
@@ -335,55 +388,23 @@ def _pretrain(
         loader = loader_for(dataset, cfg, 1, accelerator.device, batch_sampler=batches)
         wrapped, optimizer = accelerator.prepare(towers.clip, optimizer)
         towers.clip.train()
-        bar = tqdm(total=end, initial=start, desc="pretraining", unit="step", disable=not (progress and main))
-        recall: dict[str, float] = {}
-        running = 0.0
+        task = _PretrainSteps(
+            towers, wrapped, optimizer, cfg, accelerator, paths, train_pairs, val_pairs, end
+        )
         started = time.time()
-        for micro, (pixels, index) in enumerate(loader, start=start * p.grad_accum):
-            last = (micro + 1) % p.grad_accum == 0
-            # the processes exchange gradients once per optimiser step, on its last micro-batch
-            with contextlib.nullcontext() if last else accelerator.no_sync(wrapped):
-                with accelerator.autocast():
-                    image, text, logit_scale = towers.features(
-                        wrapped, pixels.to(accelerator.device), [train_pairs[i].text for i in index.tolist()]
-                    )
-                    loss = clip_loss(image, text, logit_scale) / p.grad_accum
-                accelerator.backward(loss)
-            running += float(loss.detach())
-            if not last:
-                continue
-            step = (micro + 1) // p.grad_accum
-            lr = _lr_at(step - 1, p.max_steps, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                towers.base.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-            mean_loss = accelerator.reduce(torch.tensor(running, device=accelerator.device), "mean")
-            entry: dict[str, Any] = {
-                "step": step,
-                "loss": float(mean_loss),  # over the processes, so all of them stop together
-                "lr": lr,
-                "temperature": float(1 / towers.base.logit_scale.detach().exp()),
-            }
-            running = 0.0
-            if not math.isfinite(entry["loss"]):
-                raise FloatingPointError(
-                    f"pretraining diverged at step {step} (loss {entry['loss']}); try a lower pretrain.lr"
-                )
-            if step % p.eval_every == 0 or step == end:
-                recall = evaluate_recall(towers, val_pairs, cfg, accelerator)
-                entry.update(recall)
-            if main:
-                append_line(paths.history, json.dumps(entry))
-                if step % p.save_every == 0 or step == end:
-                    _save_checkpoint(paths, towers, optimizer, step)
-            bar.set_postfix(
-                loss=f"{entry['loss']:.3f}", **({"i2t_r1": f"{recall['i2t_r1']:.2f}"} if recall else {})
-            )
-            bar.update(1)
-        bar.close()
+        run_steps(
+            task,
+            accelerator,
+            wrapped,
+            optimizer,
+            loader,
+            p.grad_accum,
+            (start, end),
+            "pretraining",
+            "pretrain.lr",
+            progress,
+        )
+        recall = task.recall
         if not recall:  # resumed at the end: score the finished model
             recall = evaluate_recall(towers, val_pairs, cfg, accelerator)
         del wrapped

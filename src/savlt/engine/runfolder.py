@@ -48,6 +48,9 @@ VALIDATION = "validation"
 
 
 class RunPaths:
+    """The paths of a run folder; what each file holds is the layout at the top of this module,
+    the one description of it in the code (the README's "What a run writes" is the user's)."""
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.config = self.root / "config.yaml"

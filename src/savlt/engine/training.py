@@ -27,22 +27,18 @@ from savlt.engine.checkpoint import save_checkpoint
 from savlt.engine.fit import FITS, FitJob
 from savlt.engine.inference import start_loader_workers
 from savlt.engine.inputs import RunInputs, prepare_inputs
-from savlt.engine.rundir import (
-    RunPaths,
+from savlt.engine.runfolder import VALIDATION, RunPaths, claim_run_folder, with_absolute_paths
+from savlt.engine.runtime import (
     backbone_for,
     build_model,
     check_images,
     log_to,
     make_accelerator,
     on_main,
-    run_header,
-    score_sets,
     seed_everything,
     tissue_masks,
-    write_predictions,
-    write_run_report,
 )
-from savlt.engine.runfolder import VALIDATION, claim_run_folder, with_absolute_paths
+from savlt.engine.scoring import Scoring, run_header, score_sets, write_predictions, write_run_report
 from savlt.io import append_line, write_json
 from savlt.models.adapters import parameter_counts
 from savlt.models.vision_language import VisionLanguage
@@ -174,19 +170,18 @@ def _train(
                 write_predictions(paths.validation_predictions, validation, cfg, unassessable, calibration)
 
         header = run_header(cfg, backbone_name, inputs, masks, calibration)
-        metrics, results = score_sets(
-            model,
-            inputs.eval_sets(),
+        scoring = Scoring(
             cfg,
             accelerator,
             masks,
             paths,
             header,
-            progress,
-            unassessable,
             calibration,
+            unassessable,
             inputs.patient_sources(),
+            progress,
         )
+        metrics, results = score_sets(model, inputs.eval_sets(), scoring)
         if main:
             title = f"SAVLT run: {paths.root.name}"
             report = write_run_report(paths.root, metrics, results, cfg, history, title, calibration)

@@ -14,6 +14,8 @@ dropout; text adapters with the vision rank and alpha, and the text projection t
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from peft import AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
@@ -129,3 +131,28 @@ def adalora_orthogonality(factors: list[tuple[str, nn.Parameter]]) -> torch.Tens
         eye = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
         terms.append(torch.linalg.matrix_norm(gram - eye))
     return torch.stack(terms).mean()
+
+
+@dataclass
+class TrainingHooks:
+    """What an adapter family adds to a training step, so the step loop knows no adapter type: a
+    term added to every micro-batch's loss, and an update after each optimiser step (given the
+    step, while the gradients are still there)."""
+
+    penalty: Callable[[], torch.Tensor] | None = None
+    after_update: Callable[[int], None] | None = None
+
+
+def training_hooks(clip: nn.Module, peft: PeftConfig, grad_accum: int) -> TrainingHooks:
+    """AdaLoRA (``peft.variant=savlt``) adds its orthogonality penalty (× ``orth_reg_weight``,
+    spread over the accumulated micro-batches) and its rank re-allocation; the published code uses
+    neither, and the other adapters add nothing."""
+    if not (isinstance(clip, PeftModel) and peft.type == "adalora" and peft.variant == "savlt"):
+        return TrainingHooks()
+    adalora = clip.base_model
+    weight = adalora.peft_config["default"].orth_reg_weight / grad_accum
+    factors = adalora_factors(adalora) if weight else []
+    return TrainingHooks(
+        penalty=(lambda: weight * adalora_orthogonality(factors)) if weight else None,
+        after_update=adalora.update_and_allocate,
+    )

@@ -2,7 +2,7 @@
 
 DIR/sweep.yaml            the resolved sweep (base, grid, points)
 DIR/points/<name>.yaml    each point's full configuration (what ``savlt train --config`` reads)
-DIR/runs/<name>/          each point's run folder (see savlt.engine.rundir)
+DIR/runs/<name>/          each point's run folder (see savlt.engine.runfolder.RunPaths)
 DIR/logs/<name>.log       each point's console output (the failure report quotes its tail)
 DIR/status.json           the state of every point, rewritten as the sweep goes
 DIR/sweep.log             one line per event

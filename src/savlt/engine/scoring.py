@@ -1,36 +1,23 @@
-"""What training a run and loading it back share: the folder layout (``engine.runfolder``), the
-accelerator, the model and mask source of a configuration, checking the scans before they are
-used, and scoring sets of scans into predictions, metrics and a report.
-
-RUN/config.yaml        the full resolved configuration (a run is reproduced from it)
-RUN/split.json         the training center's split; RUN/fewshot.json the K-shot draw
-RUN/train.log          the log; RUN/history.jsonl loss / validation per step (written as it goes)
-RUN/adapter.safetensors  the trained tensors only (see engine.checkpoint)
-RUN/calibration.json   temperature and referral threshold (see engine.calibration)
-RUN/metrics.json       per-center metrics (written after each center)
-RUN/predictions/<center>.csv  per-scan predictions; RUN/report.md + PNGs
+"""Scoring a run's sets of scans into predictions, metrics and a report (``score_sets`` with a
+``Scoring`` context), and the first keys of metrics.json (``run_header``). The files it writes are
+described once, in ``engine.runfolder.RunPaths``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import random
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
-import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 
-from savlt.config import Config, ConfigError
+from savlt.config import Config
 from savlt.data.discover import ImageRecord
 from savlt.data.masks import TissueMasks
-from savlt.data.quality import Thresholds, check_scans, unreadable_error
 from savlt.engine.calibration import (
     REFERRAL,
     SET_SEPARATOR,
@@ -49,160 +36,11 @@ from savlt.engine.metrics import (
     risk_scores,
 )
 from savlt.engine.runfolder import RunPaths
-from savlt.errors import SavltError
-from savlt.io import PlainTextFormatter, write_csv, write_json
-from savlt.models.backbone import load_backbone
-from savlt.models.savlt import SavltModel, model_from_config
-from savlt.models.vision_language import VisionLanguage
-from savlt.processes import refuse_in_a_starting_worker
+from savlt.io import write_csv, write_json
+from savlt.models.savlt import SavltModel
 from savlt.report.summary import write_report
 
 log = logging.getLogger("savlt")
-
-T = TypeVar("T")
-
-
-def on_main(accelerator: Accelerator, step: Callable[[], T], share: bool = False) -> T | None:
-    """Run `step` on the main process only (its result is returned there, and on every process
-    with `share`); a user error (SavltError) there is raised on every process, so no process
-    waits for one that stopped."""
-    result: T | None = None
-    error: SavltError | None = None
-    if accelerator.is_main_process:
-        try:
-            result = step()
-        except SavltError as exc:
-            error = exc
-    if accelerator.num_processes > 1:
-        shared: list[Any] = [None if error is None else str(error), result if share else None]
-        broadcast_object_list(shared)
-        if shared[0] is not None and error is None:
-            error = SavltError(shared[0])
-        if share:
-            result = shared[1]
-    if error is not None:
-        raise error
-    return result
-
-
-def check_images(
-    cfg: Config, records: Sequence[ImageRecord], progress: bool, consequence: str
-) -> dict[Path, str]:
-    """Decode every scan a run will read (and its mask when ``roi.mask_source=files``), in
-    parallel, before the first step: an unreadable file stops the run with the full list. Returns
-    the scans that cannot be assessed (path -> reason)."""
-    masks = cfg.roi.mask_source == "files"
-    unique = list({r.path: r for r in records}.values())
-    checks = check_scans(
-        [(r.path, r.mask_path if masks else None) for r in unique], Thresholds.of(cfg), progress
-    )
-    bad = [c.problem for c in checks if c.problem is not None]
-    if bad:
-        for problem in bad:
-            log.error("%s", problem.message)
-        raise unreadable_error(bad, consequence, cfg.data.root)
-    flagged = {c.path: c.unassessable for c in checks if c.unassessable is not None}
-    if flagged:
-        scored = "left out of the metrics" if cfg.eval.unassessable == "exclude" else "scored all the same"
-        log.warning(
-            "%d scan(s) cannot be assessed and are %s (eval.unassessable=%s), e.g. %s: %s",
-            len(flagged),
-            scored,
-            cfg.eval.unassessable,
-            next(iter(flagged)),
-            next(iter(flagged.values())),
-        )
-    return flagged
-
-
-def make_accelerator(cfg: Config, device: str | None = None) -> Accelerator:
-    """The accelerator of a command: a GPU when there is one, or `device` ("cpu" or "cuda") when
-    given; either way at the precision ``train.mixed_precision`` resolves to there."""
-    refuse_in_a_starting_worker()  # before joining the other processes of a distributed run
-    cuda = torch.cuda.is_available() if device is None else device == "cuda"
-    if cuda:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-    precision = resolved_precision(cfg, cuda)
-    try:
-        return Accelerator(mixed_precision=precision, cpu=not cuda)
-    except ValueError as exc:  # accelerate holds one device and precision per process
-        if "already been initialized" not in str(exc):
-            raise
-        raise SavltError(
-            f"this process already runs models on another device or at another precision than this run's "
-            f"({'cuda' if cuda else 'cpu'}, mixed precision {precision!r}): load it in a process of its own, "
-            "or make --device and train.mixed_precision match"
-        ) from None
-
-
-def resolved_precision(cfg: Config, cuda: bool) -> str:
-    """``train.mixed_precision`` with "auto" resolved: bf16 on a GPU that has it, else none."""
-    precision = cfg.train.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
-    return precision
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-@contextmanager
-def log_to(path: Path, enabled: bool):
-    """Copy the savlt log into the run folder for the duration of a command."""
-    if not enabled:
-        yield
-        return
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(PlainTextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("savlt")
-    root.addHandler(handler)
-    previous = root.level
-    root.setLevel(min(previous or logging.INFO, logging.INFO))
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(previous)
-        handler.close()
-
-
-def backbone_for(cfg: Config) -> VisionLanguage:
-    """The configured backbone, checked against data.image_size."""
-    backbone = load_backbone(cfg.model.backbone, cfg.model.allow_download, cfg.model.weights)
-    if cfg.data.image_size != backbone.image_size:
-        raise ConfigError(
-            f"data.image_size={cfg.data.image_size} but backbone {backbone.source!r} takes "
-            f"{backbone.image_size}×{backbone.image_size} inputs: set data.image_size={backbone.image_size}"
-        )
-    return backbone
-
-
-def build_model(
-    cfg: Config, device: torch.device, backbone: VisionLanguage | None = None
-) -> tuple[SavltModel, str]:
-    """The run's model (initialised from ``train.seed``) on `backbone`, loaded here when not given;
-    returns the backbone's name."""
-    backbone = backbone or backbone_for(cfg)
-    torch.manual_seed(cfg.train.seed)
-    return model_from_config(cfg, backbone).to(device), backbone.source
-
-
-def tissue_masks(cfg: Config, device: torch.device) -> TissueMasks:
-    """The run's mask source: ``roi.mask_source``, where ``auto`` is the segmenter when one is
-    given and the classical mask otherwise; a segmenter is loaded once, here."""
-    kind = cfg.roi.mask_source
-    if kind == "auto":
-        kind = "segmenter" if cfg.roi.segmenter else "classical"
-    if kind != "segmenter":
-        return TissueMasks(kind)
-    from savlt.seg import load_segmenter  # the segmenter stack is imported only when used
-
-    return TissueMasks(kind, load_segmenter(cfg.roi.segmenter, device=str(device)))
 
 
 def structure_prior(cfg: Config, masks: TissueMasks, centers: Sequence[str]) -> dict[str, Any]:
@@ -241,27 +79,36 @@ def run_header(
     return header
 
 
+@dataclass
+class Scoring:
+    """What scoring a run's sets needs besides the model and the scans: where results go
+    (`out`), the first keys of metrics.json (`header`, see ``run_header``), the scans that cannot be
+    assessed (path -> reason), the calibration when one was fitted, and where each center's patients
+    came from (center -> "metadata.csv", "data.patient_pattern" or None)."""
+
+    cfg: Config
+    accelerator: Accelerator
+    masks: TissueMasks
+    out: RunPaths
+    header: dict[str, Any]
+    calibration: Calibration | None = None
+    unassessable: Mapping[Path, str] = field(default_factory=dict)
+    patient_sources: Mapping[str, str | None] = field(default_factory=dict)
+    progress: bool = True
+
+
 def score_sets(
-    model: SavltModel,
-    sets: dict[str, list[ImageRecord]],
-    cfg: Config,
-    accelerator: Accelerator,
-    masks: TissueMasks,
-    out: RunPaths,
-    header: dict[str, Any],
-    progress: bool,
-    unassessable: Mapping[Path, str] | None = None,
-    calibration: Calibration | None = None,
-    patient_sources: Mapping[str, str | None] | None = None,
+    model: SavltModel, sets: dict[str, list[ImageRecord]], scoring: Scoring
 ) -> tuple[dict[str, Any], dict[str, Inference]]:
     """Score every set, writing predictions and metrics.json after each center. Scans that
-    cannot be assessed (`unassessable`, path -> reason) are counted per center and scored as
-    ``eval.unassessable`` says (left out by default). Every metric comes from the delivered
-    probabilities (calibrated with `calibration`, which adds the calibration, operating-point,
-    prediction-set and patient blocks, see ``engine.calibration``), so it can be recomputed from
-    the predictions CSV; the centers' `patient_sources` (center -> "metadata.csv",
-    "data.patient_pattern" or None) say where their patients came from."""
-    flagged = unassessable or {}
+    cannot be assessed are counted per center and scored as ``eval.unassessable`` says (left out
+    by default). Every metric comes from the delivered probabilities (calibrated when there is a
+    calibration, which adds the calibration, operating-point, prediction-set and patient blocks,
+    see ``engine.calibration``), so it can be recomputed from the predictions CSV."""
+    cfg, accelerator, masks, out = scoring.cfg, scoring.accelerator, scoring.masks, scoring.out
+    header, progress, calibration = scoring.header, scoring.progress, scoring.calibration
+    patient_sources = scoring.patient_sources
+    flagged = scoring.unassessable
     metrics: dict[str, Any] = {
         **header,
         "unassessable_policy": cfg.eval.unassessable,
@@ -302,7 +149,7 @@ def score_sets(
             screen_score=cfg.eval.auc_score,
             groups=groups,
         )
-        source = (patient_sources or {}).get(center)
+        source = patient_sources.get(center)
         scored.update(
             decision_blocks(result.labels, result.logits, groups, source, cfg, calibration, cfg.train.seed)
         )
