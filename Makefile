@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_DATA ?= demo_data
 DEMO_RUN ?= runs/demo
 
-.PHONY: demo test lint venv clean chromium tiny-oct
+.PHONY: demo test lint docs venv clean chromium tiny-oct
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ chromium:
 
 test: $(STAMP) lint chromium
 	$(BIN)/python -m pytest
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+# The documentation site (docs/, mkdocs.yml) into site/; --strict fails on a broken link or a page
+# missing from the navigation.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # The shipped tiny-oct backbone pretrained on the synthetic corpus, adapted with 16 shots per class:
 # zero-shot first (no training), then SAVLT, then both side by side.
@@ -51,4 +57,4 @@ tiny-oct: $(STAMP)
 		build/tiny-oct/tokenizer_config.json build/tiny-oct/README.md src/savlt/backbones/tiny-oct/
 
 clean:
-	rm -rf $(DEMO_DATA) $(DEMO_RUN) $(DEMO_RUN)-zero-shot build .pytest_cache
+	rm -rf $(DEMO_DATA) $(DEMO_RUN) $(DEMO_RUN)-zero-shot build site .pytest_cache

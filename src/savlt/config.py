@@ -316,7 +316,11 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = setting(64, help="scans per forward pass when scoring")
-    bootstrap: int = setting(1000, help="bootstrap resamples (by patient) for the AUC and macro-F1 intervals")
+    bootstrap: int = setting(
+        1000,
+        help="bootstrap resamples (by patient) for the AUC and macro-F1 intervals (0: none); proportions "
+        "always get Wilson intervals",
+    )
     ci_level: float = setting(0.95, help="level of every confidence interval")
     auc_score: Literal["probability", "logit_sum"] = setting(
         "probability",
@@ -343,7 +347,8 @@ class EvalConfig:
     target_sensitivity: float = setting(
         0.95,
         help="the referral threshold is the highest calibrated high-risk probability reaching this "
-        "sensitivity on the validation draw",
+        "sensitivity on the validation draw (established only with at least ⌈1/(1 − target)⌉ high-risk "
+        "validation scans)",
     )
     conformal_alpha: float = setting(
         0.1, help="prediction sets are split-conformal at coverage 1 − conformal_alpha (validation draw)"
@@ -472,7 +477,7 @@ class PretrainConfig:
 
 @dataclass
 class Config:
-    method: str = setting("savlt", help="the method (see savlt train --help for the list)")
+    method: str = setting("savlt", help="the method, one of: " + ", ".join(METHODS))
     data: DataConfig = setting(help="the data set, its split and the few-shot draw", factory=DataConfig)
     roi: RoiConfig = setting(help="the tissue region of interest", factory=RoiConfig)
     model: ModelConfig = setting(help="the backbone and the SAVLT head", factory=ModelConfig)
