@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 CENTER_SIZES = {"mixed": 15, "xiangya": 40, "huaxi": 40}
 
 # A rank that records what accelerate made of it. Like every script that calls SAVLT, it runs under
-# `if __name__ == "__main__":` (worker processes import it; see the README's Python API).
+# `if __name__ == "__main__":` (worker processes import it; see docs/api.md).
 PROBE = """
 import json, os, sys
 from pathlib import Path

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SETTINGS = [arg for setting in FAST for arg in ("--set", setting)]
 LATIN1 = b"caf\xe9.png"  # "café.png" as a Latin-1 system writes it: not UTF-8
-LATIN1_TEXT = "caf\\xe9.png"  # how SAVLT writes that name (README, "File names")
+LATIN1_TEXT = "caf\\xe9.png"  # how SAVLT writes that name (docs/data.md, "File names that are not UTF-8")
 MIXED_LATIN1 = b"m\xe9lange.png"  # one in the training center too: it goes through split.json
 VOLUMES = {  # center -> (file, compression, tiles): volumes as scanners export them
     "xiangya": ("vol_lzw.tif", "lzw", None),

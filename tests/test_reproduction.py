@@ -210,7 +210,7 @@ def test_roi_start_row_is_the_published_floor() -> None:
 
 
 def test_patch_selection_differs_from_exact_float_comparison_at_four_heights() -> None:
-    """The published code compares floats exactly; ours allows 1e-6 (README, reproduction table)."""
+    """The published code compares floats exactly; ours allows 1e-6 (docs/method.md, the reproduction table)."""
     grid, step = 14, 1.0 / 14
     differ = []
     for y in range(224):

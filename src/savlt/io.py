@@ -44,7 +44,7 @@ def no_space_message(path: str | Path) -> str:
 
 
 def plain_text(text: str) -> str:
-    """`text` as SAVLT writes it in every CSV, JSON, report and log line (README, "File names").
+    """`text` as SAVLT writes it in every CSV, JSON, report and log line (docs/data.md, "File names that are not UTF-8").
 
     File names are bytes on Linux and Python holds the bytes that are not UTF-8 as lone
     surrogates, which no UTF-8 file can hold. Text without them is returned unchanged; in text
@@ -239,7 +239,7 @@ def exclusive(lock: str | Path, busy: str) -> Iterator[None]:
 # Every folder a command writes (a run, an evaluation, a segmenter training, a pretraining, a sweep,
 # a synthetic data set) holds a manifest saying what wrote it, with which version, and, once the
 # command has finished, which files it wrote. SAVLT recognises its own folders by it and never
-# deletes anything else (``savlt.outputs``; README: "What SAVLT writes and never touches").
+# deletes anything else (``savlt.outputs``; docs/outputs.md).
 
 MANIFEST_NAME = "savlt-manifest.json"
 LOCK_NAME = ".savlt.lock"

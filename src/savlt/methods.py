@@ -21,7 +21,7 @@ Fit = Literal["gradient", "closed_form", "none"]
 @dataclass(frozen=True)
 class Method:
     name: str
-    summary: str  # one line for the README and --help
+    summary: str  # one line for the documentation and --help
     # What the method fixes; None leaves the configuration's value (model.pooling, model.alpha,
     # model.roi_masking) free.
     pooling: Pooling | None = None

@@ -1,5 +1,5 @@
 """The folders SAVLT writes: every kind with the files it writes, how a folder made before
-manifests is recognised, and the one way a command claims its output folder (README: "What SAVLT
+manifests is recognised, and the one way a command claims its output folder (docs/outputs.md: "What SAVLT
 writes and never touches").
 
 A folder is SAVLT's when its manifest (``savlt.io``) says so or, made before manifests, when it

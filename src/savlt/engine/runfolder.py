@@ -49,7 +49,7 @@ VALIDATION = "validation"
 
 class RunPaths:
     """The paths of a run folder; what each file holds is the layout at the top of this module,
-    the one description of it in the code (the README's "What a run writes" is the user's)."""
+    the one description of it in the code (docs/getting-started.md shows it to the user)."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)

@@ -165,8 +165,7 @@ class BackboneSource:
             if not (self.folder / "model.safetensors").is_file():
                 raise BackboneError(
                     f"the weights of the built-in backbone {self.spec!r} are missing from this installation "
-                    f"({self.folder}); reinstall SAVLT, or rebuild them as the README's 'A pretrained "
-                    "OCT-CLIP' says"
+                    f"({self.folder}); reinstall SAVLT, or rebuild them with `make tiny-oct` (docs/backbones.md)"
                 )
             return hf_clip.load_hf(str(self.folder), local_only=True, name=self.spec)
         if self.kind == "hf_folder":

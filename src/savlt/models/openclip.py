@@ -285,7 +285,7 @@ def how_to_provide(spec: str) -> str:
         f"`hf download {repo}`{text_tower} and copy the cache folder to {hub_cache()} here (or set "
         f"HF_HUB_CACHE), or copy the repository's files (open_clip_config.json, "
         f"{' or '.join(WEIGHT_FILES)}, tokenizer files) into a folder DIR and pass --model DIR, or allow "
-        "a download with --set model.allow_download=true; see the README's 'Medical CLIP backbones'"
+        "a download with --set model.allow_download=true; see docs/backbones.md, 'Medical CLIP backbones'"
     )
 
 
