@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from PIL import Image
 
@@ -161,3 +162,76 @@ def processes_left(mark: str, seconds: float = 3.0) -> dict[int, tuple[int, str]
     while (left := marked_processes(mark)) and time.monotonic() < deadline:
         time.sleep(0.05)
     return left
+
+
+# ---------------------------------------------------------------- export-like data (small files)
+
+
+def scan_png(path: Path, size: tuple[int, int] = (48, 64)) -> Path:
+    """A small scan with a dark air band over brighter, textured tissue."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(abs(hash(path.name)) % 2**32)
+    pixels = rng.integers(90, 200, size, dtype=np.uint8)
+    pixels[: size[0] // 4] = 8
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def black_png(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((48, 64), np.uint8)).save(path)
+    return path
+
+
+def nan_tiff(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(path, np.full((48, 64), np.nan, np.float32))
+    return path
+
+
+def truncated_png(path: Path) -> Path:
+    scan_png(path)
+    path.write_bytes(path.read_bytes()[:120])
+    return path
+
+
+def copy_center(source: Path, target: Path, drop: tuple[str, ...] = ()) -> Path:
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(*drop))
+    return target
+
+
+def debris(folder: Path) -> None:
+    """What Windows and macOS leave in a folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "Thumbs.db").write_bytes(b"\x00" * 10)
+    (folder / "desktop.ini").write_text("[.ShellClassInfo]")
+    (folder / ".DS_Store").write_bytes(b"\x00\x01")
+    (folder / "._scan_0.png").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble: not a PNG at all
+
+
+@pytest.fixture(scope="session")
+def export_run(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A trained run on an export-like root: the training center `mixed` and a new hospital
+    without cysts, with two scans that cannot be assessed (a black PNG, an all-NaN float TIFF).
+    Trained once for the session (read-only by convention), on one torch thread."""
+    from savlt.engine.training import train
+
+    base = tmp_path_factory.mktemp("export")
+    root = base / "data"
+    copy_center(synth_root / "mixed", root / "mixed")
+    hospital = copy_center(synth_root / "huaxi", root / "newhosp", drop=("cyst",))
+    black_png(hospital / "images" / "cancer" / "black.png")
+    nan_tiff(hospital / "images" / "ectropion" / "nan.tif")
+    out = base / "run"
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(fast_config(root, "data.test_centers=[newhosp]"), out, progress=False)
+    finally:
+        torch.set_num_threads(previous)
+    return root, out
+
+
+def train_args(root: Path, out: Path, *extra: str) -> list[str]:
+    sets = [*FAST, f"data.cache_dir={root.parent / 'cache'}", "data.test_centers=[]"]
+    return ["train", "--data", str(root), "--out", str(out), "-q", *(f"--set={s}" for s in sets), *extra]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import train_args
 
 from savlt.cli import main
 from savlt.config import Config, ConfigError, config_reference, load_config
@@ -87,28 +88,6 @@ def test_a_missing_or_broken_config_file_is_a_one_line_error(tmp_path: Path, cap
     (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
-
-
-def test_only_rank_zero_logs_progress_to_the_console() -> None:
-    import io
-    import logging
-
-    from savlt.cli import console_handler
-
-    def shown(rank: str, level: int) -> str:
-        handler = console_handler(logging.INFO, rank)
-        handler.setStream(io.StringIO())
-        logger = logging.getLogger(f"savlt.test-rank-{rank}")
-        logger.propagate = False
-        logger.addHandler(handler)
-        logger.setLevel(logging.DEBUG)
-        logger.log(level, "message")
-        logger.removeHandler(handler)
-        return handler.stream.getvalue()
-
-    assert shown("0", logging.INFO) == "INFO savlt.test-rank-0: message\n"
-    assert shown("1", logging.INFO) == ""
-    assert shown("1", logging.WARNING) == "[rank 1] WARNING savlt.test-rank-1: message\n"
 
 
 @pytest.mark.parametrize("name", ["on", "yes", "null", "1e3", "a: b", "[x]"])
@@ -202,3 +181,20 @@ def test_config_command_prints_the_resolved_configuration(capsys) -> None:
     assert printed == expected and printed["train"]["lr"] == 0.0005
     assert main(["config", "--set", "train.lrr=1"]) == 2
     assert "unknown config key train.lrr" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--seed", "-1"], "train.seed (--seed): -1 is not a valid seed"),
+        (["--seed", str(2**32)], "4294967296 is not a valid seed"),
+        (["--set", "data.split_seed=-5"], "data.split_seed: -5 is not a valid seed"),
+        (["--set", "train.val_every=0"], "train.val_every: 0 must be >= 1"),
+    ],
+)
+def test_bad_seeds_and_schedules_are_one_line_errors(
+    argv: list[str], message: str, synth_root: Path, tmp_path: Path, capsys
+) -> None:
+    assert main(train_args(synth_root, tmp_path / "run", *argv)) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err

@@ -168,3 +168,25 @@ def test_two_pretraining_processes_train_one_model(synth_root: Path, tmp_path: P
     assert two.returncode == 0, two.stderr[-3000:]
     ranks = [json.loads((tmp_path / "ranks" / f"rank{i}.json").read_text()) for i in range(2)]
     assert len(ranks[0]) == 3 and ranks[0] == ranks[1]  # the gradients are shared: one model, not two
+
+
+def test_only_rank_zero_logs_progress_to_the_console() -> None:
+    import io
+    import logging
+
+    from savlt.cli import console_handler
+
+    def shown(rank: str, level: int) -> str:
+        handler = console_handler(logging.INFO, rank)
+        handler.setStream(io.StringIO())
+        logger = logging.getLogger(f"savlt.test-rank-{rank}")
+        logger.propagate = False
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+        logger.log(level, "message")
+        logger.removeHandler(handler)
+        return handler.stream.getvalue()
+
+    assert shown("0", logging.INFO) == "INFO savlt.test-rank-0: message\n"
+    assert shown("1", logging.INFO) == ""
+    assert shown("1", logging.WARNING) == "[rank 1] WARNING savlt.test-rank-1: message\n"

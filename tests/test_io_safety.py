@@ -45,7 +45,9 @@ def volume_of(scans: list[Path], compression: str, tile: tuple[int, int] | None)
     """A 3-page TIFF volume of `scans` (8-bit for JPEG, as stored otherwise)."""
     pages = [np.asarray(tifffile.imread(p)) if p.suffix == ".tif" else _gray(p) for p in scans]
     if compression == "jpeg":
-        pages = [(p / max(int(p.max()), 1) * 255).astype(np.uint8) if p.dtype != np.uint8 else p for p in pages]
+        pages = [
+            (p / max(int(p.max()), 1) * 255).astype(np.uint8) if p.dtype != np.uint8 else p for p in pages
+        ]
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, np.stack(pages), compression=compression, tile=tile, photometric="minisblack")
     return buffer.getvalue()
@@ -116,11 +118,18 @@ def test_train_and_evaluate_write_a_latin1_name_and_every_page_of_compressed_vol
     assert tree_digest(hospital) == before
 
 
-def test_predict_writes_the_same_names_in_the_table_json_and_csv(trained, hospital: Path, tmp_path: Path, capsys) -> None:
+def test_predict_writes_the_same_names_in_the_table_json_and_csv(
+    trained, hospital: Path, tmp_path: Path, capsys
+) -> None:
     _, out, _ = trained
     latin1 = Path(os.fsdecode(os.path.join(os.fsencode(hospital / "huaxi" / "images" / "cancer"), LATIN1)))
     volume = hospital / "xiangya" / "images" / "cancer" / "vol_lzw.tif"
-    assert main(["predict", str(out), str(latin1), str(volume), "--json", "-q", "--csv", str(tmp_path / "p.csv")]) == 0
+    assert (
+        main(
+            ["predict", str(out), str(latin1), str(volume), "--json", "-q", "--csv", str(tmp_path / "p.csv")]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "\\udc" not in printed
     got = [Path(p["path"]).name for p in json.loads(printed)]
@@ -135,7 +144,13 @@ def multipart(*files: tuple[bytes, bytes]) -> tuple[bytes, dict[str, str]]:
     boundary = b"savlt-boundary-7f3a"
     body = b""
     for name, data in files:
-        body += b"--" + boundary + b'\r\nContent-Disposition: form-data; name="files"; filename="' + name + b'"\r\n'
+        body += (
+            b"--"
+            + boundary
+            + b'\r\nContent-Disposition: form-data; name="files"; filename="'
+            + name
+            + b'"\r\n'
+        )
         body += b"Content-Type: application/octet-stream\r\n\r\n" + data + b"\r\n"
     body += b"--" + boundary + b"--\r\n"
     return body, {"content-type": "multipart/form-data; boundary=" + boundary.decode()}
@@ -159,7 +174,8 @@ def client_for(run, **options) -> TestClient:
 
 
 @pytest.mark.parametrize(
-    ("compression", "tile"), [("zlib", None), ("lzw", None), ("jpeg", None), ("zlib", (32, 32)), ("lzw", (32, 32))]
+    ("compression", "tile"),
+    [("zlib", None), ("lzw", None), ("jpeg", None), ("zlib", (32, 32)), ("lzw", (32, 32))],
 )
 def test_the_service_predicts_every_page_of_a_compressed_volume_as_predict_does(
     served, hospital: Path, tmp_path: Path, capsys, compression: str, tile
@@ -218,15 +234,30 @@ def test_input_files_that_are_not_utf8_or_are_directories_are_one_line_errors(
     folder.mkdir()
     out = ["--out", str(tmp_path / "run"), *SETTINGS, "--set", f"data.cache_dir={tmp_path / 'cache'}"]
     cases = [
-        (["data", "check", str(hospital), "-q", "--config", str(latin1)], f"config file {latin1} is not UTF-8"),
-        (["data", "check", str(hospital), "-q", "--config", str(folder)], f"config file {folder} is a directory"),
+        (
+            ["data", "check", str(hospital), "-q", "--config", str(latin1)],
+            f"config file {latin1} is not UTF-8",
+        ),
+        (
+            ["data", "check", str(hospital), "-q", "--config", str(folder)],
+            f"config file {folder} is a directory",
+        ),
         (["sweep", str(latin1), "--out", str(tmp_path / "sweep")], f"sweep file {latin1} is not UTF-8"),
         (["sweep", str(folder), "--out", str(tmp_path / "sweep")], f"sweep file {folder} is a directory"),
-        (["train", "--data", str(hospital), *out, "--set", f"data.split_file={latin1}"], f"split file {latin1} is not UTF-8"),
-        (["train", "--data", str(hospital), *out, "--set", f"data.split_file={folder}"], f"split file {folder} is a directory"),
+        (
+            ["train", "--data", str(hospital), *out, "--set", f"data.split_file={latin1}"],
+            f"split file {latin1} is not UTF-8",
+        ),
+        (
+            ["train", "--data", str(hospital), *out, "--set", f"data.split_file={folder}"],
+            f"split file {folder} is a directory",
+        ),
         (["serve", str(tmp_path), "--token-file", str(latin1)], f"token file {latin1} is not UTF-8"),
         (["serve", str(tmp_path), "--token-file", str(folder)], f"token file {folder} is a directory"),
-        (["pretrain", str(latin1.with_suffix(".csv")), "--model", "tiny", "--out", str(tmp_path / "pre")], f"pairs file {latin1.with_suffix('.csv')} is not UTF-8"),
+        (
+            ["pretrain", str(latin1.with_suffix(".csv")), "--model", "tiny", "--out", str(tmp_path / "pre")],
+            f"pairs file {latin1.with_suffix('.csv')} is not UTF-8",
+        ),
     ]
     latin1.with_suffix(".csv").write_bytes(b"file,text\nimages/a.png,l\xe9sion\n")
     for argv, message in cases:
@@ -237,7 +268,9 @@ def test_input_files_that_are_not_utf8_or_are_directories_are_one_line_errors(
     assert tree_digest(hospital) == before
 
 
-def test_a_metadata_csv_that_is_not_utf8_is_named_by_data_check(hospital: Path, tmp_path: Path, capsys) -> None:
+def test_a_metadata_csv_that_is_not_utf8_is_named_by_data_check(
+    hospital: Path, tmp_path: Path, capsys
+) -> None:
     root = tmp_path / "data"
     shutil.copytree(hospital / "xiangya", root / "xiangya")
     (root / "xiangya" / "metadata.csv").write_bytes(b"file,patient\nimages/cancer/a.tif,Jos\xe9\n")
@@ -269,7 +302,15 @@ def test_a_disk_full_when_training_ends_is_one_line_naming_the_file(
 ) -> None:
     before = tree_digest(hospital)
     out = tmp_path / "run"
-    early = (".savlt.lock", MANIFEST_NAME, "config.yaml", "split.json", "fewshot.json", "history.jsonl", "train.log")
+    early = (
+        ".savlt.lock",
+        MANIFEST_NAME,
+        "config.yaml",
+        "split.json",
+        "fewshot.json",
+        "history.jsonl",
+        "train.log",
+    )
     full_disk(monkeypatch, out, keep=early)  # full from the end of training on
     cache = ["--set", f"data.cache_dir={tmp_path / 'cache'}"]
     assert main(["train", "--data", str(hospital), "--out", str(out), "-q", *SETTINGS, *cache]) == 2
@@ -303,7 +344,9 @@ def test_serve_refuses_a_port_out_of_range(tmp_path: Path, capsys) -> None:
         with pytest.raises(SystemExit) as stop:
             main(["serve", str(tmp_path), "--port", port])
         assert stop.value.code == 2
-        assert f"argument --port: must be 0 to 65535 (0: any free port), got {port}" in capsys.readouterr().err
+        assert (
+            f"argument --port: must be 0 to 65535 (0: any free port), got {port}" in capsys.readouterr().err
+        )
 
 
 def test_head_nosniff_and_the_token_on_openapi(run) -> None:
@@ -315,7 +358,14 @@ def test_head_nosniff_and_the_token_on_openapi(run) -> None:
         assert client.get("/openapi.json").status_code == 401
         spec = client.get("/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"})
         assert spec.status_code == 200 and "/predict" in spec.json()["paths"]
-        answers = [page, head, spec, client.get("/health"), client.get("/model"), client.get("/static/app.js")]
+        answers = [
+            page,
+            head,
+            spec,
+            client.get("/health"),
+            client.get("/model"),
+            client.get("/static/app.js"),
+        ]
         answers.append(client.post("/predict", headers={"Authorization": f"Bearer {TOKEN}"}))
         for answer in answers:
             assert answer.headers["x-content-type-options"] == "nosniff", answer.url

@@ -1,4 +1,4 @@
-"""The step-wise batch sampler of training and the device plan of sweeps."""
+"""The step-wise batch sampler of training: full seeded batches, shared by ranks, checked sizes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import pytest
 from savlt.config import ConfigError
 from savlt.data.discover import DataError
 from savlt.engine.inputs import StepBatches
-from savlt.sweep.runner import DevicePlan
 
 
 def test_batches_are_full_seeded_and_cover_each_epoch() -> None:
@@ -36,25 +35,3 @@ def test_small_data_and_bad_sizes() -> None:
         StepBatches(size=0, batch_size=4, steps=1, seed=0)
     with pytest.raises(ConfigError, match="cannot be split over 4 processes"):
         StepBatches(size=2, batch_size=8, steps=1, seed=0, world=4)
-
-
-def test_device_plan_on_cpu_splits_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
-    plan = DevicePlan.detect(jobs=3)
-    assert (plan.gpus, plan.threads) == ([], 2)
-    env = plan.env(1)
-    assert env["OMP_NUM_THREADS"] == "2" and "CUDA_VISIBLE_DEVICES" not in env
-    assert plan.summary() == "3 job(s) on the CPU, 2 thread(s) each"
-    assert DevicePlan.detect(jobs=16).threads == 1  # never zero
-
-
-def test_device_plan_gives_each_job_a_visible_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
-    plan = DevicePlan.detect(jobs=3)
-    assert plan.gpus == ["4", "6"]
-    assert [plan.env(slot)["CUDA_VISIBLE_DEVICES"] for slot in range(3)] == ["4", "6", "4"]
-    assert plan.summary() == "3 job(s) on 2 GPU(s) (jobs share GPUs)" and plan.describe(1) == "GPU 6"
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert DevicePlan.detect(jobs=1).gpus == ["0", "1"]

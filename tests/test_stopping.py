@@ -40,7 +40,9 @@ sys.exit(main(sys.argv[1:]))
 
 def forked_workers(processes: dict[int, tuple[int, str]]) -> list[int]:
     """The processes forked from another one without a program of their own (pool workers)."""
-    return [pid for pid, (parent, command) in processes.items() if processes.get(parent, (0, ""))[1] == command]
+    return [
+        pid for pid, (parent, command) in processes.items() if processes.get(parent, (0, ""))[1] == command
+    ]
 
 
 def stop_in(args: list[str], phase: str, workers: int, log: Path, sig: int = signal.SIGTERM) -> None:
@@ -49,7 +51,9 @@ def stop_in(args: list[str], phase: str, workers: int, log: Path, sig: int = sig
     interrupted (or killed, for SIGKILL) and that no process it started is left a few seconds
     later."""
     mark = f"{os.getpid()}-{log.stem}"
-    command = [sys.executable, "-m", "savlt.cli"] if args[0] == "serve" else [sys.executable, "-c", BLOCKING_CLI]
+    command = (
+        [sys.executable, "-m", "savlt.cli"] if args[0] == "serve" else [sys.executable, "-c", BLOCKING_CLI]
+    )
     env = {**os.environ, "SAVLT_TEST_MARK": mark, "SAVLT_TEST_BLOCK": phase}
     with log.open("w") as err:
         process = subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=err, text=True, env=env)
@@ -105,7 +109,9 @@ def test_the_decode_checks_workers_end_with_their_command(synth_root: Path, tmp_
 
 
 @pytest.mark.slow
-def test_train_stopped_in_any_phase_leaves_no_process_and_runs_again(synth_root: Path, tmp_path: Path) -> None:
+def test_train_stopped_in_any_phase_leaves_no_process_and_runs_again(
+    synth_root: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "run"
     # 80 scans to decode (from 64 the check has workers), one validation, two centers to score
     sets = [*FAST, "data.num_workers=2", "data.test_centers=[huaxi]", "train.val_every=4"]
@@ -148,8 +154,18 @@ def test_a_script_calling_savlt_without_a_main_guard_fails_at_once(synth_root: P
     script = tmp_path / "unguarded.py"  # the decode check's workers import it, and would train again
     script.write_text("import sys\nfrom savlt.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     sets = [*FAST, f"data.cache_dir={tmp_path / 'cache'}"]
-    args = ["train", "--data", str(synth_root), "--out", str(tmp_path / "run"), "-q", *(f"--set={s}" for s in sets)]
+    args = [
+        "train",
+        "--data",
+        str(synth_root),
+        "--out",
+        str(tmp_path / "run"),
+        "-q",
+        *(f"--set={s}" for s in sets),
+    ]
     done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert 'call SAVLT under `if __name__ == "__main__":` in that script' in done.stderr
-    assert done.stderr.strip().splitlines()[-1].startswith("savlt: error: the decode check's worker processes")
+    assert (
+        done.stderr.strip().splitlines()[-1].startswith("savlt: error: the decode check's worker processes")
+    )

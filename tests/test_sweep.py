@@ -20,7 +20,7 @@ from savlt.cli import main
 from savlt.config import ConfigError, load_config
 from savlt.io import write_manifest
 from savlt.sweep import Sweep, SweepError, aggregate, build_sweep, is_complete, load_sweep, run_sweep
-from savlt.sweep.runner import SweepLayout, prepare_point_folders
+from savlt.sweep.runner import DevicePlan, SweepLayout, prepare_point_folders
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 METRIC_PATHS = {
@@ -496,3 +496,28 @@ def test_failed_point_is_reported_and_the_others_finish(synth_root: Path, tmp_pa
     )
     assert {r["center"] for r in read_csv(out / "summary.csv")} == set(CENTER_SIZES)
     assert "Complete runs: 1 of 2" in (out / "summary.md").read_text()
+
+
+# ------------------------------------------------------------------ sharing the machine
+
+
+def test_device_plan_on_cpu_splits_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    plan = DevicePlan.detect(jobs=3)
+    assert (plan.gpus, plan.threads) == ([], 2)
+    env = plan.env(1)
+    assert env["OMP_NUM_THREADS"] == "2" and "CUDA_VISIBLE_DEVICES" not in env
+    assert plan.summary() == "3 job(s) on the CPU, 2 thread(s) each"
+    assert DevicePlan.detect(jobs=16).threads == 1  # never zero
+
+
+def test_device_plan_gives_each_job_a_visible_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    plan = DevicePlan.detect(jobs=3)
+    assert plan.gpus == ["4", "6"]
+    assert [plan.env(slot)["CUDA_VISIBLE_DEVICES"] for slot in range(3)] == ["4", "6", "4"]
+    assert plan.summary() == "3 job(s) on 2 GPU(s) (jobs share GPUs)" and plan.describe(1) == "GPU 6"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert DevicePlan.detect(jobs=1).gpus == ["0", "1"]

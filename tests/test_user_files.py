@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FAST, tree_digest
-from test_export_safety import train_args
+from conftest import FAST, train_args, tree_digest
 
 from savlt.cli import main
 from savlt.engine.runfolder import RunPaths, is_complete
@@ -194,7 +193,9 @@ def test_synth_replaces_exactly_its_own_output_and_nothing_else(tmp_path: Path, 
 # ---------------------------------------------------------------- 3: inputs inside the folder replaced
 
 
-def test_overwrite_refuses_a_folder_holding_an_input(trained: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+def test_overwrite_refuses_a_folder_holding_an_input(
+    trained: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
     root, run = trained
     old = copy_run(run, tmp_path / "old")
     before = tree_digest(old)
@@ -245,7 +246,9 @@ def test_evaluate_never_writes_over_a_run(trained: tuple[Path, Path], tmp_path: 
     assert not (other / "adapter.safetensors").exists() and not (other / ".savlt-replaced").exists()
 
 
-def test_an_evaluation_replaces_its_own_earlier_one_entirely(trained: tuple[Path, Path], tmp_path: Path) -> None:
+def test_an_evaluation_replaces_its_own_earlier_one_entirely(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
     _, run = trained
     out = tmp_path / "eval"
     assert main(["evaluate", str(run), "--centers", "huaxi", "--out", str(out), "-q"]) == 0
@@ -259,7 +262,9 @@ def test_an_evaluation_replaces_its_own_earlier_one_entirely(trained: tuple[Path
     assert sorted(files) == sorted(set(tree_digest(out)) - {MANIFEST_NAME, LOCK_NAME})
 
 
-def test_one_process_evaluates_into_a_folder_at_a_time(trained: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+def test_one_process_evaluates_into_a_folder_at_a_time(
+    trained: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
     _, run = trained
     out = tmp_path / "eval"
     with exclusive(RunPaths(out).lock, "held by the test"):  # as another `savlt evaluate` would hold it
@@ -440,7 +445,14 @@ def test_heat_maps_never_go_into_the_data_or_over_a_users_file(
         (scans / "heat", f"lies inside the input folder {scans}"),
         (heat, f"{theirs} exists and is not a heat map SAVLT wrote"),
     ):
-        argv = ["predict", str(run), str(scans if "input" in message else scan), "--heatmap", str(folder), "-q"]
+        argv = [
+            "predict",
+            str(run),
+            str(scans if "input" in message else scan),
+            "--heatmap",
+            str(folder),
+            "-q",
+        ]
         assert message in refused(argv, capsys)
     assert (tree_digest(root), tree_digest(tmp_path)) == before and not (scans / "heat").exists()
     theirs.unlink()
