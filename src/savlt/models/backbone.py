@@ -1,8 +1,8 @@
 """The backbone registry: what ``model.backbone`` names, resolved once (``resolve``) into a
 ``BackboneSource`` that knows how to load the model and which mean and std it declares.
 
-- a built-in random model (``PRESETS``): ``tiny`` (tests), ``small``, ``random-vit-b16``
-  (Hugging Face CLIPs), ``tiny-openclip`` and ``random-biomedclip`` (open_clip, BiomedCLIP-shaped);
+- a built-in random model (``PRESETS``, each described there): Hugging Face CLIPs and
+  BiomedCLIP-shaped open_clip models, for tests, demos and speed measurements;
 - ``tiny-oct``: a small CLIP pretrained on synthetic OCT scans by ``savlt pretrain``, shipped
   inside the package (``SHIPPED``);
 - a local folder: a Hugging Face CLIP (``config.json``) or an open_clip model
