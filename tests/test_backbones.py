@@ -8,6 +8,7 @@ import csv
 import json
 import string
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
@@ -21,12 +22,13 @@ from savlt.cli import main
 from savlt.config import ConfigError, load_config
 from savlt.engine.loaded import load_run
 from savlt.engine.pretrain import pretrain
+from savlt.engine.runfolder import absolute_setting, run_inputs
 from savlt.models.backbone import (
+    LOADERS,
     PRESETS,
+    Kind,
     Preset,
     build_random,
-    declared_normalization,
-    is_built_in,
     load_backbone,
     resolve,
     shipped_folder,
@@ -394,12 +396,12 @@ def test_a_damaged_preprocessor_config_is_a_one_line_error_and_built_in_names_wi
     with pytest.raises(BackboneError, match="preprocessor_config.json cannot be read as JSON"):
         load_backbone(str(tmp_path / "clip"))
     with pytest.raises(BackboneError, match="cannot be read as JSON"):
-        declared_normalization(str(tmp_path / "clip"))
+        resolve(str(tmp_path / "clip")).stats()
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny").mkdir()  # a folder named like the built-in model, which load_backbone builds
     (tmp_path / "tiny" / "open_clip_config.json").write_text("{bad")
-    assert declared_normalization("tiny") == CLIP_STATS
-    assert declared_normalization("x" * 5000) == CLIP_STATS  # not a usable path: loading says so
+    assert resolve("tiny").stats() == CLIP_STATS
+    assert resolve("x" * 5000).stats() == CLIP_STATS  # not a usable path: loading says so
 
 
 def test_patch_dropout_is_switched_off_so_roi_masks_fit_the_tokens(native_folder, tmp_path: Path) -> None:
@@ -483,11 +485,15 @@ def test_every_kind_of_name_resolves_once_to_its_source_and_statistics(biomed_fo
     for spec, (kind, where, stats) in expected.items():
         source = resolve(spec)
         assert (source.kind, source.folder, source.stats()) == (kind, where, stats), spec
-        assert declared_normalization(spec) == stats
-    assert load_backbone(str(hf)).normalization == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    assert set(LOADERS) == set(get_args(Kind))  # every kind of name has its loader
+    for spec in ("tiny", "tiny-openclip", "tiny-oct", str(folder), str(hf)):  # those loadable here
+        loaded = load_backbone(spec)
+        assert (loaded.source, loaded.normalization) == (spec, resolve(spec).stats()), spec
 
 
-def test_a_preset_added_in_one_place_is_found_by_loading_and_normalisation(monkeypatch) -> None:
+def test_a_preset_added_in_one_place_is_found_by_loading_and_normalisation(
+    monkeypatch, tmp_path: Path
+) -> None:
     shapes = {
         "vision": {
             "hidden_size": 32,
@@ -503,10 +509,37 @@ def test_a_preset_added_in_one_place_is_found_by_loading_and_normalisation(monke
         },
         "projection": {"projection_dim": 16},
     }
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "micro").mkdir()  # a folder of that name: a run's input until the preset exists
+    cfg = load_config(overrides=["model.backbone=micro"])
+    assert absolute_setting("model.backbone", "micro") == str(tmp_path / "micro") and run_inputs(cfg)
     monkeypatch.setitem(PRESETS, "micro", Preset("hf", shapes))
-    assert is_built_in("micro") and resolve("micro").kind == "preset"
+    assert resolve("micro").kind == "preset" and resolve("micro").local_folder is None
+    assert absolute_setting("model.backbone", "micro") == "micro" and run_inputs(cfg) == {}
     model = load_backbone("micro")
     assert (model.source, model.width, model.embed_dim) == ("micro", 32, 16)
-    assert declared_normalization("micro") == model.normalization == CLIP_STATS
+    assert resolve("micro").stats() == model.normalization == CLIP_STATS
     with pytest.raises(BackboneError, match="model.weights is only for open_clip:ARCH"):
         load_backbone("micro", weights="w.safetensors")
+
+
+def test_names_that_look_like_paths_are_read_once_and_their_errors_are_one_line(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    build_random("tiny").save_pretrained(tmp_path / "clip")
+    assert resolve("clip").local_folder == Path("clip")  # a relative folder: the run's input
+    assert absolute_setting("model.backbone", "clip") == str(tmp_path / "clip")
+    (tmp_path / "open_clip:ViT-B-16").mkdir()  # a folder named like an architecture stays a name
+    assert resolve("open_clip:ViT-B-16").kind == "open_clip_arch"
+    assert absolute_setting("model.backbone", "open_clip:ViT-B-16") == "open_clip:ViT-B-16"
+    missing = resolve("./no-such-folder")
+    assert (missing.kind, missing.local_folder) == ("hf_folder", None)
+    with pytest.raises(BackboneError, match="^backbone folder no-such-folder does not exist$"):
+        missing.load()
+    with pytest.raises(BackboneError) as info:
+        load_backbone("tiny-ocr")  # a typo: neither built in, a folder, nor cached
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("'tiny-ocr' is neither a backbone built into SAVLT")
+    assert "--model tiny-oct" in message and str(tmp_path / "empty-cache") in message

@@ -39,7 +39,7 @@ from typing import Any
 from savlt.config import Config, load_config
 from savlt.errors import SavltError
 from savlt.io import LOCK_NAME, MANIFEST_NAME, read_manifest
-from savlt.models.backbone import declared_normalization, is_built_in
+from savlt.models.backbone import resolve
 from savlt.normalization import normalization
 from savlt.outputs import claim_folder, is_complete
 
@@ -81,13 +81,13 @@ PATH_KEYS = (
 
 def absolute_setting(key: str, value: Any) -> Any:
     """`value` of the dotted `key`, absolute against the current directory when it is a relative
-    path (``model.backbone`` only when it names an existing folder and no built-in model)."""
+    path (``model.backbone`` only when it names a local folder: ``BackboneSource.local_folder``)."""
     if not isinstance(value, str | Path) or not str(value):
         return value
     path = Path(value).expanduser()
     if key in PATH_KEYS:
         return str(path.resolve())
-    if key == "model.backbone" and not is_built_in(str(value)) and path.exists():
+    if key == "model.backbone" and resolve(str(value)).local_folder is not None:
         return str(path.resolve())
     return value
 
@@ -115,7 +115,7 @@ def run_identity(cfg: Config, leave_out: tuple[str, ...] = OTHER_COMMANDS) -> di
     with ``clip`` (the default before backbones brought their own) equals the same run with
     ``backbone`` on a CLIP backbone."""
     tree = cfg.defining(leave_out)
-    stats = normalization(cfg.data.normalize, declared_normalization(cfg.model.backbone))
+    stats = normalization(cfg.data.normalize, resolve(cfg.model.backbone).stats())
     tree["data"]["normalize"] = [list(part) for part in stats]
     return tree
 
@@ -144,9 +144,8 @@ def _same_unfinished_run(cfg: Config) -> Callable[[Path], bool]:
 def run_inputs(cfg: Config) -> dict[str, str]:
     """The files and folders a configuration reads (setting -> path)."""
     found = {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in PATH_KEYS}
-    backbone = cfg.model.backbone
-    if not is_built_in(backbone) and Path(backbone).expanduser().exists():  # a folder, not a name
-        found["model.backbone"] = backbone
+    if resolve(cfg.model.backbone).local_folder is not None:
+        found["model.backbone"] = cfg.model.backbone
     return {key: str(value) for key, value in found.items() if value}
 
 

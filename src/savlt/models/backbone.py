@@ -1,8 +1,8 @@
 """The backbone registry: what ``model.backbone`` names, resolved once (``resolve``) into a
 ``BackboneSource`` that knows how to load the model and which mean and std it declares.
 
-- a built-in random model (``PRESETS``): ``tiny`` (tests), ``small``, ``random-vit-b16``
-  (Hugging Face CLIPs), ``tiny-openclip`` and ``random-biomedclip`` (open_clip, BiomedCLIP-shaped);
+- a built-in random model (``PRESETS``, each described there): Hugging Face CLIPs and
+  BiomedCLIP-shaped open_clip models, for tests, demos and speed measurements;
 - ``tiny-oct``: a small CLIP pretrained on synthetic OCT scans by ``savlt pretrain``, shipped
   inside the package (``SHIPPED``);
 - a local folder: a Hugging Face CLIP (``config.json``) or an open_clip model
@@ -15,11 +15,18 @@ Built-in names win over a local folder of the same name. Resolving and reading t
 import neither torch nor transformers (a sweep and the run identity use them); loading imports the
 family's module then. Pretrained weights are never fetched silently: only with
 ``model.allow_download`` may the hub be asked, and when the files are missing the error says how
-to provide them. A new preset is one entry of ``PRESETS``: loading and normalisation both find it.
+to provide them.
+
+Presets are data (as open_clip keeps its model configs), not functions registered by a decorator
+(as timm's ``register_model``): a decorator registers a preset only once the family's module is
+imported, which imports torch, and resolving a name must not. A new preset is one entry of
+``PRESETS``; a new kind of name is one rule in ``resolve`` and one entry of ``LOADERS``. Loading
+and normalisation both go through ``resolve``, so they cannot disagree on what a name is.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -108,12 +115,6 @@ Kind = Literal[
 ]
 
 
-def is_built_in(spec: str) -> bool:
-    """Whether `spec` names a model built into SAVLT (random presets and shipped backbones), which
-    wins over a local folder of the same name."""
-    return spec in PRESETS or spec in SHIPPED
-
-
 def shipped_folder(name: str) -> Path:
     """Where a backbone shipped with the package lives (``savlt/backbones/<name>``)."""
     return Path(__file__).resolve().parents[1] / "backbones" / name
@@ -142,6 +143,14 @@ class BackboneSource:
             pass
         return CLIP_STATS
 
+    @property
+    def local_folder(self) -> Path | None:
+        """The folder on this machine that `spec` names (an input of the run), None for a
+        built-in model, a hub name or a path that does not exist."""
+        if self.kind in ("hf_folder", "open_clip_folder") and self.folder.exists():
+            return self.folder
+        return None
+
     def load(self, allow_download: bool = False, weights: str | None = None) -> VisionLanguage:
         """The backbone itself; ``weights`` is the local weights file of an ``open_clip:ARCH``."""
         if weights is not None and self.kind != "open_clip_arch":
@@ -149,33 +158,76 @@ class BackboneSource:
                 f"model.weights is only for open_clip:ARCH backbones; {self.spec!r} brings its own weights "
                 "(remove model.weights)"
             )
-        if self.kind == "preset":
-            return build_random(self.spec)
-        if self.kind in ("open_clip_arch", "open_clip_hub"):
-            from savlt.models.openclip import load_open_clip  # imports open_clip: only when needed
+        return LOADERS[self.kind](self, allow_download, weights)
 
-            return load_open_clip(self.spec, weights, allow_download)
-        if self.kind == "open_clip_folder":
-            from savlt.models.openclip import load_open_clip_folder
 
-            return load_open_clip_folder(self.folder, allow_download)
-        from savlt.models import hf_clip
+# Each loader imports its family's module (torch, transformers or open_clip) only when called.
 
-        if self.kind == "shipped":
-            if not (self.folder / "model.safetensors").is_file():
-                raise BackboneError(
-                    f"the weights of the built-in backbone {self.spec!r} are missing from this installation "
-                    f"({self.folder}); reinstall SAVLT, or rebuild them with `make tiny-oct` (docs/backbones.md)"
-                )
-            return hf_clip.load_hf(str(self.folder), local_only=True, name=self.spec)
-        if self.kind == "hf_folder":
-            if not (self.folder / "config.json").is_file():
-                raise BackboneError(
-                    f"backbone folder {self.folder} holds neither config.json (a Hugging Face CLIP saved with "
-                    "save_pretrained) nor open_clip_config.json (an open_clip model with its weights)"
-                )
-            return hf_clip.load_hf_folder(self.folder)
-        return hf_clip.load_hf_hub(self.spec, allow_download)
+
+def _load_preset(source: BackboneSource, allow_download: bool, weights: str | None) -> VisionLanguage:
+    return build_random(source.spec)
+
+
+def _load_shipped(source: BackboneSource, allow_download: bool, weights: str | None) -> VisionLanguage:
+    if not (source.folder / "model.safetensors").is_file():
+        raise BackboneError(
+            f"the weights of the built-in backbone {source.spec!r} are missing from this installation "
+            f"({source.folder}); reinstall SAVLT, or rebuild them with `make tiny-oct` (docs/backbones.md)"
+        )
+    from savlt.models.hf_clip import load_hf
+
+    return load_hf(str(source.folder), local_only=True, stats=source.stats(), name=source.spec)
+
+
+def _load_hf_folder(source: BackboneSource, allow_download: bool, weights: str | None) -> VisionLanguage:
+    if not source.folder.is_dir():
+        raise BackboneError(f"backbone folder {source.folder} does not exist")
+    if not (source.folder / "config.json").is_file():
+        raise BackboneError(
+            f"backbone folder {source.folder} holds neither config.json (a Hugging Face CLIP saved with "
+            "save_pretrained) nor open_clip_config.json (an open_clip model with its weights)"
+        )
+    from savlt.models.hf_clip import load_hf_folder
+
+    return load_hf_folder(source.folder, source.stats())
+
+
+def _load_hf_hub(source: BackboneSource, allow_download: bool, weights: str | None) -> VisionLanguage:
+    from savlt.models.hf_clip import load_hf_hub
+
+    return load_hf_hub(source.spec, allow_download, source.stats())
+
+
+def _load_open_clip_folder(
+    source: BackboneSource, allow_download: bool, weights: str | None
+) -> VisionLanguage:
+    from savlt.models.openclip import load_open_clip_folder
+
+    return load_open_clip_folder(source.folder, allow_download)
+
+
+def _load_open_clip_hub(source: BackboneSource, allow_download: bool, weights: str | None) -> VisionLanguage:
+    from savlt.models.openclip import load_open_clip_hub
+
+    return load_open_clip_hub(source.spec, allow_download)
+
+
+def _load_open_clip_arch(source: BackboneSource, allow_download: bool, weights: str | None) -> VisionLanguage:
+    from savlt.models.openclip import load_open_clip_arch
+
+    return load_open_clip_arch(source.spec, weights, allow_download)
+
+
+Loader = Callable[[BackboneSource, bool, str | None], "VisionLanguage"]
+LOADERS: dict[Kind, Loader] = {
+    "preset": _load_preset,
+    "shipped": _load_shipped,
+    "hf_folder": _load_hf_folder,
+    "hf_hub": _load_hf_hub,
+    "open_clip_folder": _load_open_clip_folder,
+    "open_clip_hub": _load_open_clip_hub,
+    "open_clip_arch": _load_open_clip_arch,
+}
 
 
 def _cached_hub_folder(spec: str) -> Path | None:
@@ -228,8 +280,3 @@ def load_backbone(
 ) -> VisionLanguage:
     """The backbone ``spec`` names (see the module docstring)."""
     return resolve(spec).load(allow_download, weights)
-
-
-def declared_normalization(spec: str) -> Stats:
-    """The mean and std the backbone `spec` declares (``BackboneSource.stats``)."""
-    return resolve(spec).stats()

@@ -2,9 +2,8 @@
 
 ``HFClip`` holds the CLIP's own towers under their own names (``vision_model``, ``text_model``,
 ``visual_projection``, ``text_projection``, ``logit_scale``), so adapter and checkpoint tensor
-names are those of the ``CLIPModel``. Built-in random presets (``tiny`` for tests, ``small`` the
-shape of the shipped ``tiny-oct``, ``random-vit-b16`` the shapes of openai/clip-vit-base-patch16)
-use a character-level tokenizer made in-process.
+names are those of the ``CLIPModel``. The built-in random presets of this family (their shapes in
+``savlt.models.backbone.PRESETS``) use a character-level tokenizer made in-process.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from torch import nn
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 from transformers.utils import logging as hf_logging
 
-from savlt.models.backbone_files import BackboneError, hf_folder_stats, hub_cache
+from savlt.models.backbone_files import BackboneError, hub_cache
 from savlt.models.vision_language import VisionLanguage
 from savlt.normalization import CLIP_STATS, Stats
 
@@ -181,17 +180,17 @@ def build_random_hf(name: str, shapes: dict[str, dict[str, int]]) -> HFClip:
 
 
 def how_to_provide(name: str) -> str:
+    """One line: what `name` was looked for as, and how to provide it offline."""
     return (
-        f"The weights of {name!r} are not available on this machine. Either\n"
-        f"  - on a machine with internet run `hf download {name}` (or "
-        f"`huggingface-cli download {name}`) and copy its cache folder to {hub_cache()} here "
-        "(set HF_HOME or HF_HUB_CACHE to use another cache location), or\n"
-        f"  - save it with CLIPModel.from_pretrained({name!r}).save_pretrained(DIR) plus the "
-        "tokenizer's save_pretrained(DIR), copy DIR here and pass --model DIR, or\n"
-        "  - allow a download with --set model.allow_download=true on a machine that can reach the hub.\n"
-        f"If {name!r} is an open_clip model (such as BiomedCLIP), name it --model hf-hub:{name}.\n"
-        "To try SAVLT without downloading anything use --model tiny-oct, the small OCT CLIP shipped "
-        "with SAVLT (pretrained on synthetic scans)."
+        f"{name!r} is neither a backbone built into SAVLT, a local folder, nor a Hugging Face CLIP in "
+        f"the local cache ({hub_cache()}; set HF_HOME or HF_HUB_CACHE to use another): on a machine "
+        f"with internet run `hf download {name}` and copy its cache folder here, or save it with "
+        f"CLIPModel.from_pretrained({name!r}).save_pretrained(DIR) plus the tokenizer's "
+        "save_pretrained(DIR) and pass --model DIR, or allow a download with --set "
+        f"model.allow_download=true; if it is an open_clip model (such as BiomedCLIP), name it --model "
+        f"hf-hub:{name}; "
+        "to try SAVLT without downloading anything use --model tiny-oct, the small OCT CLIP shipped "
+        "with SAVLT (docs/backbones.md)"
     )
 
 
@@ -211,30 +210,34 @@ def quiet_hf() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_hf(source: str, local_only: bool, name: str | None = None) -> HFClip:
-    """A CLIPModel and its tokenizer from a folder or hub id (float32 whatever the file holds)."""
+def load_hf(source: str, local_only: bool, stats: Stats, name: str | None = None) -> HFClip:
+    """A CLIPModel and its tokenizer from a folder or hub id (float32 whatever the file holds), with
+    the mean and std its backbone source declares."""
     with quiet_hf():
         clip = CLIPModel.from_pretrained(source, local_files_only=local_only, dtype=torch.float32)
         tokenizer = CLIPTokenizer.from_pretrained(source, local_files_only=local_only)
-    folder = Path(source)
-    stats = hf_folder_stats(folder) if folder.is_dir() else CLIP_STATS
     return HFClip(clip.eval(), tokenizer, name or source, stats).eval()
 
 
-def load_hf_folder(folder: Path) -> HFClip:
+def _detail(exc: Exception) -> str:
+    """An exception's message on one line (transformers' span several)."""
+    return " ".join(str(exc).split())
+
+
+def load_hf_folder(folder: Path, stats: Stats) -> HFClip:
     try:
-        return load_hf(str(folder), local_only=True)
+        return load_hf(str(folder), local_only=True, stats=stats)
     except (OSError, ValueError) as exc:
-        raise BackboneError(f"cannot load the CLIP model in {folder}: {exc}") from None
+        raise BackboneError(f"cannot load the CLIP model in {folder}: {_detail(exc)}") from None
 
 
-def load_hf_hub(spec: str, allow_download: bool) -> HFClip:
+def load_hf_hub(spec: str, allow_download: bool, stats: Stats) -> HFClip:
     try:
-        return load_hf(spec, local_only=True)
+        return load_hf(spec, local_only=True, stats=stats)
     except (OSError, ValueError) as exc:
         if not allow_download:
-            raise BackboneError(f"{how_to_provide(spec)}\n(detail: {exc})") from None
+            raise BackboneError(f"{how_to_provide(spec)} (detail: {_detail(exc)})") from None
     try:
-        return load_hf(spec, local_only=False)
+        return load_hf(spec, local_only=False, stats=stats)
     except (OSError, ValueError) as exc:
-        raise BackboneError(f"download of {spec!r} failed ({exc}).\n{how_to_provide(spec)}") from None
+        raise BackboneError(f"download of {spec!r} failed ({_detail(exc)}); {how_to_provide(spec)}") from None

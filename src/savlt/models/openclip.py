@@ -395,15 +395,17 @@ def load_open_clip_folder(folder: Path, allow_download: bool = False, source: st
     )
 
 
-def load_open_clip(spec: str, weights: str | None, allow_download: bool) -> OpenClip:
-    """``hf-hub:ORG/NAME`` (local cache first) or ``open_clip:ARCH`` with a local weights file."""
-    if spec.startswith(HUB_PREFIX):
-        repo = spec.removeprefix(HUB_PREFIX)
-        folder = _cached_repo(repo, allow_download)
-        weights_there = folder is not None and any((folder / name).is_file() for name in WEIGHT_FILES)
-        if not weights_there or not (folder / OPEN_CLIP_CONFIG).is_file():
-            raise BackboneError(how_to_provide(spec))
-        return load_open_clip_folder(folder, allow_download, source=spec)
+def load_open_clip_hub(spec: str, allow_download: bool) -> OpenClip:
+    """``hf-hub:ORG/NAME``: an open_clip hub repository, from the local cache first."""
+    folder = _cached_repo(spec.removeprefix(HUB_PREFIX), allow_download)
+    weights_there = folder is not None and any((folder / name).is_file() for name in WEIGHT_FILES)
+    if not weights_there or not (folder / OPEN_CLIP_CONFIG).is_file():
+        raise BackboneError(how_to_provide(spec))
+    return load_open_clip_folder(folder, allow_download, source=spec)
+
+
+def load_open_clip_arch(spec: str, weights: str | None, allow_download: bool) -> OpenClip:
+    """``open_clip:ARCH``: an architecture open_clip knows, with ``weights`` a local file."""
     arch = spec.removeprefix(OPEN_CLIP_PREFIX)
     model_cfg = open_clip.get_model_config(arch)
     if model_cfg is None:

@@ -18,9 +18,8 @@ from huggingface_hub import constants, try_to_load_from_cache
 from safetensors.torch import load_file
 
 from savlt.io import state_mismatch
+from savlt.normalization import Stats
 from savlt.seg.model import IMAGENET_MEAN, IMAGENET_STD, SegmenterError, read_state_dict
-
-Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
 
 
 def _cached(repo_id: str, filename: str, revision: str) -> Path | None:

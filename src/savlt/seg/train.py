@@ -29,6 +29,7 @@ from tqdm import tqdm
 from savlt.config import Config
 from savlt.data.discover import DataError, scan_data
 from savlt.io import markdown_table, text_table, write_json, write_text
+from savlt.normalization import Stats
 from savlt.outputs import claim_folder
 from savlt.seg.metrics import dice_iou
 from savlt.seg.model import (
@@ -44,7 +45,7 @@ from savlt.seg.model import (
     to_unit_batch,
 )
 from savlt.seg.plots import plot_curves
-from savlt.seg.pretrained import Stats, load_encoder_weights
+from savlt.seg.pretrained import load_encoder_weights
 from savlt.seg.samples import PairArrays, load_pairs, masked_records
 
 log = logging.getLogger(__name__)
