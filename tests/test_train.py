@@ -304,19 +304,29 @@ def test_baselines_train_save_and_reload(method: str, synth_root: Path, tmp_path
 def test_adalora_and_text_adapters_train(
     synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from peft.tuners.adalora import AdaLoraModel
+
     import savlt.models.adapters as adapters
 
     penalties: list[float] = []
+    rank_updates: list[int] = []
 
     def recorded(factors):
         penalty = adalora_orthogonality(factors)
         penalties.append(float(penalty.detach()))
         return penalty
 
+    def update_and_allocate(self, step: int) -> None:
+        rank_updates.append(step)
+        allocate(self, step)
+
+    allocate = AdaLoraModel.update_and_allocate
     monkeypatch.setattr(adapters, "adalora_orthogonality", recorded)
+    monkeypatch.setattr(AdaLoraModel, "update_and_allocate", update_and_allocate)
     cfg = fast_config(synth_root, "peft.type=adalora", "train.max_steps=10", "data.test_centers=[]")
     assert train(cfg, tmp_path / "ada", progress=False)["centers"]["mixed"]["n"] == 15
     assert len(penalties) == 10 and all(p > 0 for p in penalties)  # the penalty is in every step's loss
+    assert rank_updates == list(range(1, 11))  # the rank re-allocation after every optimiser step
     cfg = fast_config(synth_root, "peft.text=true", "data.test_centers=[]")
     train(cfg, tmp_path / "text", progress=False)
     names = load_file(str(tmp_path / "text" / "adapter.safetensors")).keys()
