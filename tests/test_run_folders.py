@@ -152,3 +152,14 @@ def test_every_file_of_a_run_has_the_ordinary_permissions(export_run) -> None:
     modes = {str(p.relative_to(run)): stat.S_IMODE(p.stat().st_mode) for p in files}
     assert modes["adapter.safetensors"] == expected
     assert set(modes.values()) == {expected}, modes
+
+
+def test_a_diverged_run_is_one_line_and_its_folder_keeps_the_log(
+    synth_root: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "run"
+    assert main(train_args(synth_root, out, "--set", "train.lr=1e12")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("savlt: error: training diverged at step") and "try a lower train.lr" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert (out / "history.jsonl").is_file() or (out / "train.log").is_file()  # what shows why it diverged

@@ -451,6 +451,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"savlt: error: {plain_text(str(exc))}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # training diverged: the message names the setting to lower
+        if args.verbose:
+            raise
+        print(f"savlt: error: {exc}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # the output went into a pipe that closed early (e.g. `| head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 1
