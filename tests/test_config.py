@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import io
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -198,3 +201,23 @@ def test_bad_seeds_and_schedules_are_one_line_errors(
     assert main(train_args(synth_root, tmp_path / "run", *argv)) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_output_into_a_closed_pipe_ends_quietly(monkeypatch, capsys) -> None:
+    """`savlt config --list | head` and the like: no traceback when the reader has gone."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self) -> int:
+            return write_end
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    try:
+        assert main(["config", "--list"]) == 1
+    finally:
+        os.close(write_end)
+    assert capsys.readouterr().err == ""

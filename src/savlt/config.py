@@ -522,10 +522,11 @@ class Config:
         the top-level sections in `leave_out`: what two configurations must share to make the same
         run."""
         tree = {name: value for name, value in self.to_dict().items() if name not in leave_out}
-        for row in config_reference():
-            section, _, name = row.key.rpartition(".")
-            if not row.defines_run and section in tree:
-                tree[section].pop(name, None)
+        for name, value in tree.items():
+            if isinstance(value, dict) and dataclasses.is_dataclass(section := getattr(self, name)):
+                for item in dataclasses.fields(section):
+                    if not item.metadata["defines_run"]:
+                        del value[item.name]
         return tree
 
     def to_yaml(self) -> str:
