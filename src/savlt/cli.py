@@ -120,6 +120,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_points(args: argparse.Namespace) -> int:
+    """Each --point CONFIG OUT LOG as ``savlt train --config CONFIG --out OUT -q``, one after the
+    other in this process, its output appended to LOG; 1 when one failed (the others still ran),
+    130 when interrupted. What a sweep runs for points that train in under a second (the
+    feature-based baselines), so that the start-up is paid once."""
+    import traceback
+    from contextlib import redirect_stderr, redirect_stdout
+
+    failed = 0
+    for config, out, log in args.point:
+        with open(log, "a", encoding="utf-8") as stream, redirect_stdout(stream), redirect_stderr(stream):
+            logging.getLogger().handlers.clear()  # the point's console log goes to its own file
+            try:
+                code = main(["train", "--config", config, "--out", out, "-q"])
+            except Exception:  # a bug in one point is that point's failure, reported in its log
+                traceback.print_exc()
+                code = 1
+            print(f"savlt train-points: exit status {code}", flush=True)
+        if code == 130:
+            return 130
+        failed += code != 0
+    return 1 if failed else 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from savlt.report.compare import comparison_table, read_metrics
 
@@ -379,6 +403,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     add_config_arguments(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "train-points",
+        help="train several configured runs in one process (what a sweep runs for its feature-based points)",
+    )
+    p.add_argument(
+        "--point",
+        nargs=3,
+        action="append",
+        required=True,
+        metavar=("CONFIG", "OUT", "LOG"),
+        help="a run: its configuration file, its folder and the file its output is appended to",
+    )
+    p.set_defaults(func=cmd_train_points)
 
     p = sub.add_parser("evaluate", help="re-score a saved run on the internal test split and other centers")
     p.add_argument("run", type=Path)

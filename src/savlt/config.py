@@ -122,6 +122,11 @@ class DataConfig:
         "group, else the match) when a center has no metadata.csv; without either every scan is its own "
         "patient (a volume's pages one patient)",
     )
+    shot_imbalance: float | None = setting(
+        None,
+        help="protocol=realistic: null draws the K × C shots from the training part's class distribution; "
+        "r >= 1 makes the class sizes fall geometrically from the largest to r times fewer",
+    )
     split_by: Literal["patient", "image"] = setting(
         "patient",
         help="split the training center and draw the shots by patient (a patient's scans never cross "
@@ -143,6 +148,10 @@ class DataConfig:
         _need(self.num_workers >= 0, "data.num_workers must be >= 0")
         _need_seed(self.split_seed, "data.split_seed")
         _need_seed(self.fewshot_seed, "data.fewshot_seed")
+        _need(
+            self.shot_imbalance is None or self.shot_imbalance >= 1,
+            f"data.shot_imbalance: {self.shot_imbalance} must be null or a ratio >= 1 (largest / smallest class)",
+        )
         if self.patient_pattern is not None:
             try:
                 re.compile(self.patient_pattern)
@@ -359,6 +368,13 @@ class EvalConfig:
         "probability mass ranked at or above the class: larger sets on uncertain scans)",
     )
 
+    figures: bool = setting(
+        True,
+        help="draw the run report's figures (confusion, ROC, reliability, training curves); a sweep of many "
+        "runs may leave them out, the numbers are the same",
+        defines_run=False,
+    )
+
     def __post_init__(self) -> None:
         _need(self.bootstrap >= 0, "eval.bootstrap must be >= 0")
         _need(
@@ -372,6 +388,35 @@ class EvalConfig:
         )
         _need(self.min_contrast >= 0, "eval.min_contrast must be >= 0")
         _need(0 <= self.min_tissue < 1, "eval.min_tissue must lie in [0, 1)")
+
+
+@dataclass
+class BaselinesConfig:
+    """Settings of the feature-based baselines (``savlt.engine.baselines``); the rest of each
+    method's schedule is its published one (README, "Methods")."""
+
+    views: int = setting(
+        10,
+        help="augmented training views per few-shot scan whose frozen features the feature-based methods "
+        "train on (Tip-Adapter's augment_epoch); computed once per scan and cached",
+    )
+    tip_alpha: float = setting(
+        1.0, help="Tip-Adapter's cache weight α: the start of the validation search, fixed without one"
+    )
+    tip_beta: float = setting(
+        1.0, help="Tip-Adapter's affinity sharpness β: the start of the validation search, fixed without one"
+    )
+    clip_adapter_ratio: float = setting(0.2, help="CLIP-Adapter's residual ratio r: f' = r·A(f) + (1 − r)·f")
+    clap_constraint: Literal["l2", "adaptive"] = setting(
+        "l2",
+        help="CLAP's class-wise penalty multipliers: l2 = fixed at the zero-shot confidence of each class "
+        "(the paper's runs), adaptive = also updated after every epoch by the augmented Lagrangian (PHR) rule",
+    )
+
+    def __post_init__(self) -> None:
+        _need(self.views >= 1, "baselines.views must be >= 1")
+        _need(0 <= self.clip_adapter_ratio <= 1, "baselines.clip_adapter_ratio must lie in [0, 1]")
+        _need(self.tip_beta > 0, "baselines.tip_beta must be > 0")
 
 
 @dataclass
@@ -478,12 +523,22 @@ class PretrainConfig:
 @dataclass
 class Config:
     method: str = setting("savlt", help="the method, one of: " + ", ".join(METHODS))
+    protocol: Literal["standard", "coop", "realistic"] = setting(
+        "standard",
+        help="the few-shot protocol: standard (K per class, validation min(K, 16) per class), coop "
+        "(validation min(K, 4) per class) or realistic (K × C shots drawn from the class distribution, "
+        "no validation set: every hyperparameter fixed in advance, no calibration)",
+    )
     data: DataConfig = setting(help="the data set, its split and the few-shot draw", factory=DataConfig)
     roi: RoiConfig = setting(help="the tissue region of interest", factory=RoiConfig)
     model: ModelConfig = setting(help="the backbone and the SAVLT head", factory=ModelConfig)
     peft: PeftConfig = setting(help="the backbone's low-rank adapters", factory=PeftConfig)
     train: TrainConfig = setting(help="the few-shot training", factory=TrainConfig)
     eval: EvalConfig = setting(help="scoring, intervals, calibration and the referral", factory=EvalConfig)
+    baselines: BaselinesConfig = setting(
+        help="the feature-based baselines (tip_adapter, clip_adapter, lp_pp, clap, ss_text)",
+        factory=BaselinesConfig,
+    )
     seg: SegConfig = setting(
         help="tissue-segmenter training (savlt seg train); not part of a classification run's identity",
         factory=SegConfig,
@@ -496,6 +551,10 @@ class Config:
     def __post_init__(self) -> None:
         _need(self.method in METHODS, f"method: {self.method!r} is not one of {', '.join(METHODS)}")
         _need(
+            self.data.shot_imbalance is None or self.protocol == "realistic",
+            "data.shot_imbalance applies to protocol=realistic only (the other protocols draw K per class)",
+        )
+        _need(
             self.model.roi_masking == "pool" or self.model.pooling != "attn",
             f"model.roi_masking={self.model.roi_masking} needs ROI or CLS pooling (model.pooling=roi or cls), "
             "not attention pooling over every patch",
@@ -505,6 +564,14 @@ class Config:
     def method_spec(self) -> Method:
         """The entry of ``savlt.methods.METHODS`` this run uses."""
         return METHODS[self.method]
+
+    @property
+    def frozen_image_features(self) -> bool:
+        """The run's image features are the frozen backbone's own (no adapters, CLS pooling, no ROI
+        masking): they come from the feature cache and the run trains in well under a second."""
+        return (
+            not self.method_spec.adapters and self.model.pooling == "cls" and self.model.roi_masking == "pool"
+        )
 
     @property
     def class_names(self) -> list[str]:

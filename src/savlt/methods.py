@@ -14,8 +14,19 @@ from typing import Any, Literal
 
 Pooling = Literal["roi", "attn", "cls"]
 RoiMasking = Literal["pool", "every_block", "isolated"]
-Head = Literal["alignment", "linear"]
-Fit = Literal["gradient", "closed_form", "none"]
+Head = Literal["alignment", "linear", "tip_adapter", "clip_adapter"]
+Fit = Literal[
+    "gradient",
+    "closed_form",
+    "none",
+    "tip_adapter",
+    "tip_adapter_f",
+    "clip_adapter",
+    "lp_pp",
+    "clap",
+    "ss_text",
+]
+Family = Literal["savlt", "zero-shot", "adapter fine-tuning", "feature-based"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +41,10 @@ class Method:
     adapters: bool = True  # peft adapters (and the visual projection) are trained
     head: Head = "alignment"  # alignment: text anchors and prototypes mixed by alpha; linear: a linear layer
     fit: Fit = "gradient"  # gradient: AdamW on the loss; closed_form: fitted on features; none: no training
+    # the others: one feature-based baseline each (savlt.engine.baselines), on cached frozen features
+    family: Family = "savlt"
+    trains: str = "LoRA adapters, visual projection, pooling, prototypes"  # for the methods table
+    source: str = ""  # the published reference: paper and code
 
     def fixed(self) -> dict[str, Any]:
         """The configuration values this method sets (dotted keys)."""
@@ -41,11 +56,28 @@ class Method:
         return {key: value for key, value in values.items() if value is not None}
 
 
+# What every feature-based method fixes: the frozen backbone's own CLS feature, no adapters.
+_FROZEN: dict[str, Any] = {
+    "pooling": "cls",
+    "alpha": 0.0,
+    "roi_masking": "pool",
+    "adapters": False,
+    "family": "feature-based",
+}
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("savlt", "LoRA + ROI attention pooling + text anchors and prototypes (α = 0.5)"),
-        Method("clip_lora", "LoRA, CLS pooling, text alignment only (CLIP-LoRA)", pooling="cls", alpha=0.0),
+        Method(
+            "clip_lora",
+            "LoRA, CLS pooling, text alignment only (CLIP-LoRA)",
+            pooling="cls",
+            alpha=0.0,
+            family="adapter fine-tuning",
+            trains="LoRA adapters, visual projection",
+            source="Zanella & Ben Ayed, CVPR-W 2024 (github.com/MaxZanella/CLIP-LoRA)",
+        ),
         Method(
             "zero_shot",
             "CLIP with the class descriptions as anchors, no training",
@@ -53,6 +85,9 @@ METHODS: dict[str, Method] = {
             alpha=0.0,
             adapters=False,
             fit="none",
+            family="zero-shot",
+            trains="nothing",
+            source="Radford et al., ICML 2021",
         ),
         Method(
             "linear_probe",
@@ -61,6 +96,63 @@ METHODS: dict[str, Method] = {
             adapters=False,
             head="linear",
             fit="closed_form",
+            family="feature-based",
+            trains="a linear layer (L2 logistic regression)",
+            source="Radford et al., ICML 2021",
+        ),
+        Method(
+            "tip_adapter",
+            "Tip-Adapter: a training-free cache of the few-shot features beside the text logits",
+            **_FROZEN,
+            head="tip_adapter",
+            fit="tip_adapter",
+            trains="nothing (α, β searched on validation)",
+            source="Zhang et al., ECCV 2022 (github.com/gaopengcuhk/Tip-Adapter)",
+        ),
+        Method(
+            "tip_adapter_f",
+            "Tip-Adapter-F: Tip-Adapter with its cache keys fine-tuned",
+            **_FROZEN,
+            head="tip_adapter",
+            fit="tip_adapter_f",
+            trains="the cache keys",
+            source="Zhang et al., ECCV 2022 (github.com/gaopengcuhk/Tip-Adapter)",
+        ),
+        Method(
+            "clip_adapter",
+            "CLIP-Adapter: a residual bottleneck MLP on the image feature",
+            **_FROZEN,
+            head="clip_adapter",
+            fit="clip_adapter",
+            trains="a bottleneck MLP (E → E/4 → E)",
+            source="Gao et al., IJCV 2024 (github.com/gaopengcuhk/CLIP-Adapter)",
+        ),
+        Method(
+            "lp_pp",
+            "LP++: visual prototypes plus class-wise multiples of the text embeddings, block MM steps",
+            **_FROZEN,
+            head="linear",
+            fit="lp_pp",
+            trains="class weights and bias, text multipliers",
+            source="Huang et al., CVPR 2024 (github.com/FereshteShakeri/FewShot-CLIP-Strong-Baseline)",
+        ),
+        Method(
+            "clap",
+            "CLAP: a linear probe started at the text weights, class-wise penalty toward them",
+            **_FROZEN,
+            head="linear",
+            fit="clap",
+            trains="class prototypes",
+            source="Silva-Rodríguez et al., CVPR 2024 (github.com/jusiro/CLAP)",
+        ),
+        Method(
+            "ss_text",
+            "SS-Text: training-free blend of the class feature sums with the text prototypes",
+            **_FROZEN,
+            head="linear",
+            fit="ss_text",
+            trains="nothing (closed form)",
+            source="Silva-Rodríguez et al., MICCAI 2025 (github.com/jusiro/SS-Text)",
         ),
         Method(
             "savlt_no_roi",

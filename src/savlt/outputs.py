@@ -171,7 +171,11 @@ KINDS = {
                 "vocab.json",
                 "merges.txt",
             ),
-            (("config.yaml", _savlt_config), ("pretrain.log", _a_file), ("checkpoint/state.json", _json_object)),
+            (
+                ("config.yaml", _savlt_config),
+                ("pretrain.log", _a_file),
+                ("checkpoint/state.json", _json_object),
+            ),
         ),
         Kind(
             "sweep",
@@ -187,7 +191,8 @@ KINDS = {
             ),
             (("sweep.yaml", _sweep_file), ("status.json", _json_object)),
             nested=("run",),
-            later=("summary.csv", "summary.md", "summary.png"),  # written once the sweep has ended
+            # written once the sweep has ended
+            later=("summary.csv", "summary.md", "summary.png", "summary_*.png", "ranking.csv"),
         ),
         Kind(
             "synth",
@@ -473,5 +478,7 @@ def claim_folder(
 ) -> Iterator[None]:
     """Hold `folder` for a command writing a folder of `kind` while the block runs, by the
     `rules` of ``check_claim`` (``claim_output_folder``; `record`: more for its manifest)."""
-    with claim_output_folder(folder, kind, lambda: check_claim(folder, kind, **rules), committed, **(record or {})):
+    with claim_output_folder(
+        folder, kind, lambda: check_claim(folder, kind, **rules), committed, **(record or {})
+    ):
         yield

@@ -104,18 +104,30 @@ def resolve_split(
 
 
 def resolve_few_shot(
-    split: Split, center: CenterData, shots: int, seed: int, cache: Path | None, split_by: str = "patient"
+    split: Split,
+    center: CenterData,
+    shots: int,
+    seed: int,
+    cache: Path | None,
+    split_by: str = "patient",
+    protocol: str = "standard",
+    imbalance: float | None = None,
 ) -> FewShot:
-    """The seeded K-shot draw from `split` (spread over patients unless ``split_by="image"``),
-    read from the cache when it was drawn before."""
-    name = f"fewshot_{center.name}_{_digest(split)}_k{shots}_seed{seed}{_suffix(center, split_by)}.json"
+    """The seeded K-shot draw of `protocol` from `split` (spread over patients unless
+    ``split_by="image"``), read from the cache when it was drawn before."""
+    drawn = (
+        "" if protocol == "standard" else f"_{protocol}" + ("" if imbalance is None else f"_r{imbalance:g}")
+    )
+    name = (
+        f"fewshot_{center.name}_{_digest(split)}_k{shots}_seed{seed}{drawn}{_suffix(center, split_by)}.json"
+    )
     cached = cache / name if cache else None
     if cached is not None and cached.is_file():
         try:
             return load_few_shot(cached, center)
         except DataError as exc:  # the draw is a function of the split and the seed: draw it again
             log.warning("%s; drawing it again", exc)
-    few = sample_few_shot(split, center, shots, seed, split_by == "patient")
+    few = sample_few_shot(split, center, shots, seed, split_by == "patient", protocol, imbalance)
     if cached is not None:
         write_json(cached, few.to_json())
     return few

@@ -154,8 +154,43 @@ def check_scans(
     progress: bool = True,
     desc: str = "checking images",
 ) -> list[ScanCheck]:
-    """`check_scan` for every (scan, mask or None), in parallel; results in the order given."""
-    items = [(Path(path), mask, thresholds) for path, mask in scans]
+    """`check_scan` for every (scan, mask or None), in parallel; results in the order given. A
+    scan this process found usable before, unchanged since (size and modification time of its
+    files), is not decoded again (several runs in one process, e.g. a sweep's feature-based points)."""
+    wanted = [(Path(path), mask, thresholds) for path, mask in scans]
+    keys = [_identity(item) for item in wanted]
+    items = [item for item, key in zip(wanted, keys, strict=True) if key is None or key not in _USABLE]
+    fresh = iter(_check_all(items, progress, desc))
+    results = [_USABLE[key] if key is not None and key in _USABLE else next(fresh) for key in keys]
+    for key, result in zip(keys, results, strict=True):
+        if key is not None and result.problem is None:
+            _USABLE[key] = result
+    return results
+
+
+_USABLE: dict[tuple, ScanCheck] = {}  # the usable scans this process checked, by `_identity`
+
+
+def _identity(item: tuple[Path, Path | None, Thresholds]) -> tuple | None:
+    """What a check depends on: the scan's and mask's files (path, size, modification time) and the
+    thresholds; None when a file cannot be looked at (it is checked, and reported, as always)."""
+    path, mask, thresholds = item
+    stats = []
+    for file in (path, mask):
+        if file is None:
+            continue
+        text = str(file)
+        try:
+            info = os.stat(text) if os.path.exists(text) else os.stat(text.rpartition("#")[0])
+        except OSError:
+            return None
+        stats.append((text, info.st_size, info.st_mtime_ns))
+    return (tuple(stats), thresholds)
+
+
+def _check_all(
+    items: list[tuple[Path, Path | None, Thresholds]], progress: bool, desc: str
+) -> list[ScanCheck]:
     workers = _worker_count(len(items))
     bar = tqdm(total=len(items), desc=desc, unit="img", disable=not progress or not items)
     try:

@@ -31,9 +31,37 @@ from savlt.io import name_from_text, read_text
 log = logging.getLogger(__name__)
 
 PARTS = ("train", "val", "test")
-VAL_CAP = 16
 # K shots may exceed the largest class's training images at most this many times (drawn with repeats).
 MAX_REPEAT = 4
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a few-shot draw is made (``protocol`` in the configuration): the validation scans per
+    class, and whether the K × C training shots follow the class distribution (``balanced=False``)."""
+
+    name: str
+    val_cap: int  # validation scans per class: min(K, val_cap)
+    balanced: bool
+    summary: str
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    p.name: p
+    for p in (
+        Protocol("standard", 16, True, "K scans per class; validation min(K, 16) per class"),
+        Protocol(
+            "coop", 4, True, "K scans per class; validation min(K, 4) per class (CoOp's few-shot validation)"
+        ),
+        Protocol(
+            "realistic",
+            0,
+            False,
+            "K × C scans drawn from the training part's class distribution (or at the stated imbalance "
+            "ratio), at least one per class; no validation set, so nothing is selected or calibrated on one",
+        ),
+    )
+}
 
 
 @dataclass
@@ -61,12 +89,14 @@ class FewShot:
     seed: int
     train: list[str]  # may repeat a path when a class has fewer than `shots` images
     val: list[str]
+    protocol: str = "standard"  # a key of PROTOCOLS
 
     def to_json(self) -> dict[str, Any]:
         return {
             "center": self.center,
             "shots": self.shots,
             "seed": self.seed,
+            "protocol": self.protocol,
             "train": self.train,
             "val": self.val,
         }
@@ -271,11 +301,21 @@ def _spread(rng: np.random.Generator, units: list[list[str]], k: int) -> list[st
 
 
 def sample_few_shot(
-    split: Split, center: CenterData, shots: int, seed: int, by_patient: bool = True
+    split: Split,
+    center: CenterData,
+    shots: int,
+    seed: int,
+    by_patient: bool = True,
+    protocol: str = "standard",
+    imbalance: float | None = None,
 ) -> FewShot:
-    """K images per class from train (when a class has fewer: all of them, then repeats, and a warning),
-    and min(K, 16) per class from val, each spread over as many patients as the class has (not
-    `by_patient`: drawn per image)."""
+    """The few-shot draw of `protocol` (``PROTOCOLS``). Balanced: K images per class from train
+    (when a class has fewer: all of them, then repeats, and a warning). Realistic: K × C images
+    whose classes follow the training part (or, with `imbalance` r, class sizes falling
+    geometrically from the largest to r times fewer, classes in a seeded order), at least one per
+    class. Validation: min(K, the protocol's cap) per class. Every class's scans are spread over as
+    many patients as it has (not `by_patient`: drawn per image)."""
+    rule = PROTOCOLS[protocol]
     records = center.by_rel()
     groups = _by_class([records[r] for r in split.train])
     largest = max((len(rels) for rels in groups.values()), default=0)
@@ -287,26 +327,57 @@ def sample_few_shot(
             f"{MAX_REPEAT * largest} or fewer, or add images"
         )
     rng = np.random.default_rng(seed)
+    wanted = (
+        dict.fromkeys(groups, shots)
+        if rule.balanced
+        else _imbalanced_counts(rng, {label: len(rels) for label, rels in groups.items()}, shots, imbalance)
+    )
     train: list[str] = []
     val: list[str] = []
     for label, rels in groups.items():
-        if len(rels) < shots:
+        k = wanted[label]
+        if len(rels) < k:
             log.warning(
                 "class %s of center %s has %d training images, fewer than %d shots: drawing with replacement",
                 label,
                 center.name,
                 len(rels),
-                shots,
+                k,
             )
             # every image once, then repeats to reach K
-            picks = [*range(len(rels)), *rng.choice(len(rels), size=shots - len(rels), replace=True).tolist()]
+            picks = [*range(len(rels)), *rng.choice(len(rels), size=k - len(rels), replace=True).tolist()]
             train += [rels[i] for i in picks]
         else:
-            train += _spread(rng, _units(rels, records, by_patient), shots)
-    val_k = min(shots, VAL_CAP)
-    for _, rels in _by_class([records[r] for r in split.val]).items():
+            train += _spread(rng, _units(rels, records, by_patient), k)
+    val_k = min(shots, rule.val_cap)
+    for _, rels in _by_class([records[r] for r in split.val]).items() if val_k else ():
         val += sorted(_spread(rng, _units(rels, records, by_patient), min(val_k, len(rels))))
-    return FewShot(center.name, shots, seed, train, val)
+    return FewShot(center.name, shots, seed, train, val, protocol)
+
+
+def _imbalanced_counts(
+    rng: np.random.Generator, sizes: dict[str, int], shots: int, imbalance: float | None
+) -> dict[str, int]:
+    """Shots per class summing to K × C (at most the training part's size): one per class, the rest
+    drawn without replacement from the training part's scans (`imbalance` None) or shared out in
+    proportion to r^(−i/(C−1)) over a seeded class order."""
+    labels = list(sizes)
+    total = min(shots * len(labels), sum(sizes.values()))
+    counts = dict.fromkeys(labels, 1)
+    if imbalance is None:
+        pool = np.repeat(np.arange(len(labels)), [sizes[label] - 1 for label in labels])
+        for i in rng.choice(pool, size=total - len(labels), replace=False):
+            counts[labels[i]] += 1
+        return counts
+    order = [labels[i] for i in rng.permutation(len(labels))]
+    weights = imbalance ** (-np.arange(len(order)) / max(len(order) - 1, 1))
+    share = (total - len(order)) * weights / weights.sum()
+    extra = np.floor(share).astype(int)
+    for i in np.argsort(-(share - extra), kind="stable")[: total - len(order) - int(extra.sum())]:
+        extra[i] += 1  # largest remainders first, so the counts sum to the total
+    for label, n in zip(order, extra, strict=True):
+        counts[label] += int(n)
+    return counts
 
 
 def load_few_shot(file: Path, center: CenterData) -> FewShot:
@@ -315,8 +386,13 @@ def load_few_shot(file: Path, center: CenterData) -> FewShot:
         data = json.loads(text)
         entries = {p: list(data[p]) for p in ("train", "val")}
         shots, seed = int(data["shots"]), int(data["seed"])
+        protocol = str(data.get("protocol", "standard"))  # files written before protocols existed
     except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not a few-shot list
         raise DataError(f"few-shot file {file} is corrupt ({type(exc).__name__}: {exc})") from None
     known = center.by_rel()
     lists = {p: [_checked_rel(e, center, known, file, p) for e in entries[p]] for p in entries}
-    return FewShot(center.name, shots, seed, lists["train"], lists["val"])
+    if protocol not in PROTOCOLS:
+        raise DataError(
+            f"few-shot file {file} names protocol {protocol!r}, not one of {', '.join(PROTOCOLS)}"
+        )
+    return FewShot(center.name, shots, seed, lists["train"], lists["val"], protocol)

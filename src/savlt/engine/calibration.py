@@ -44,7 +44,7 @@ from scipy.special import expit, log_softmax
 from savlt.config import Config
 from savlt.data.discover import ImageRecord
 from savlt.data.masks import TissueMasks
-from savlt.engine.inference import Inference, run_inference
+from savlt.engine.inference import FeatureSource, Inference, run_inference
 from savlt.engine.metrics import (
     calibration_error,
     ci_key,
@@ -357,6 +357,7 @@ def calibrate(
     masks: TissueMasks,
     progress: bool = True,
     unassessable: Mapping[Path, str] | None = None,
+    features: FeatureSource | None = None,
 ) -> tuple[Calibration, Inference | None]:
     """Score the validation draw `records` with the trained model and fit the calibration on it,
     leaving out the scans that cannot be assessed (`unassessable`) unless ``eval.unassessable``
@@ -366,7 +367,9 @@ def calibrate(
     if records:
         show = progress and accelerator.is_main_process
         store = masks.masks_for(records, progress=show) if model.uses_masks else None
-        result = run_inference(model, records, cfg, accelerator, store, desc="calibrating", progress=progress)
+        result = run_inference(
+            model, records, cfg, accelerator, store, "calibrating", progress, features=features
+        )
         flagged = unassessable or {}
         keep = np.array(
             [cfg.eval.unassessable == "include" or r.path not in flagged for r in result.records], dtype=bool

@@ -1,7 +1,8 @@
 """Adapter-only checkpoints in safetensors: what was trained, never the frozen backbone.
 
 The file holds every trainable tensor (adapters, visual projection, pooling, prototypes or the
-linear head) and, as metadata, the backbone it was trained on with a fingerprint of its frozen
+linear head) and what a head fitted without training (its persistent buffers, e.g. Tip-Adapter's
+cache values and α, β) and, as metadata, the backbone it was trained on with a fingerprint of its frozen
 weights, so loading onto another backbone is refused with a clear message.
 """
 
@@ -24,8 +25,18 @@ class CheckpointError(SavltError):
     """A checkpoint that cannot be used with this model; the message names the file."""
 
 
+def _fitted(model: SavltModel) -> dict[str, torch.Tensor]:
+    """Every tensor a run fitted: the trainable parameters and the head's persistent buffers."""
+    tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    parameters = {name for name, _ in model.head.named_parameters()}
+    for name, value in model.head.state_dict(keep_vars=True).items():
+        if name not in parameters:
+            tensors[f"head.{name}"] = value
+    return tensors
+
+
 def trainable_state(model: SavltModel) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    return {name: t.detach().cpu().contiguous() for name, t in _fitted(model).items()}
 
 
 def save_checkpoint(model: SavltModel, path: str | Path, backbone_name: str, method: str) -> None:
@@ -66,7 +77,10 @@ def load_checkpoint(model: SavltModel, path: str | Path) -> None:
             f"(fingerprint {fingerprint}): load it with the backbone it was trained on"
         )
     tensors = load_file(str(path))
-    expected = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    model.head.take_shapes(
+        {n.removeprefix("head."): t.shape for n, t in tensors.items() if n.startswith("head.")}
+    )
+    expected = _fitted(model)
     mismatch = state_mismatch(
         {n: p.shape for n, p in expected.items()}, {n: t.shape for n, t in tensors.items()}
     )

@@ -1,8 +1,9 @@
 """Fitting a model on the few-shot draw: one function per way of fitting, in ``FITS``.
 
 A method (``savlt.methods``) names its fit: ``gradient`` (the adapters, pooling and head trained
-with AdamW), ``closed_form`` (the linear probe: logistic regression on frozen features) or
-``none`` (zero-shot). Every fit takes the same arguments and reports into the run's history.
+with AdamW), ``closed_form`` (the linear probe: logistic regression on frozen features),
+``none`` (zero-shot) or one of the feature-based baselines (``savlt.engine.baselines``). Every
+fit takes the same arguments and reports into the run's history.
 
 Gradient training runs on ``accelerate``. One optimiser step = ``grad_accum`` micro-batches of ``batch_size`` scans. The global batches
 come from a seeded sampler and each process takes its share of every batch, with the loss
@@ -27,6 +28,8 @@ from savlt.data.dataset import OCTDataset
 from savlt.data.discover import ImageRecord
 from savlt.data.masks import MaskStore, TissueMasks
 from savlt.data.transforms import train_transform
+from savlt.engine import baselines
+from savlt.engine.features import FeatureCache
 from savlt.engine.inference import loader_for, run_inference
 from savlt.engine.inputs import StepBatches
 from savlt.engine.loop import run_steps
@@ -44,7 +47,8 @@ History = Callable[[dict[str, Any]], None]
 @dataclass
 class FitJob:
     """What every fit gets: the model, the run's configuration and accelerator, the few-shot
-    draw, the run's mask source, and where each history entry goes."""
+    draw, the run's mask source, where each history entry goes, and the feature cache of a model
+    whose image features are frozen (``SavltModel.frozen_features``)."""
 
     model: SavltModel
     cfg: Config
@@ -54,6 +58,7 @@ class FitJob:
     masks: TissueMasks
     on_history: History
     progress: bool = True
+    features: FeatureCache | None = None
 
 
 @dataclass
@@ -219,11 +224,12 @@ def fit_closed_form(job: FitJob) -> None:
     train_records, val_records = job.train_records, job.val_records
     if not isinstance(model.head, LinearHead):
         raise TypeError("the closed-form fit needs the linear head")
+    cache = job.features
     train = run_inference(
-        model, train_records, cfg, accelerator, None, desc="features (train)", progress=progress
+        model, train_records, cfg, accelerator, None, "features (train)", progress, features=cache
     )
     val = (
-        run_inference(model, val_records, cfg, accelerator, None, desc="features (val)", progress=progress)
+        run_inference(model, val_records, cfg, accelerator, None, "features (val)", progress, features=cache)
         if val_records
         else None
     )
@@ -285,4 +291,10 @@ FITS: dict[str, Callable[[FitJob], None]] = {
     "gradient": fit_gradient,
     "closed_form": fit_closed_form,
     "none": fit_none,
+    "tip_adapter": baselines.fit_tip_adapter,
+    "tip_adapter_f": baselines.fit_tip_adapter_f,
+    "clip_adapter": baselines.fit_clip_adapter,
+    "lp_pp": baselines.fit_lp_pp,
+    "clap": baselines.fit_clap,
+    "ss_text": baselines.fit_ss_text,
 }

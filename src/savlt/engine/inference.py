@@ -6,23 +6,25 @@ Each process scores a contiguous shard of the records and the results are gather
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Protocol
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from savlt.config import Config
 from savlt.data.dataset import OCTDataset
 from savlt.data.discover import ImageRecord
 from savlt.data.masks import MaskStore
-from savlt.data.transforms import eval_transform
+from savlt.data.transforms import eval_transform, train_transform
 from savlt.models.savlt import SavltModel
 from savlt.normalization import normalization
 from savlt.processes import start_worker_server, worker_context, worker_started
@@ -36,6 +38,34 @@ class Inference:
     features: np.ndarray  # (N, E) normalised image features
     boxes: np.ndarray  # (N, 4) ROI boxes
     fallback: np.ndarray  # (N,) bool
+
+
+class FeatureSource(Protocol):
+    """Where a frozen model's image features come from instead of its forward pass
+    (``savlt.engine.features.FeatureCache``)."""
+
+    def features(self, records: Sequence[ImageRecord], view: int = 0, progress: bool = False) -> np.ndarray:
+        """(N, E) normalised features of `records` at `view` (0: the evaluation view)."""
+
+
+def view_seed(record: ImageRecord, view: int) -> int:
+    """The augmentation seed of training view `view` of a scan: its path and the view number, so a
+    view is the same in every run, process and order."""
+    digest = hashlib.sha256(f"{record.center}/{record.rel}\0{view}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+class _ViewSeeds(Sampler[tuple[int, int]]):
+    """Every index in order, each with the seed of its `view` (see ``view_seed``)."""
+
+    def __init__(self, records: Sequence[ImageRecord], view: int) -> None:
+        self.seeds = [view_seed(r, view) for r in records]
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(enumerate(self.seeds))
 
 
 def start_loader_workers(cfg: Config, dataset: type[Dataset]) -> None:
@@ -69,23 +99,30 @@ def run_inference(
     masks: MaskStore | None,
     desc: str = "scoring",
     progress: bool = True,
+    view: int = 0,
+    features: FeatureSource | None = None,
 ) -> Inference:
+    """Score `records` at `view` (0: the evaluation view; 1, 2, …: seeded training views, see
+    ``view_seed``). A frozen model (``SavltModel.frozen_features``) given a feature source is scored
+    from its features, without a forward pass through the backbone."""
     records = list(records)
+    if features is not None and model.frozen_features:
+        return _from_features(model, records, cfg, features.features(records, view, progress), accelerator)
     shards = np.array_split(np.arange(len(records)), accelerator.num_processes)
     mine = shards[accelerator.process_index].tolist()
-    dataset = OCTDataset(
-        [records[i] for i in mine],
-        cfg.class_names,
-        eval_transform(
-            cfg.data.image_size, normalization(cfg.data.normalize, model.clip_model.normalization)
-        ),
-        masks,
+    stats = normalization(cfg.data.normalize, model.clip_model.normalization)
+    transform = (
+        eval_transform(cfg.data.image_size, stats)
+        if view == 0
+        else train_transform(cfg.data.image_size, cfg.train.crop_scale, cfg.train.hflip, stats)
     )
+    dataset = OCTDataset([records[i] for i in mine], cfg.class_names, transform, masks)
     was_training = model.training
     model.eval()
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("logits", "features", "boxes", "fallback")}
     show = progress and accelerator.is_main_process
-    loader = loader_for(dataset, cfg, cfg.eval.batch_size, accelerator.device, shuffle=False)
+    order = {"shuffle": False} if view == 0 else {"sampler": _ViewSeeds(dataset.records, view)}
+    loader = loader_for(dataset, cfg, cfg.eval.batch_size, accelerator.device, **order)
     for pixels, mask, _, _ in tqdm(loader, desc=desc, unit="batch", disable=not show, leave=False):
         pixels = pixels.to(accelerator.device, non_blocking=True)
         mask = mask.to(accelerator.device, non_blocking=True) if model.uses_masks else None
@@ -113,4 +150,28 @@ def run_inference(
     labels = np.array([dataset.label_index[r.label] for r in records], dtype=np.int64)
     return Inference(
         records, labels, merged["logits"], merged["features"], merged["boxes"], merged["fallback"]
+    )
+
+
+@torch.no_grad()
+def _from_features(
+    model: SavltModel, records: list[ImageRecord], cfg: Config, features: np.ndarray, accelerator: Accelerator
+) -> Inference:
+    """The Inference of a frozen model from its (N, E) image features (the whole image is its ROI)."""
+    was_training = model.training
+    model.eval()
+    logits = [
+        model.logits_of(torch.from_numpy(chunk).to(accelerator.device)).float().cpu().numpy()
+        for chunk in np.array_split(features, max(1, -(-len(features) // 4096)))
+    ]
+    model.train(was_training)
+    index = {name: i for i, name in enumerate(cfg.class_names)}
+    n = len(records)
+    return Inference(
+        records,
+        np.array([index[r.label] for r in records], dtype=np.int64),
+        np.concatenate(logits) if n else np.zeros((0, len(cfg.class_names)), dtype=np.float32),
+        features,
+        np.tile(np.array([0.0, 0.0, 1.0, 1.0], dtype=np.float32), (n, 1)),
+        np.zeros(n, dtype=bool),
     )

@@ -135,7 +135,16 @@ def prepare_inputs(cfg: Config) -> RunInputs:
         train_center, cache, data.split_ratios, data.split_seed, data.split_file, data.split_by
     )
     draw_seed = cfg.train.seed if data.fewshot_seed is None else data.fewshot_seed
-    few = resolve_few_shot(split, train_center, cfg.train.shots, draw_seed, cache, data.split_by)
+    few = resolve_few_shot(
+        split,
+        train_center,
+        cfg.train.shots,
+        draw_seed,
+        cache,
+        data.split_by,
+        cfg.protocol,
+        data.shot_imbalance,
+    )
     inputs = RunInputs(scan, split, few, tests, data.split_by, patients_across_parts(split, train_center))
     _log_patients(inputs)
     return inputs

@@ -239,6 +239,48 @@ def resample_indices(
     return np.split(order[flat], bounds)
 
 
+def resample_weights(resamples: list[np.ndarray] | np.ndarray, n: int) -> np.ndarray:
+    """(R, n) how often each scan is drawn in each bootstrap resample."""
+    rows = np.repeat(np.arange(len(resamples)), [len(idx) for idx in resamples])
+    flat = np.concatenate(list(resamples)) if len(resamples) else np.zeros(0, dtype=np.int64)
+    return (
+        np.bincount(rows * n + flat, minlength=len(resamples) * n)
+        .reshape(len(resamples), n)
+        .astype(np.float64)
+    )
+
+
+def weighted_auc(weights: np.ndarray, positive: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """(R,) `auc_score` of every resample given by its scan counts `weights` (R, n), at once: the
+    Mann–Whitney count over tie groups of the score (NaN where a resample lacks a class). Equal to
+    ``auc_score`` on the drawn scans, bit for bit (both count exactly, then divide once)."""
+    _, group = np.unique(score, return_inverse=True)
+    pos = np.zeros((len(weights), group.max(initial=-1) + 1))
+    neg = np.zeros_like(pos)
+    np.add.at(pos.T, group[positive], weights[:, positive].T)
+    np.add.at(neg.T, group[~positive], weights[:, ~positive].T)
+    below = np.cumsum(neg, axis=1) - neg
+    wins = (pos * (below + 0.5 * neg)).sum(axis=1)
+    n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((n_pos > 0) & (n_neg > 0), wins / (n_pos * n_neg), np.nan)
+
+
+def weighted_macro_f1(
+    weights: np.ndarray, labels: np.ndarray, preds: np.ndarray, n_classes: int
+) -> np.ndarray:
+    """(R,) `macro_f1` of every resample given by its scan counts `weights` (R, n), at once."""
+    cells = np.zeros((labels.size, n_classes * n_classes))
+    cells[np.arange(labels.size), labels * n_classes + preds] = 1.0
+    confusion = (weights @ cells).reshape(len(weights), n_classes, n_classes)
+    rows, cols = confusion.sum(axis=2), confusion.sum(axis=1)
+    tp = np.diagonal(confusion, axis1=1, axis2=2)
+    present = rows > 0
+    denom = rows + cols
+    f1 = np.where(present & (denom > 0), 2 * tp / np.maximum(denom, 1), 0.0)
+    return f1.sum(axis=1) / present.sum(axis=1)
+
+
 def metric_intervals(
     labels: np.ndarray,
     probs: np.ndarray,
@@ -259,9 +301,9 @@ def metric_intervals(
     if resamples > 0:
         rng = np.random.default_rng(seed)
         ids = None if patients is None else patients.ids
-        for idx in resample_indices(ids, len(labels), resamples, rng):
-            boot["macro_f1"].append(macro_f1(labels[idx], preds[idx], probs.shape[1]))
-            boot["auc"].append(auc_score(positive[idx], score[idx]))
+        weights = resample_weights(resample_indices(ids, len(labels), resamples, rng), len(labels))
+        boot["macro_f1"] = weighted_macro_f1(weights, labels, preds, probs.shape[1]).tolist()
+        boot["auc"] = [None if np.isnan(a) else float(a) for a in weighted_auc(weights, positive, score)]
     return {
         "accuracy": proportion_interval(preds == labels, every, patients, level),
         "macro_f1": _percentile_interval(boot["macro_f1"], level),

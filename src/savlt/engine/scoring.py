@@ -26,7 +26,7 @@ from savlt.engine.calibration import (
     delivered_logits,
     referrals,
 )
-from savlt.engine.inference import Inference, run_inference
+from savlt.engine.inference import FeatureSource, Inference, run_inference
 from savlt.engine.inputs import RunInputs
 from savlt.engine.metrics import (
     center_metrics,
@@ -66,6 +66,7 @@ def run_header(
     the training center was split, and what the calibration was fitted on."""
     header = {
         "method": cfg.method,
+        "protocol": cfg.protocol,
         "backbone": backbone,
         "shots": cfg.train.shots,
         "seed": cfg.train.seed,
@@ -84,7 +85,8 @@ class Scoring:
     """What scoring a run's sets needs besides the model and the scans: where results go
     (`out`), the first keys of metrics.json (`header`, see ``run_header``), the scans that cannot be
     assessed (path -> reason), the calibration when one was fitted, and where each center's patients
-    came from (center -> "metadata.csv", "data.patient_pattern" or None)."""
+    came from (center -> "metadata.csv", "data.patient_pattern" or None), and the feature cache of
+    a model with frozen image features."""
 
     cfg: Config
     accelerator: Accelerator
@@ -95,6 +97,7 @@ class Scoring:
     unassessable: Mapping[Path, str] = field(default_factory=dict)
     patient_sources: Mapping[str, str | None] = field(default_factory=dict)
     progress: bool = True
+    features: FeatureSource | None = None
 
 
 def score_sets(
@@ -126,7 +129,14 @@ def score_sets(
             else None
         )
         result = run_inference(
-            model, records, cfg, accelerator, store, desc=f"evaluating {center}", progress=progress
+            model,
+            records,
+            cfg,
+            accelerator,
+            store,
+            f"evaluating {center}",
+            progress,
+            features=scoring.features,
         )
         del store
         unusable = np.array([r.path in flagged for r in result.records], dtype=bool)
@@ -287,5 +297,12 @@ def write_run_report(
         else None
     )
     return write_report(
-        folder, metrics, cfg.class_names, scores, history, title=title, reliability=reliability
+        folder,
+        metrics,
+        cfg.class_names,
+        scores,
+        history,
+        title=title,
+        reliability=reliability,
+        figures=cfg.eval.figures,
     )

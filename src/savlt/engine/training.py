@@ -22,8 +22,10 @@ from accelerate import Accelerator
 from savlt.config import Config
 from savlt.data.dataset import OCTDataset
 from savlt.data.discover import DataError, ImageRecord
+from savlt.data.prepare import cache_folder
 from savlt.engine.calibration import calibrate
 from savlt.engine.checkpoint import save_checkpoint
+from savlt.engine.features import FeatureCache
 from savlt.engine.fit import FITS, FitJob
 from savlt.engine.inference import start_loader_workers
 from savlt.engine.inputs import RunInputs, prepare_inputs
@@ -144,6 +146,11 @@ def _train(
             100 * trainable / total,
         )
         masks = tissue_masks(cfg, accelerator.device)
+        features = (
+            FeatureCache(model, cfg, accelerator, cache_folder(cfg.data.root, cfg.data.cache_dir))
+            if model.frozen_features
+            else None
+        )
 
         history: list[dict[str, Any]] = []
 
@@ -155,14 +162,22 @@ def _train(
         fit = FITS[cfg.method_spec.fit]
         fit(
             FitJob(
-                model, cfg, accelerator, inputs.train_records(), inputs.val_records(), masks, record, progress
+                model,
+                cfg,
+                accelerator,
+                inputs.train_records(),
+                inputs.val_records(),
+                masks,
+                record,
+                progress,
+                features,
             )
         )
         if main:
             save_checkpoint(model, paths.checkpoint, backbone_name, cfg.method)
         log.info("training took %.1f s", time.time() - started)
         calibration, validation = calibrate(
-            model, inputs.val_records(), cfg, accelerator, masks, progress, unassessable
+            model, inputs.val_records(), cfg, accelerator, masks, progress, unassessable, features
         )
         if main:
             calibration.save(paths.calibration)
@@ -180,6 +195,7 @@ def _train(
             unassessable,
             inputs.patient_sources(),
             progress,
+            features,
         )
         metrics, results = score_sets(model, inputs.eval_sets(), scoring)
         if main:

@@ -2,12 +2,14 @@
 
 A head turns f into named score sets (``scores``), the prediction logits (``logits``) and the
 summed training loss (``loss``). A method names its head in ``savlt.methods``; a new head is one
-class here and one entry in ``HEADS``.
+class here and one entry in ``HEADS``. What a head fitted is saved with the run: its trainable
+parameters and its persistent buffers (``savlt.engine.checkpoint``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,18 +18,49 @@ from torch import nn
 Scores = dict[str, torch.Tensor]
 
 
-class AlignmentHead(nn.Module):
+@dataclass(frozen=True)
+class HeadShape:
+    """What every head is built from: the classes, the feature width, the prototype weight alpha
+    (alignment head), the logit scale at prediction, and CLIP-Adapter's residual ratio."""
+
+    n_classes: int
+    embed: int
+    alpha: float = 0.5
+    inference_scale: float = 100.0
+    adapter_ratio: float = 0.2
+
+
+class Head(nn.Module):
+    """The interface of a head (see the module's docstring)."""
+
+    def scores(self, features: torch.Tensor, text: Callable[[], torch.Tensor]) -> Scores:
+        raise NotImplementedError
+
+    def logits(self, scores: Scores) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, scores: Scores, labels: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.logits(scores), labels, reduction="sum")
+
+    def take_shapes(self, shapes: Mapping[str, torch.Size]) -> None:
+        """Resize to a saved head's tensor shapes (`shapes`: name -> shape) where the size comes
+        from the few-shot draw rather than the configuration; most heads have none."""
+
+
+class AlignmentHead(Head):
     """SAVLT's dual alignment: text anchors T (normalised text features of the class
     descriptions) and visual prototypes P (one learnable vector per class, orthogonal start),
     mixed by alpha. Loss (1 − α)·CE(s·f·Tᵀ) + α·CE(s·f·Pᵀ) with CLIP's logit scale s; prediction
     uses the same mixture at ``inference_scale``. α = 0 has no prototypes, α = 1 no text scores."""
 
-    def __init__(self, n_classes: int, embed: int, alpha: float, inference_scale: float) -> None:
+    def __init__(self, shape: HeadShape) -> None:
         super().__init__()
-        self.alpha = alpha
-        self.inference_scale = inference_scale
+        self.alpha = shape.alpha
+        self.inference_scale = shape.inference_scale
         self.prototypes = (
-            nn.Parameter(nn.init.orthogonal_(torch.empty(n_classes, embed))) if alpha > 0 else None
+            nn.Parameter(nn.init.orthogonal_(torch.empty(shape.n_classes, shape.embed)))
+            if shape.alpha > 0
+            else None
         )  # (C, E)
 
     def scores(self, features: torch.Tensor, text: Callable[[], torch.Tensor]) -> Scores:
@@ -55,12 +88,13 @@ class AlignmentHead(nn.Module):
         return total
 
 
-class LinearHead(nn.Module):
-    """A linear layer on the frozen feature (the linear probe); fitted in closed form."""
+class LinearHead(Head):
+    """A linear layer on the frozen feature: the linear probe (logistic regression), LP++, CLAP and
+    SS-Text, each fitted its own way (``savlt.engine.baselines``)."""
 
-    def __init__(self, n_classes: int, embed: int, alpha: float, inference_scale: float) -> None:
+    def __init__(self, shape: HeadShape) -> None:
         super().__init__()
-        self.linear = nn.Linear(embed, n_classes)
+        self.linear = nn.Linear(shape.embed, shape.n_classes)
 
     def scores(self, features: torch.Tensor, text: Callable[[], torch.Tensor]) -> Scores:
         return {"linear": self.linear(features)}
@@ -68,8 +102,70 @@ class LinearHead(nn.Module):
     def logits(self, scores: Scores) -> torch.Tensor:
         return scores["linear"]
 
-    def loss(self, scores: Scores, labels: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(scores["linear"], labels, reduction="sum")
+
+class TipAdapterHead(Head):
+    """Tip-Adapter's cache model: logits = s·f·Tᵀ + α·exp(−β(1 − f·Kᵀ))·L, with K (N, E) the
+    normalised features of the N few-shot scans (``keys``, trained by Tip-Adapter-F), L (N, C)
+    their one-hot labels (``values``) and s the logit scale at prediction."""
+
+    def __init__(self, shape: HeadShape) -> None:
+        super().__init__()
+        self.inference_scale = shape.inference_scale
+        self.keys = nn.Parameter(torch.zeros(0, shape.embed))
+        self.register_buffer("values", torch.zeros(0, shape.n_classes))
+        self.register_buffer("alpha", torch.tensor(1.0))
+        self.register_buffer("beta", torch.tensor(1.0))
+
+    def take_shapes(self, shapes: Mapping[str, torch.Size]) -> None:
+        if "keys" in shapes and "values" in shapes:
+            self.set_cache(torch.zeros(shapes["keys"]), torch.zeros(shapes["values"]))
+
+    def set_cache(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Fill the cache with `keys` (N, E) and one-hot `values` (N, C)."""
+        device = self.values.device
+        self.keys = nn.Parameter(keys.to(device, torch.float32))
+        self.values = values.to(device, torch.float32)
+
+    def scores(self, features: torch.Tensor, text: Callable[[], torch.Tensor]) -> Scores:
+        affinity = features.float() @ self.keys.T  # (B, N)
+        return {
+            "text": features.float() @ text().T,
+            "cache": torch.exp(-self.beta * (1 - affinity)) @ self.values,
+        }
+
+    def logits(self, scores: Scores) -> torch.Tensor:
+        return self.inference_scale * scores["text"] + self.alpha * scores["cache"]
 
 
-HEADS: dict[str, type[AlignmentHead] | type[LinearHead]] = {"alignment": AlignmentHead, "linear": LinearHead}
+class ClipAdapterHead(Head):
+    """CLIP-Adapter: a bottleneck MLP A (E → E/4 → E, ReLU after each layer, no biases) on the
+    image feature, mixed back residually, f' = r·A(f) + (1 − r)·f with r = ``adapter_ratio``, then
+    s·normalise(f')·Tᵀ."""
+
+    def __init__(self, shape: HeadShape) -> None:
+        super().__init__()
+        self.inference_scale = shape.inference_scale
+        self.ratio = shape.adapter_ratio
+        hidden = max(1, shape.embed // 4)
+        self.adapter = nn.Sequential(
+            nn.Linear(shape.embed, hidden, bias=False),
+            nn.ReLU(),
+            nn.Linear(hidden, shape.embed, bias=False),
+            nn.ReLU(),
+        )
+
+    def scores(self, features: torch.Tensor, text: Callable[[], torch.Tensor]) -> Scores:
+        features = features.float()
+        mixed = self.ratio * self.adapter(features) + (1 - self.ratio) * features
+        return {"text": F.normalize(mixed, dim=-1) @ text().T}
+
+    def logits(self, scores: Scores) -> torch.Tensor:
+        return self.inference_scale * scores["text"]
+
+
+HEADS: dict[str, type[Head]] = {
+    "alignment": AlignmentHead,
+    "linear": LinearHead,
+    "tip_adapter": TipAdapterHead,
+    "clip_adapter": ClipAdapterHead,
+}

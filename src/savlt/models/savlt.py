@@ -24,7 +24,7 @@ from torch import nn
 from savlt.config import Config, PeftConfig
 from savlt.methods import Head, Pooling, RoiMasking
 from savlt.models.adapters import add_adapters
-from savlt.models.heads import HEADS, Scores
+from savlt.models.heads import HEADS, HeadShape, Scores
 from savlt.models.pooling import RoiAttentionPool
 from savlt.models.roi import patches_in_boxes, roi_boxes
 from savlt.models.vision_language import VisionLanguage
@@ -50,7 +50,7 @@ class SavltModel(nn.Module):
     roi_masking: pool (the ROI acts in the pooling only) | every_block | isolated (see
     ``VisionLanguage.vision_tokens``); adapters: the peft set-up, or None to keep the whole backbone
     frozen (total_steps is the schedule length AdaLoRA needs); inference_scale: the logit scale at
-    prediction.
+    prediction; adapter_ratio: CLIP-Adapter's residual ratio.
     """
 
     def __init__(
@@ -69,6 +69,7 @@ class SavltModel(nn.Module):
         adapters: PeftConfig | None = None,
         total_steps: int = 1,
         inference_scale: float = 100.0,
+        adapter_ratio: float = 0.2,
     ) -> None:
         super().__init__()
         self.pooling = pooling
@@ -81,7 +82,9 @@ class SavltModel(nn.Module):
         self.clip: nn.Module = backbone if adapters is None else add_adapters(backbone, adapters, total_steps)
 
         self.pool = RoiAttentionPool(backbone.width, heads, pool_init) if pooling in ("roi", "attn") else None
-        self.head = HEADS[head](len(class_texts), backbone.embed_dim, alpha, inference_scale)
+        self.head = HEADS[head](
+            HeadShape(len(class_texts), backbone.embed_dim, alpha, inference_scale, adapter_ratio)
+        )
 
         ids, mask = backbone.tokenize(class_texts)
         self.register_buffer("text_ids", ids, persistent=False)  # (C, L)
@@ -94,6 +97,17 @@ class SavltModel(nn.Module):
     @property
     def clip_model(self) -> VisionLanguage:
         return self.clip.base_model.model if isinstance(self.clip, PeftModel) else self.clip
+
+    @property
+    def frozen_features(self) -> bool:
+        """The image feature is the frozen backbone's own (no adapters, CLS pooling, no ROI masking),
+        so it can be computed once and cached (``savlt.engine.features``) and the head is all a
+        fit changes."""
+        return self.clip is self.clip_model and self.pooling == "cls" and self.roi_masking == "pool"
+
+    def logits_of(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, C) prediction logits from (B, E) normalised image features."""
+        return self.head.logits(self.head.scores(features, self.text_features))
 
     @property
     def uses_masks(self) -> bool:
@@ -173,4 +187,5 @@ def model_from_config(cfg: Config, backbone: VisionLanguage) -> SavltModel:
         adapters=cfg.peft if method.adapters else None,
         total_steps=cfg.train.total_steps,
         inference_scale=cfg.model.inference_scale,
+        adapter_ratio=cfg.baselines.clip_adapter_ratio,
     )

@@ -428,9 +428,11 @@ def write_report(
     history: Sequence[dict[str, Any]] = (),
     title: str = "SAVLT run",
     reliability: dict[str, tuple[Bins, Bins]] | None = None,
+    figures: bool = True,
 ) -> Path:
     """report.md with the results table, the screening decision, patients and calibration, per-center
-    confusion matrix, ROC and reliability diagram, training curves.
+    confusion matrix, ROC and reliability diagram, training curves (the figures unless not
+    `figures`: the text and numbers are the same).
 
     `scores` maps a center to (is_high_risk (N,) bool, high-risk probability (N,)) for the ROC;
     `reliability` a center to its reliability bins before and after calibration.
@@ -451,10 +453,16 @@ def write_report(
         "",
         *decision_lines(metrics),
     ]
-    if history:
+    if history and figures:
         training_curves_png(history, folder / "training_curves.png")
         lines += ["## Training", "", "![training curves](training_curves.png)", ""]
     for center, m in metrics["centers"].items():
+        fallback = m.get("roi_fallback")
+        lines += [f"## {center}", "", *center_lines(metrics, center, class_names)]
+        if fallback is not None:
+            lines += [f"ROI fell back to the whole image for {fallback} of {m['n']} scans.", ""]
+        if not figures:
+            continue
         confusion_png(
             m["confusion"], class_names, f"{center} (n={m['n']})", folder / f"confusion_{center}.png"
         )
@@ -473,17 +481,13 @@ def write_report(
             folder / f"roc_{center}.png",
             point,
         )
-        fallback = m.get("roi_fallback")
-        lines += [f"## {center}", "", *center_lines(metrics, center, class_names)]
-        if fallback is not None:
-            lines += [f"ROI fell back to the whole image for {fallback} of {m['n']} scans.", ""]
-        figures = f"![confusion](confusion_{center}.png) ![ROC](roc_{center}.png)"
+        shown = f"![confusion](confusion_{center}.png) ![ROC](roc_{center}.png)"
         if reliability and center in reliability and "calibration" in m:
             cal = m["calibration"]
             title = f"{center}: ECE {cal['ece_before']:.3f} → {cal['ece_after']:.3f}"
             reliability_png(*reliability[center], title, folder / f"reliability_{center}.png")
-            figures += f" ![reliability](reliability_{center}.png)"
-        lines += [figures, ""]
+            shown += f" ![reliability](reliability_{center}.png)"
+        lines += [shown, ""]
     path = folder / "report.md"
     write_text(path, "\n".join(lines))
     return path

@@ -17,7 +17,16 @@ and the binary high-risk screen's accuracy, AUC, sensitivity, specificity, PPV, 
 
 summary.csv has one row per group × center × metric (full precision); summary.md one table per
 center (rows = method × shots, cells = "mean ± std"), the layout of the paper's tables;
-summary.png plots accuracy and AUC against shots per center, one line per method, std error bars.
+summary.png plots accuracy and AUC against shots per center, one line per method, std error bars;
+summary_<center>.png the same per center, one line per method with its 95 % band over seeds, a row
+per setting of the other varying keys (e.g. the protocol).
+
+The ranking (``ranking``; ranking.csv, and the first tables of summary.md): per center and setting,
+each method's accuracy averaged over the shot counts for every seed (the seeds complete at every
+shot count), then mean ± std and a 95 % t-interval over those seeds, ranked by the mean; against
+``REFERENCE`` (SAVLT), the mean paired difference and a Wilcoxon signed-rank test over the same
+seeds (same seed = same few-shot draw), its p-values Holm-corrected over the methods compared;
+"beyond noise" = corrected p < 0.05.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ METRICS: list[tuple[str, str, tuple[str, ...]]] = [
     ("npv", "NPV", ("binary", "npv")),
 ]
 FIXED_KEYS = ("method", "train.shots", "train.seed")  # method and shots always group; seeds are averaged
+REFERENCE = "savlt"  # the method every other is tested against in the ranking
 
 
 @dataclass
@@ -228,6 +238,7 @@ def markdown(summary: Summary) -> str:
         lines += [f"Not finished (left out): {shown}", ""]
     if not summary.groups:
         return "\n".join([*lines, "No complete runs yet.", ""])
+    lines += ranking_markdown(summary)
     header = [*summary.key_header, "runs", *(title for _, title, _ in METRICS)]
     for center in summary.centers:
         rows = [
@@ -312,6 +323,255 @@ def plot(summary: Summary, path: Path) -> None:
     plt.close(fig)
 
 
+@dataclass
+class Ranked:
+    """One method's line of a ranking: per-seed values (seed -> value averaged over the shots)."""
+
+    method: str
+    values: dict[int, float]
+    mean: float
+    std: float | None
+    low: float | None
+    high: float | None
+    difference: float | None = None  # mean paired difference to the reference
+    p: float | None = None  # Wilcoxon signed-rank, two-sided
+    p_holm: float | None = None
+
+
+def _per_seed(groups: list[Group], center: str, path: tuple[str, ...]) -> dict[int, float]:
+    """seed -> the metric averaged over the shot counts of `groups` (seeds with every shot count)."""
+    table: dict[int, list[float]] = {}
+    for group in groups:
+        for seed, value in group.stat(center, path).values:
+            if value is not None:
+                table.setdefault(seed, []).append(value)
+    return {seed: float(np.mean(v)) for seed, v in sorted(table.items()) if len(v) == len(groups)}
+
+
+def holm(pvalues: list[float | None]) -> list[float | None]:
+    """Holm–Bonferroni adjusted p-values (None stays None, and is not counted)."""
+    known = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    adjusted: list[float | None] = [None] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(known):
+        running = max(running, min(1.0, (len(known) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def rank_methods(per_method: dict[str, dict[int, float]], level: float = 0.95) -> list[Ranked]:
+    """Rank by the mean over seeds, with a t-interval, and the paired test against ``REFERENCE``."""
+    from scipy import stats
+
+    rows = []
+    for method, values in per_method.items():
+        if not values:
+            continue
+        data = np.array(list(values.values()))
+        std = float(data.std(ddof=1)) if len(data) > 1 else None
+        half = (
+            float(stats.t.ppf((1 + level) / 2, len(data) - 1) * std / math.sqrt(len(data))) if std else None
+        )
+        mean = float(data.mean())
+        rows.append(
+            Ranked(
+                method,
+                values,
+                mean,
+                std,
+                None if half is None else mean - half,
+                None if half is None else mean + half,
+            )
+        )
+    reference = next((r for r in rows if r.method == REFERENCE), None)
+    if reference is not None:
+        for row in rows:
+            if row is reference:
+                continue
+            seeds = sorted(set(row.values) & set(reference.values))
+            if not seeds:
+                continue
+            diff = np.array([row.values[s] - reference.values[s] for s in seeds])
+            row.difference = float(diff.mean())
+            row.p = 1.0 if not np.any(diff) else float(stats.wilcoxon(diff).pvalue)
+        for row, adjusted in zip(rows, holm([r.p for r in rows]), strict=True):
+            row.p_holm = adjusted
+    return sorted(rows, key=lambda r: -r.mean)
+
+
+def ranking(summary: Summary, metric: str = "accuracy") -> dict[tuple[str, tuple[Any, ...]], list[Ranked]]:
+    """(center, setting of the other varying keys) -> the ranked methods (see the module's docstring)."""
+    path = next(p for name, _, p in METRICS if name == metric)
+    settings: dict[str, tuple[Any, ...]] = {}
+    for g in summary.groups:
+        settings.setdefault(yaml.safe_dump(list(g.extras)), g.extras)
+    out = {}
+    for center in summary.centers:
+        for key, extras in settings.items():
+            methods: dict[str, list[Group]] = {}
+            for g in summary.groups:
+                if yaml.safe_dump(list(g.extras)) == key:
+                    methods.setdefault(g.method, []).append(g)
+            out[(center, extras)] = rank_methods(
+                {m: _per_seed(gs, center, path) for m, gs in methods.items()}
+            )
+    return out
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def ranking_rows(ranked: list[Ranked]) -> list[list[str]]:
+    rows = []
+    for i, r in enumerate(ranked, start=1):
+        beyond = "" if r.p_holm is None else ("yes" if r.p_holm < 0.05 else "no")
+        rows.append(
+            [
+                str(i),
+                r.method,
+                f"{r.mean:.3f}" + ("" if r.std is None else f" ± {r.std:.3f}"),
+                "" if r.low is None else f"[{r.low:.3f}, {r.high:.3f}]",
+                str(len(r.values)),
+                "" if r.difference is None else f"{r.difference:+.3f}",
+                "" if r.p is None else f"{r.p:.3g}",
+                "" if r.p_holm is None else f"{r.p_holm:.3g}",
+                beyond,
+            ]
+        )
+    return rows
+
+
+RANKING_HEADER = [
+    "rank",
+    "method",
+    "mean ± std",
+    "95% interval",
+    "seeds",
+    f"Δ vs {REFERENCE}",
+    "p",
+    "p (Holm)",
+    "beyond noise",
+]
+
+
+def ranking_markdown(summary: Summary) -> list[str]:
+    ranked = ranking(summary)
+    if not ranked:
+        return []
+    lines = [
+        "## Ranking",
+        "",
+        f"Accuracy averaged over the shot counts for each seed; mean ± std and 95 % t-interval over the seeds; "
+        f"Δ and the Wilcoxon signed-rank p-value against {REFERENCE} over the same seeds (same draws), "
+        "Holm-corrected over the methods; beyond noise: corrected p < 0.05."
+        + (
+            ""
+            if any(g.method == REFERENCE for g in summary.groups)
+            else f" ({REFERENCE} is not in this sweep: no tests.)"
+        ),
+        "",
+    ]
+    for (center, extras), rows in ranked.items():
+        setting = ", ".join(
+            f"{summary.label(k)}={format_value(v)}" for k, v in zip(summary.extra_keys, extras, strict=True)
+        )
+        lines += [f"### {center_title(summary, center)}" + (f", {setting}" if setting else ""), ""]
+        lines += [markdown_table(RANKING_HEADER, ranking_rows(rows)), ""]
+    return lines
+
+
+def write_ranking_csv(summary: Summary, path: Path) -> None:
+    header = [
+        *(summary.label(k) for k in summary.extra_keys),
+        "center",
+        "rank",
+        "method",
+        "mean",
+        "std",
+        "low",
+        "high",
+        "seeds",
+        "difference",
+        "p",
+        "p_holm",
+    ]
+    rows = []
+    for (center, extras), ranked in ranking(summary).items():
+        for i, r in enumerate(ranked, start=1):
+            rows.append(
+                [
+                    *(format_value(v) for v in extras),
+                    center,
+                    i,
+                    r.method,
+                    r.mean,
+                    r.std,
+                    r.low,
+                    r.high,
+                    len(r.values),
+                    r.difference,
+                    r.p,
+                    r.p_holm,
+                ]
+            )
+    io.write_csv(path, header, ([_csv_value(v) for v in row] for row in rows))
+
+
+def plot_center(summary: Summary, center: str, path: Path, level: float = 0.95) -> None:
+    """Accuracy and AUC against shots for one center: a row per setting, one line per method with
+    its band (the 95 % t-interval over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy import stats
+
+    shots = sorted({g.shots for g in summary.groups})
+    settings: dict[str, tuple[Any, ...]] = {}
+    for g in summary.groups:
+        settings.setdefault(yaml.safe_dump(list(g.extras)), g.extras)
+    panels = [(title, p) for name, title, p in METRICS if name in ("accuracy", "auc")]
+    fig, axes = plt.subplots(len(settings), 2, figsize=(11, 3.4 * len(settings)), squeeze=False)
+    for row, (key, extras) in enumerate(settings.items()):
+        setting = ", ".join(
+            f"{summary.label(k)}={format_value(v)}" for k, v in zip(summary.extra_keys, extras, strict=True)
+        )
+        for col, (title, mpath) in enumerate(panels):
+            ax = axes[row][col]
+            methods: dict[str, list[Group]] = {}
+            for g in summary.groups:
+                if yaml.safe_dump(list(g.extras)) == key:
+                    methods.setdefault(g.method, []).append(g)
+            for method, groups in methods.items():
+                points = []
+                for g in sorted(groups, key=lambda g: g.shots):
+                    s = g.stat(center, mpath)
+                    if s.mean is None:
+                        continue
+                    half = stats.t.ppf((1 + level) / 2, s.n - 1) * s.std / math.sqrt(s.n) if s.std else 0.0
+                    points.append((shots.index(g.shots), s.mean, half))
+                if not points:
+                    continue
+                x, mean, half = (np.array(v, dtype=float) for v in zip(*points, strict=True))
+                (line,) = ax.plot(x, mean, marker="o", markersize=3, label=method)
+                ax.fill_between(x, mean - half, mean + half, color=line.get_color(), alpha=0.15, linewidth=0)
+            ax.set_xticks(range(len(shots)), [str(s) for s in shots])
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+            ax.set_title(
+                f"{center_title(summary, center)}: {title}" + (f" ({setting})" if setting else ""),
+                fontsize="small",
+            )
+            ax.set_xlabel("shots per class")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center right", fontsize="small", frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def aggregate(sweep_dir: str | Path, with_plot: bool = True) -> Summary:
     """Write summary.csv, summary.md (and summary.png) into the sweep folder; returns the summary."""
     summary = collect(sweep_dir)
@@ -319,11 +579,14 @@ def aggregate(sweep_dir: str | Path, with_plot: bool = True) -> Summary:
     root.mkdir(parents=True, exist_ok=True)
     summary.csv, summary.markdown = root / "summary.csv", root / "summary.md"
     write_csv(summary, summary.csv)
+    write_ranking_csv(summary, root / "ranking.csv")
     write_text(summary.markdown, markdown(summary))
     png = root / "summary.png"
     if with_plot and summary.groups:
         plot(summary, png)
         summary.plot = png
+        for center in summary.centers:
+            plot_center(summary, center, root / f"summary_{center}.png")
     else:
         png.unlink(missing_ok=True)
     return summary

@@ -48,7 +48,9 @@ SHORTHANDS: dict[str, str] = {
 # The short name of a dotted key, for names and table columns.
 DISPLAY: dict[str, str] = {v: k for k, v in SHORTHANDS.items()}
 
-SECTIONS = frozenset(f.name for f in dataclasses.fields(Config) if f.name != "method")
+SECTIONS = frozenset(
+    f.name for f in dataclasses.fields(Config) if f.default_factory is not dataclasses.MISSING
+)
 TOP_LEVEL = ("base", "grid")
 
 
