@@ -235,3 +235,18 @@ def test_the_cache_computes_a_changed_scan_again(synth_root, tmp_path, one_threa
     assert again.computed == 1
     keys = json.dumps(sorted(np.load(again.path("huaxi", 0))["keys"].tolist()))
     assert scan_key(records[0]) in keys
+
+
+def test_the_realistic_protocol_selects_and_calibrates_nothing(synth_root, tmp_path, one_thread) -> None:
+    from savlt.engine.training import train
+
+    cfg = fast_config(synth_root, "method=tip_adapter", "protocol=realistic", "baselines.views=1")
+    metrics = train(cfg, tmp_path / "run", progress=False)
+    few = json.loads((tmp_path / "run" / "fewshot.json").read_text())
+    assert few["protocol"] == "realistic" and few["val"] == [] and len(few["train"]) == 4 * 5
+    assert metrics["protocol"] == "realistic"
+    assert metrics["validation_fit"]["temperature"] == 1.0
+    assert any("no validation scans" in w for w in metrics["validation_fit"]["warnings"])
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert history[-1]["tip_alpha"] == 1.0 and history[-1]["tip_beta"] == 1.0  # fixed, not searched
+    assert "protocol" in (tmp_path / "run" / "report.md").read_text()

@@ -62,3 +62,12 @@ def test_every_page_is_in_the_navigation() -> None:
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text().replace("!!python", "#"))
     listed = {next(iter(entry.values())) for entry in config["nav"]}
     assert listed == {p.name for p in (ROOT / "docs").glob("*.md")}
+
+
+def test_every_method_is_in_the_readme_and_the_baselines_page() -> None:
+    from savlt.methods import METHODS
+
+    for page in (ROOT / "README.md", ROOT / "docs" / "baselines.md"):
+        text = page.read_text()
+        missing = [name for name in METHODS if f"`{name}`" not in text]
+        assert not missing, f"{page.name} does not list {missing}"

@@ -521,3 +521,43 @@ def test_device_plan_gives_each_job_a_visible_gpu(monkeypatch: pytest.MonkeyPatc
     assert plan.summary() == "3 job(s) on 2 GPU(s) (jobs share GPUs)" and plan.describe(1) == "GPU 6"
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert DevicePlan.detect(jobs=1).gpus == ["0", "1"]
+
+
+# ------------------------------------------------------------------ frozen-feature points in one process
+
+
+def test_frozen_feature_points_share_a_process_and_keep_their_own_state(
+    synth_root: Path, tmp_path: Path
+) -> None:
+    """zero-shot and the feature-based baselines run several to a process (``savlt train-points``);
+    each still gets its folder, log and state, and a point that fails there fails alone."""
+    from savlt.sweep.runner import plan_jobs
+
+    grid = {
+        "method": ["zero_shot", "ss_text", "lp_pp", "savlt"],
+        "model": ["tiny", str(tmp_path / "no_such_clip")],
+    }
+    spec = tiny_spec(synth_root, tmp_path / "cache", grid)
+    del spec["base"]["model"]
+    sweep = load_sweep(write_spec(tmp_path / "s.yaml", spec))
+    plan = plan_jobs(sweep.points, jobs=1)
+    assert sorted(len(group) for group in plan) == [1, 1, 3, 3]  # savlt alone, the frozen ones by three
+    out = tmp_path / "out"
+    done = subprocess.run(
+        sweep_command(tmp_path / "s.yaml", out, "--jobs", "1", "-q"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    states = {name: p["state"] for name, p in json.loads((out / "status.json").read_text())["points"].items()}
+    assert {n: s for n, s in states.items() if "no_such_clip" not in n} == dict.fromkeys(
+        [f"method={m},model=tiny" for m in grid["method"]], "complete"
+    )
+    assert {s for n, s in states.items() if "no_such_clip" in n} == {"failed"}
+    log = (out / "logs" / "method=lp_pp,model=tiny.log").read_text()
+    assert "method lp_pp" in log and "method ss_text" not in log  # its own output only
+    assert "point method=ss_text,model=" in done.stderr and "no_such_clip" in done.stderr  # its own failure
+    ranking = read_csv(out / "ranking.csv")
+    assert {r["method"] for r in ranking if r["model"] == "tiny"} == set(grid["method"])
+    assert (out / "summary_huaxi.png").is_file()

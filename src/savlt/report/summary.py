@@ -439,9 +439,17 @@ def write_report(
     """
     folder.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", "", RESEARCH_USE, ""]
-    info = {k: metrics[k] for k in ("method", "backbone", "shots", "seed", "train_center") if k in metrics}
+    keys = ("method", "protocol", "backbone", "shots", "seed", "train_center")
+    info = {k: metrics[k] for k in keys if k in metrics}
     if info:
         lines += [", ".join(f"**{k}**: {v}" for k, v in info.items()), ""]
+    if metrics.get("protocol") == "realistic":
+        lines += [
+            "**Realistic protocol**: the K × C shots follow the class distribution and there is no "
+            "validation set: every hyperparameter was fixed in advance, nothing was selected and nothing "
+            "calibrated on one.",
+            "",
+        ]
     lines += prior_lines(metrics.get("structure_prior"))
     lines += split_lines(metrics)
     lines += [

@@ -22,6 +22,7 @@ every point's data root.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -299,9 +300,19 @@ def warm_data_cache(points: list[SweepPoint]) -> None:
     Parallel points would otherwise race to create the same cache files, and a missing center
     or class folder should fail now, not halfway through the sweep.
     """
+    seen: set[str] = set()
+    quiet = logging.getLogger("savlt.engine.inputs")  # what each run logs about its inputs, once per point
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        _warm(points, seen)
+    finally:
+        quiet.setLevel(level)
+
+
+def _warm(points: list[SweepPoint], seen: set[str]) -> None:
     from savlt.engine.inputs import prepare_inputs
 
-    seen: set[str] = set()
     for point in points:
         cfg = point.config
         key = json.dumps(
