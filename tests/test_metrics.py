@@ -182,3 +182,31 @@ def test_tables_show_the_intervals_at_the_level_they_were_computed(recorded: boo
     low, high = m["ci90"]["accuracy"]
     assert rows[0][header.index("accuracy [90% CI]")] == f"{m['accuracy']:.3f} [{low:.3f}, {high:.3f}]"
     assert [low, high] == wilson_interval(round(m["accuracy"] * 120), 120, 0.9)
+
+
+def test_the_vectorised_bootstrap_equals_the_loop_bit_for_bit() -> None:
+    """``weighted_auc`` / ``weighted_macro_f1`` over resample counts give exactly what
+    ``auc_score`` / ``macro_f1`` give on each drawn sample (ties, patients, a missing class)."""
+    from savlt.engine.metrics import (
+        auc_score,
+        macro_f1,
+        resample_indices,
+        resample_weights,
+        weighted_auc,
+        weighted_macro_f1,
+    )
+
+    rng = np.random.default_rng(0)
+    for trial in range(12):
+        n, classes = int(rng.integers(5, 120)), int(rng.integers(2, 6))
+        labels, preds = rng.integers(0, classes, n), rng.integers(0, classes, n)
+        score = np.round(rng.normal(size=n), int(rng.integers(0, 3)))  # rounded: many ties
+        positive = labels == classes - 1
+        groups = rng.integers(0, max(1, n // 2), n).astype(str) if trial % 2 else None
+        draws = resample_indices(groups, n, 100, np.random.default_rng(trial))
+        weights = resample_weights(draws, n)
+        aucs, f1s = weighted_auc(weights, positive, score), weighted_macro_f1(weights, labels, preds, classes)
+        for r, idx in enumerate(draws):
+            expected = auc_score(positive[idx], score[idx])
+            assert (np.isnan(aucs[r]) if expected is None else aucs[r] == expected), (trial, r)
+            assert f1s[r] == macro_f1(labels[idx], preds[idx], classes), (trial, r)
