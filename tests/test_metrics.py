@@ -185,8 +185,9 @@ def test_tables_show_the_intervals_at_the_level_they_were_computed(recorded: boo
 
 
 def test_the_vectorised_bootstrap_equals_the_loop_bit_for_bit() -> None:
-    """``weighted_auc`` / ``weighted_macro_f1`` over resample counts give exactly what
-    ``auc_score`` / ``macro_f1`` give on each drawn sample (ties, patients, a missing class)."""
+    """``weighted_auc`` over resample counts gives exactly what ``auc_score`` gives on each drawn
+    sample, ``weighted_macro_f1`` ``macro_f1`` up to the order of a floating sum (ties, patients,
+    a missing class)."""
     from savlt.engine.metrics import (
         auc_score,
         macro_f1,
@@ -198,7 +199,7 @@ def test_the_vectorised_bootstrap_equals_the_loop_bit_for_bit() -> None:
 
     rng = np.random.default_rng(0)
     for trial in range(12):
-        n, classes = int(rng.integers(5, 120)), int(rng.integers(2, 6))
+        n, classes = int(rng.integers(5, 120)), int(rng.integers(2, 13))
         labels, preds = rng.integers(0, classes, n), rng.integers(0, classes, n)
         score = np.round(rng.normal(size=n), int(rng.integers(0, 3)))  # rounded: many ties
         positive = labels == classes - 1
@@ -208,5 +209,5 @@ def test_the_vectorised_bootstrap_equals_the_loop_bit_for_bit() -> None:
         aucs, f1s = weighted_auc(weights, positive, score), weighted_macro_f1(weights, labels, preds, classes)
         for r, idx in enumerate(draws):
             expected = auc_score(positive[idx], score[idx])
-            assert (np.isnan(aucs[r]) if expected is None else aucs[r] == expected), (trial, r)
-            assert f1s[r] == macro_f1(labels[idx], preds[idx], classes), (trial, r)
+            assert np.isnan(aucs[r]) if expected is None else aucs[r] == expected, (trial, r)
+            assert f1s[r] == pytest.approx(macro_f1(labels[idx], preds[idx], classes), rel=1e-15, abs=0)

@@ -560,4 +560,4 @@ def test_frozen_feature_points_share_a_process_and_keep_their_own_state(
     assert "point method=ss_text,model=" in done.stderr and "no_such_clip" in done.stderr  # its own failure
     ranking = read_csv(out / "ranking.csv")
     assert {r["method"] for r in ranking if r["model"] == "tiny"} == set(grid["method"])
-    assert (out / "summary_huaxi.png").is_file()
+    assert (out / "summary_center-huaxi.png").is_file()

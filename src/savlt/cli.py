@@ -128,6 +128,8 @@ def cmd_train_points(args: argparse.Namespace) -> int:
     import traceback
     from contextlib import redirect_stderr, redirect_stdout
 
+    from savlt.sweep.runner import GROUP_DONE
+
     failed = 0
     for config, out, log in args.point:
         with open(log, "a", encoding="utf-8") as stream, redirect_stdout(stream), redirect_stderr(stream):
@@ -137,7 +139,7 @@ def cmd_train_points(args: argparse.Namespace) -> int:
             except Exception:  # a bug in one point is that point's failure, reported in its log
                 traceback.print_exc()
                 code = 1
-            print(f"savlt train-points: exit status {code}", flush=True)
+            print(f"{GROUP_DONE} {code}", flush=True)
         if code == 130:
             return 130
         failed += code != 0

@@ -192,7 +192,7 @@ KINDS = {
             (("sweep.yaml", _sweep_file), ("status.json", _json_object)),
             nested=("run",),
             # written once the sweep has ended
-            later=("summary.csv", "summary.md", "summary.png", "summary_*.png", "ranking.csv"),
+            later=("summary.csv", "summary.md", "summary.png", "summary_center-*.png", "ranking.csv"),
         ),
         Kind(
             "synth",

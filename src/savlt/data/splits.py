@@ -312,8 +312,8 @@ def sample_few_shot(
     """The few-shot draw of `protocol` (``PROTOCOLS``). Balanced: K images per class from train
     (when a class has fewer: all of them, then repeats, and a warning). Realistic: K × C images
     whose classes follow the training part (or, with `imbalance` r, class sizes falling
-    geometrically from the largest to r times fewer, classes in a seeded order), at least one per
-    class. Validation: min(K, the protocol's cap) per class. Every class's scans are spread over as
+    geometrically from the largest class to r times fewer), at least one per class, K × C capped at
+    the training part's size. Validation: min(K, the protocol's cap) per class. Every class's scans are spread over as
     many patients as it has (not `by_patient`: drawn per image)."""
     rule = PROTOCOLS[protocol]
     records = center.by_rel()
@@ -358,9 +358,10 @@ def sample_few_shot(
 def _imbalanced_counts(
     rng: np.random.Generator, sizes: dict[str, int], shots: int, imbalance: float | None
 ) -> dict[str, int]:
-    """Shots per class summing to K × C (at most the training part's size): one per class, the rest
-    drawn without replacement from the training part's scans (`imbalance` None) or shared out in
-    proportion to r^(−i/(C−1)) over a seeded class order."""
+    """Shots per class summing to K × C (at most the training part's size), at least one per class:
+    the rest drawn without replacement from the training part's scans (`imbalance` None), or K × C
+    shared out in proportion to r^(−i/(C−1)), the i-th largest class of the training part (ties by
+    name) getting share i."""
     labels = list(sizes)
     total = min(shots * len(labels), sum(sizes.values()))
     counts = dict.fromkeys(labels, 1)
@@ -369,15 +370,15 @@ def _imbalanced_counts(
         for i in rng.choice(pool, size=total - len(labels), replace=False):
             counts[labels[i]] += 1
         return counts
-    order = [labels[i] for i in rng.permutation(len(labels))]
+    order = sorted(labels, key=lambda label: (-sizes[label], label))  # the largest class the most shots
     weights = imbalance ** (-np.arange(len(order)) / max(len(order) - 1, 1))
-    share = (total - len(order)) * weights / weights.sum()
-    extra = np.floor(share).astype(int)
-    for i in np.argsort(-(share - extra), kind="stable")[: total - len(order) - int(extra.sum())]:
-        extra[i] += 1  # largest remainders first, so the counts sum to the total
-    for label, n in zip(order, extra, strict=True):
-        counts[label] += int(n)
-    return counts
+    share = total * weights / weights.sum()
+    shares = np.maximum(1, np.floor(share)).astype(int)
+    while shares.sum() < total:  # to the class furthest below its share
+        shares[int(np.argmax(share - shares))] += 1
+    while shares.sum() > total:  # from the class furthest above its share, keeping one each
+        shares[int(np.argmax(np.where(shares > 1, shares - share, -np.inf)))] -= 1
+    return {label: int(n) for label, n in zip(order, shares, strict=True)}
 
 
 def load_few_shot(file: Path, center: CenterData) -> FewShot:

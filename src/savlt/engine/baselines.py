@@ -16,7 +16,7 @@ Published schedules (README, "Methods"):
   step, α and β fixed at their start; then the same search.
 - clip_adapter: SGD lr 0.02, batch 32, 200 epochs, one warm-up epoch at 1e-5 then cosine per epoch
   (few-shot-MedVLMs).
-- lp_pp: W from the class feature sums, α from 250 × the mean class-centroid text similarity;
+- lp_pp: W from the class feature sums, α from 250 × the mean over classes of f·t_c on class c's shots;
   full-batch steps, W (and bias) by SGD with momentum 0.9 at 4N / λ_max(FᵀF), the text
   multipliers every 10th epoch at N / (4 max_c Σ_i (f_i·t_c)²); 300 epochs.
 - clap: prototypes W from T, loss CE(s·f·normalise(W)ᵀ) + mean_c λ_c‖w_c − t_c‖², λ_c the
@@ -189,8 +189,8 @@ def lp_pp_start(data: Support) -> tuple[torch.Tensor, torch.Tensor, float, float
     similarity = features @ data.text.T  # (N, C)
     counts = one_hot.sum(0)
     present = counts > 0
-    centroids = (one_hot.T @ similarity)[present] / counts[present, None]  # (C', C): class means of f·T
-    multipliers = torch.full((data.classes,), 250.0 * float(centroids.mean()), device=features.device)
+    own = (one_hot * similarity).sum(0)[present] / counts[present]  # per class: mean f·t_c of its shots
+    multipliers = torch.full((data.classes,), 250.0 * float(own.mean()), device=features.device)
     n = len(labels)
     step_w = 4 * n / float(torch.linalg.eigvalsh((features.T @ features).double()).max())
     step_alpha = n / (4 * float((similarity**2).sum(0).max()))
@@ -397,6 +397,7 @@ def train_head(
     after: Callable[[int], None] | None = None,
 ) -> None:
     """Run `epochs` through the one step loop (``engine.loop.run_steps``), on the run's device."""
+    optimizer = job.accelerator.prepare_optimizer(optimizer)  # fp16: the loss scale is undone before a step
     task = _HeadSteps(loss, rates, after, epochs, optimizer, job.on_history)
     job.model.train()
     setting = "learning rate (a published constant of this method: please report the run)"

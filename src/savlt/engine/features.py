@@ -9,8 +9,9 @@ run and process). Files live under the data cache (``data.cache_dir``, else ``<r
 
     features/<key>/<center>/view<v>.npz     keys (scan path | size | mtime) and features (N, E)
 
-`key` hashes everything a feature depends on besides the scan: the backbone's fingerprint (a hash
-of its frozen weights), the image size, the pixel statistics, the precision, and for training views
+`key` hashes everything a feature depends on besides the scan: every weight of the backbone (all
+its tensors' bytes, so a backbone changed anywhere, e.g. pretrained further, gets its own
+features), the image size, the pixel statistics, the precision, and for training views
 the crop range and flips. A scan whose file changed (size or modification time) is computed again;
 a cache that cannot be written (no writable cache folder) keeps the features of the run in memory.
 """
@@ -26,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
@@ -60,7 +62,7 @@ class FeatureCache:
         stats = normalization(cfg.data.normalize, model.clip_model.normalization)
         identity = {
             "format": FORMAT,
-            "backbone": model.clip_model.fingerprint(),
+            "backbone": weights_digest(model.clip_model),
             "image_size": cfg.data.image_size,
             "stats": [list(map(float, part)) for part in stats],
             "precision": accelerator.mixed_precision,
@@ -93,25 +95,28 @@ class FeatureCache:
         self, center: str, records: list[ImageRecord], view: int, progress: bool
     ) -> dict[str, np.ndarray]:
         path = self.path(center, view)
+        several = self.accelerator.num_processes > 1
         with _locked(path, self.accelerator.is_main_process):
-            stored = self._read(path, center, view)
+            stored = full = self._read(path, center, view)
             unique = list({scan_key(r): r for r in records}.items())
-            missing = [r for key, r in unique if key not in stored]
-            if self.accelerator.num_processes > 1:  # every process computes the main process's list
-                shared = [[r.rel for r in missing]]
+            if several:  # every process takes the main process's view of the cache (read under its lock)
+                shared = [{key: stored[key] for key, _ in unique if key in stored}]
                 broadcast_object_list(shared)
-                wanted = set(shared[0])
-                missing = [r for _, r in unique if r.rel in wanted]
+                stored = shared[0]
+            missing = [r for key, r in unique if key not in stored]
             if missing:
                 desc = f"features of {center}" + (f" (view {view})" if view else "")
                 result = run_inference(
                     self.model, missing, self.cfg, self.accelerator, None, desc, progress, view=view
                 )
                 self.computed += len(missing)
-                stored.update(
+                new = dict(
                     zip((scan_key(r) for r in missing), result.features.astype(np.float32), strict=True)
                 )
-                self._write(path, center, view, stored)
+                stored.update(new)
+                if several:  # the file keeps every scan it held besides this run's
+                    full.update(new)
+                self._write(path, center, view, full)
             return stored
 
     def _read(self, path: Path | None, center: str, view: int) -> dict[str, np.ndarray]:
@@ -135,6 +140,15 @@ class FeatureCache:
         keys = sorted(stored)
         with atomic_path(path) as tmp, tmp.open("wb") as handle:
             np.savez(handle, keys=np.array(keys), features=np.stack([stored[k] for k in keys]))
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A hash of every parameter and buffer of `module` (names, shapes, dtypes and bytes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _digest(data: dict) -> str:

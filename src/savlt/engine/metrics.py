@@ -269,7 +269,8 @@ def weighted_auc(weights: np.ndarray, positive: np.ndarray, score: np.ndarray) -
 def weighted_macro_f1(
     weights: np.ndarray, labels: np.ndarray, preds: np.ndarray, n_classes: int
 ) -> np.ndarray:
-    """(R,) `macro_f1` of every resample given by its scan counts `weights` (R, n), at once."""
+    """(R,) `macro_f1` of every resample given by its scan counts `weights` (R, n), at once (equal up
+    to the order of the final floating sum)."""
     cells = np.zeros((labels.size, n_classes * n_classes))
     cells[np.arange(labels.size), labels * n_classes + preds] = 1.0
     confusion = (weights @ cells).reshape(len(weights), n_classes, n_classes)

@@ -18,12 +18,12 @@ and the binary high-risk screen's accuracy, AUC, sensitivity, specificity, PPV, 
 summary.csv has one row per group × center × metric (full precision); summary.md one table per
 center (rows = method × shots, cells = "mean ± std"), the layout of the paper's tables;
 summary.png plots accuracy and AUC against shots per center, one line per method, std error bars;
-summary_<center>.png the same per center, one line per method with its 95 % band over seeds, a row
+summary_center-<center>.png the same per center, one line per method with its 95 % band over seeds, a row
 per setting of the other varying keys (e.g. the protocol).
 
 The ranking (``ranking``; ranking.csv, and the first tables of summary.md): per center and setting,
-each method's accuracy averaged over the shot counts for every seed (the seeds complete at every
-shot count), then mean ± std and a 95 % t-interval over those seeds, ranked by the mean; against
+each method's accuracy averaged over the shot counts that every method has, for every seed (the
+seeds complete at each of them), then mean ± std and a 95 % t-interval over those seeds, ranked by the mean; against
 ``REFERENCE`` (SAVLT), the mean paired difference and a Wilcoxon signed-rank test over the same
 seeds (same seed = same few-shot draw), its p-values Holm-corrected over the methods compared;
 "beyond noise" = corrected p < 0.05.
@@ -412,8 +412,13 @@ def ranking(summary: Summary, metric: str = "accuracy") -> dict[tuple[str, tuple
             for g in summary.groups:
                 if yaml.safe_dump(list(g.extras)) == key:
                     methods.setdefault(g.method, []).append(g)
+            # every method over the same shot counts, so a method that lacks one is not favoured
+            common = set.intersection(*({g.shots for g in gs} for gs in methods.values()))
             out[(center, extras)] = rank_methods(
-                {m: _per_seed(gs, center, path) for m, gs in methods.items()}
+                {
+                    m: _per_seed([g for g in gs if g.shots in common], center, path)
+                    for m, gs in methods.items()
+                }
             )
     return out
 
@@ -462,7 +467,7 @@ def ranking_markdown(summary: Summary) -> list[str]:
     lines = [
         "## Ranking",
         "",
-        f"Accuracy averaged over the shot counts for each seed; mean ± std and 95 % t-interval over the seeds; "
+        f"Accuracy averaged, for each seed, over the shot counts every method has; mean ± std and 95 % t-interval over the seeds; "
         f"Δ and the Wilcoxon signed-rank p-value against {REFERENCE} over the same seeds (same draws), "
         "Holm-corrected over the methods; beyond noise: corrected p < 0.05."
         + (
@@ -586,7 +591,7 @@ def aggregate(sweep_dir: str | Path, with_plot: bool = True) -> Summary:
         plot(summary, png)
         summary.plot = png
         for center in summary.centers:
-            plot_center(summary, center, root / f"summary_{center}.png")
+            plot_center(summary, center, root / f"summary_center-{center}.png")
     else:
         png.unlink(missing_ok=True)
     return summary

@@ -47,6 +47,7 @@ from savlt.sweep.grid import Sweep, SweepPoint
 
 LOG_TAIL_LINES = 25
 GROUP = 40  # frozen-feature points per process at most
+GROUP_DONE = "savlt train-points: exit status"  # the line `savlt train-points` ends each point's log with
 
 
 class SweepError(SavltError):
@@ -183,6 +184,10 @@ class _Running:
     started: float
     log: IO[str]
     reported: set[str] = field(default_factory=set)  # points of the group already recorded
+    mark: float = 0.0  # when the group's previous point ended (or the process started)
+
+    def __post_init__(self) -> None:
+        self.mark = self.started
 
 
 def plan_jobs(points: list[SweepPoint], jobs: int) -> list[list[SweepPoint]]:
@@ -412,21 +417,34 @@ def run_sweep(
         bar = tqdm(total=len(sweep.points), initial=len(done), desc="sweep", unit="run", disable=not progress)
 
         def finish(job: _Running, point: SweepPoint, failed: bool) -> None:
+            """Record `point` of `job`: its time since the previous point of its group ended, and
+            for a failure the tail of its log (of the group's, when the group ended before it ran)."""
             job.reported.add(point.name)
-            seconds = round(time.time() - job.started, 1)
+            now = time.time()
+            seconds, job.mark = round(now - job.mark, 1), now
             code = job.process.returncode
             name = point.name
             if not failed:
                 result.trained.append(name)
                 status.set(name, "complete", seconds=seconds, returncode=0)
                 status.event(f"finished {name} in {seconds} s")
-            else:
-                failure = PointFailure(name, code, layout.point_log(name), _tail(layout.point_log(name)))
-                result.failed.append(failure)
-                status.set(name, "failed", seconds=seconds, returncode=code)
-                status.event(f"FAILED {name} (exit status {code}); log: {failure.log}")
-                if on_failure is not None:
-                    on_failure(failure)
+                return _advance()
+            own = layout.point_log(name)
+            ran = len(job.points) == 1 or GROUP_DONE in own.read_text(errors="replace")
+            where = own if ran else layout.point_log(job.points[0].name)
+            failure = PointFailure(name, code, where, _tail(where))
+            result.failed.append(failure)
+            status.set(name, "failed" if ran else "not run", seconds=seconds, returncode=code)
+            status.event(
+                f"FAILED {name} (exit status {code}); log: {where}"
+                if ran
+                else f"NOT RUN {name}: its group's process ended (exit status {code}) first; log: {where}"
+            )
+            if on_failure is not None:
+                on_failure(failure)
+            _advance()
+
+        def _advance() -> None:
             bar.update(1)
             bar.set_postfix(failed=len(result.failed))
 
@@ -459,9 +477,11 @@ def run_sweep(
                     running.remove(job)
                     free.append(job.slot)
                     job.log.close()
+                    single = len(job.points) == 1
                     for point in job.points:
                         if point.name not in job.reported:
-                            finish(job, point, failed=not is_complete(layout.run(point.name)))
+                            done = is_complete(layout.run(point.name))
+                            finish(job, point, failed=not done or (single and job.process.returncode != 0))
         except KeyboardInterrupt:
             result.interrupted = True
             for job in running:
