@@ -112,6 +112,15 @@ def test_clap_multipliers_and_penalty_by_hand() -> None:
     assert float(penalty) == pytest.approx(np.mean(np.array(lam) * 0.01 * 6), rel=1e-4)
 
 
+def test_clap_augmented_lagrangian_step_by_hand() -> None:
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    prototypes = torch.tensor([[1.0, 1.0], [0.0, 3.0]])  # h = (1, 4)
+    multipliers, rho = torch.tensor([0.5, 0.2]), torch.tensor([-1.0, 2.0])
+    baselines.clap_update(multipliers, rho, prototypes, text)
+    assert multipliers.tolist() == pytest.approx([0.0, 8.2])  # max(0, 0.5 − 1·1), 0.2 + 2·4
+    assert rho.tolist() == [1.0, 4.0]
+
+
 def test_ss_text_closed_form_by_hand() -> None:
     data = _support(n_per_class=(3, 0, 4))
     w = baselines.ss_text_weights(data).numpy()
@@ -240,7 +249,9 @@ def test_the_cache_computes_a_changed_scan_again(synth_root, tmp_path, one_threa
 def test_the_realistic_protocol_selects_and_calibrates_nothing(synth_root, tmp_path, one_thread) -> None:
     from savlt.engine.training import train
 
-    cfg = fast_config(synth_root, "method=tip_adapter", "protocol=realistic", "baselines.views=1")
+    cfg = fast_config(
+        synth_root, "method=tip_adapter", "protocol=realistic", "baselines.views=1", "eval.figures=false"
+    )
     metrics = train(cfg, tmp_path / "run", progress=False)
     few = json.loads((tmp_path / "run" / "fewshot.json").read_text())
     assert few["protocol"] == "realistic" and few["val"] == [] and len(few["train"]) == 4 * 5
@@ -249,4 +260,6 @@ def test_the_realistic_protocol_selects_and_calibrates_nothing(synth_root, tmp_p
     assert any("no validation scans" in w for w in metrics["validation_fit"]["warnings"])
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     assert history[-1]["tip_alpha"] == 1.0 and history[-1]["tip_beta"] == 1.0  # fixed, not searched
-    assert "protocol" in (tmp_path / "run" / "report.md").read_text()
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "**protocol**: realistic" in report and "nothing was selected and nothing calibrated" in report
+    assert not list((tmp_path / "run").glob("*.png")) and ".png" not in report  # eval.figures=false

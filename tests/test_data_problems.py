@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -156,6 +157,30 @@ def test_unreadable_files_stop_train_before_the_first_step_all_listed(
     assert listed == set(bad)  # `savlt data check` finds the same files
 
 
+def test_a_usable_scan_is_decoded_once_per_process_until_its_file_changes(
+    small_tree: Path, monkeypatch
+) -> None:
+    import savlt.data.quality as quality
+
+    monkeypatch.setattr(quality, "_USABLE", {})
+    decoded: list[Path] = []
+    check_all = quality._check_all
+
+    def counting(items, progress, desc):
+        decoded.extend(path for path, _, _ in items)
+        return check_all(items, progress, desc)
+
+    monkeypatch.setattr(quality, "_check_all", counting)
+    scans = [(p, None) for p in sorted((small_tree / "mixed" / "images").rglob("*.png"))]
+    first = check_scans(scans, progress=False)
+    assert len(decoded) == len(scans)
+    assert check_scans(scans, progress=False) == first and len(decoded) == len(scans)  # remembered
+    os.utime(scans[0][0], ns=(1, 1))  # the file changed
+    assert check_scans(scans, progress=False) == first and decoded[len(scans) :] == [scans[0][0]]
+    stricter = check_scans(scans, Thresholds(min_contrast=1e9), progress=False)  # other thresholds: checked
+    assert len(decoded) == 2 * len(scans) + 1 and all(c.unassessable for c in stricter)
+
+
 def test_the_decode_check_runs_in_parallel_and_keeps_the_order(synth_root: Path, monkeypatch) -> None:
     import savlt.data.quality as quality
 
@@ -164,6 +189,7 @@ def test_the_decode_check_runs_in_parallel_and_keeps_the_order(synth_root: Path,
     monkeypatch.setattr(quality, "PARALLEL_MIN", 4)
     monkeypatch.setattr(quality.os, "sched_getaffinity", lambda _: {0, 1, 2, 3}, raising=False)
     assert quality._worker_count(len(scans)) > 1 if sys.platform.startswith("linux") else True
+    monkeypatch.setattr(quality, "_USABLE", {})  # decode them again, in parallel this time
     assert check_scans(scans, progress=False) == serial
     assert [c.path for c in serial] == [p for p, _ in scans]
 

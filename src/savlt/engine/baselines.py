@@ -159,9 +159,7 @@ def fit_tip_adapter_f(job: FitJob) -> None:
     head = _tip_start(job, data)
     optimizer = torch.optim.AdamW([head.keys], lr=1e-3, eps=1e-4)
     epochs = Epochs(data, job, epochs=20, batch=256)
-    train_head(
-        job, optimizer, epochs, lambda x, y: F.cross_entropy(job.model.logits_of(x), y), cosine(1e-3, epochs)
-    )
+    train_head(job, optimizer, epochs, _head_loss(job), cosine(1e-3, epochs))
     _tip_finish(job, head, data, {"step": epochs.total})
 
 
@@ -173,8 +171,7 @@ def fit_clip_adapter(job: FitJob) -> None:
     head = job.model.head
     optimizer = torch.optim.SGD(head.parameters(), lr=0.02)
     epochs = Epochs(data, job, epochs=200, batch=32)
-    loss = lambda x, y: F.cross_entropy(job.model.logits_of(x), y)  # noqa: E731
-    train_head(job, optimizer, epochs, loss, warm_cosine(0.02, epochs))
+    train_head(job, optimizer, epochs, _head_loss(job), warm_cosine(0.02, epochs))
 
 
 # ------------------------------------------------------------------ LP++
@@ -256,14 +253,22 @@ def fit_clap(job: FitJob) -> None:
 
     def after(step: int) -> None:
         if job.cfg.baselines.clap_constraint == "adaptive" and epochs.epoch_end(step):
-            with torch.no_grad():
-                distance = ((prototypes - data.text) ** 2).sum(-1)
-                multipliers.copy_((multipliers + rho * distance).clamp(min=0))
-                rho.copy_(distance)
+            clap_update(multipliers, rho, prototypes, data.text)
 
     train_head(job, optimizer, epochs, loss, warm_cosine(0.1, epochs), after)
     _set_linear(head, data.scale * F.normalize(prototypes.detach(), dim=-1))
     job.on_history({"step": epochs.total, "clap_multipliers": multipliers.tolist()})
+
+
+@torch.no_grad()
+def clap_update(
+    multipliers: torch.Tensor, rho: torch.Tensor, prototypes: torch.Tensor, text: torch.Tensor
+) -> None:
+    """CLAP's augmented-Lagrangian (PHR) step after an epoch, in place: with h_c = ‖w_c − t_c‖²,
+    λ ← max(0, λ + ρ·h), then ρ ← h."""
+    distance = ((prototypes - text) ** 2).sum(-1)
+    multipliers.copy_((multipliers + rho * distance).clamp(min=0))
+    rho.copy_(distance)
 
 
 def clap_penalty(prototypes: torch.Tensor, text: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
@@ -288,6 +293,11 @@ def fit_ss_text(job: FitJob) -> None:
 
 
 # ------------------------------------------------------------------ shared
+
+
+def _head_loss(job: FitJob) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Mean cross-entropy of the model's prediction logits on a batch of features."""
+    return lambda features, labels: F.cross_entropy(job.model.logits_of(features), labels)
 
 
 def _linear(job: FitJob) -> LinearHead:

@@ -348,6 +348,29 @@ def _per_seed(groups: list[Group], center: str, path: tuple[str, ...]) -> dict[i
     return {seed: float(np.mean(v)) for seed, v in sorted(table.items()) if len(v) == len(groups)}
 
 
+def by_setting(summary: Summary) -> list[tuple[tuple[Any, ...], dict[str, list[Group]]]]:
+    """The groups per setting of the other varying keys: (their values, method -> its groups)."""
+    settings: dict[str, tuple[tuple[Any, ...], dict[str, list[Group]]]] = {}
+    for g in summary.groups:
+        entry = settings.setdefault(yaml.safe_dump(list(g.extras)), (g.extras, {}))
+        entry[1].setdefault(g.method, []).append(g)
+    return list(settings.values())
+
+
+def setting_text(summary: Summary, extras: tuple[Any, ...]) -> str:
+    """ "protocol=realistic, …": a setting of the other varying keys, in words."""
+    return ", ".join(
+        f"{summary.label(k)}={format_value(v)}" for k, v in zip(summary.extra_keys, extras, strict=True)
+    )
+
+
+def t_half_width(std: float | None, n: int, level: float) -> float | None:
+    """Half the width of the t-interval of a mean over `n` values with sample std `std`."""
+    from scipy import stats
+
+    return float(stats.t.ppf((1 + level) / 2, n - 1) * std / math.sqrt(n)) if std else None
+
+
 def holm(pvalues: list[float | None]) -> list[float | None]:
     """Holm–Bonferroni adjusted p-values (None stays None, and is not counted)."""
     known = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
@@ -369,9 +392,7 @@ def rank_methods(per_method: dict[str, dict[int, float]], level: float = 0.95) -
             continue
         data = np.array(list(values.values()))
         std = float(data.std(ddof=1)) if len(data) > 1 else None
-        half = (
-            float(stats.t.ppf((1 + level) / 2, len(data) - 1) * std / math.sqrt(len(data))) if std else None
-        )
+        half = t_half_width(std, len(data), level)
         mean = float(data.mean())
         rows.append(
             Ranked(
@@ -402,16 +423,10 @@ def rank_methods(per_method: dict[str, dict[int, float]], level: float = 0.95) -
 def ranking(summary: Summary, metric: str = "accuracy") -> dict[tuple[str, tuple[Any, ...]], list[Ranked]]:
     """(center, setting of the other varying keys) -> the ranked methods (see the module's docstring)."""
     path = next(p for name, _, p in METRICS if name == metric)
-    settings: dict[str, tuple[Any, ...]] = {}
-    for g in summary.groups:
-        settings.setdefault(yaml.safe_dump(list(g.extras)), g.extras)
     out = {}
+    settings = by_setting(summary)
     for center in summary.centers:
-        for key, extras in settings.items():
-            methods: dict[str, list[Group]] = {}
-            for g in summary.groups:
-                if yaml.safe_dump(list(g.extras)) == key:
-                    methods.setdefault(g.method, []).append(g)
+        for extras, methods in settings:
             # every method over the same shot counts, so a method that lacks one is not favoured
             common = set.intersection(*({g.shots for g in gs} for gs in methods.values()))
             out[(center, extras)] = rank_methods(
@@ -478,9 +493,7 @@ def ranking_markdown(summary: Summary) -> list[str]:
         "",
     ]
     for (center, extras), rows in ranked.items():
-        setting = ", ".join(
-            f"{summary.label(k)}={format_value(v)}" for k, v in zip(summary.extra_keys, extras, strict=True)
-        )
+        setting = setting_text(summary, extras)
         lines += [f"### {center_title(summary, center)}" + (f", {setting}" if setting else ""), ""]
         lines += [markdown_table(RANKING_HEADER, ranking_rows(rows)), ""]
     return lines
@@ -530,32 +543,22 @@ def plot_center(summary: Summary, center: str, path: Path, level: float = 0.95) 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from scipy import stats
 
     shots = sorted({g.shots for g in summary.groups})
-    settings: dict[str, tuple[Any, ...]] = {}
-    for g in summary.groups:
-        settings.setdefault(yaml.safe_dump(list(g.extras)), g.extras)
+    settings = by_setting(summary)
     panels = [(title, p) for name, title, p in METRICS if name in ("accuracy", "auc")]
     fig, axes = plt.subplots(len(settings), 2, figsize=(11, 3.4 * len(settings)), squeeze=False)
-    for row, (key, extras) in enumerate(settings.items()):
-        setting = ", ".join(
-            f"{summary.label(k)}={format_value(v)}" for k, v in zip(summary.extra_keys, extras, strict=True)
-        )
+    for row, (extras, methods) in enumerate(settings):
+        setting = setting_text(summary, extras)
         for col, (title, mpath) in enumerate(panels):
             ax = axes[row][col]
-            methods: dict[str, list[Group]] = {}
-            for g in summary.groups:
-                if yaml.safe_dump(list(g.extras)) == key:
-                    methods.setdefault(g.method, []).append(g)
             for method, groups in methods.items():
                 points = []
                 for g in sorted(groups, key=lambda g: g.shots):
                     s = g.stat(center, mpath)
                     if s.mean is None:
                         continue
-                    half = stats.t.ppf((1 + level) / 2, s.n - 1) * s.std / math.sqrt(s.n) if s.std else 0.0
-                    points.append((shots.index(g.shots), s.mean, half))
+                    points.append((shots.index(g.shots), s.mean, t_half_width(s.std, s.n, level) or 0.0))
                 if not points:
                     continue
                 x, mean, half = (np.array(v, dtype=float) for v in zip(*points, strict=True))
