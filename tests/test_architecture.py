@@ -120,6 +120,7 @@ def test_every_module_belongs_to_a_declared_room() -> None:
 ENGINE_LEVELS: list[set[str]] = [
     {"runfolder", "checkpoint", "inputs", "metrics", "inference", "loop"},
     {"features", "baselines"},
+    {"prompting"},
     {"calibration", "fit", "runtime"},
     {"scoring"},
     {"pretrain", "loaded", "training"},

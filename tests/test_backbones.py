@@ -163,6 +163,34 @@ def test_open_clip_features_match_open_clips_own_encoders(which: str, request) -
     assert backbone.patch_grid == 14 and backbone.image_size == 224
 
 
+@pytest.mark.parametrize("which", ["tiny", "tiny-openclip", "biomed", "native"])
+def test_learnt_prompts_run_through_each_text_tower(which: str, request) -> None:
+    """The text tower on given token embeddings equals the tower on the ids (CLIP's causal mask and
+    EOT pooling, BERT's CLS pooling, open_clip's own tower); a context started from a phrase gives
+    the frozen encoder's features of "<phrase> <class>." (so the logits are zero-shot's with that
+    prompt); only the context receives a gradient."""
+    from savlt.models.prompts import PromptLearner, PromptSpec
+
+    if which in ("tiny", "tiny-openclip"):
+        backbone = build_random(which)
+    else:
+        backbone = request.getfixturevalue(f"{which}_folder")[1]
+    texts = ("mild inflammation", "cyst", "cancer")
+    ids, mask = backbone.tokenize([f"a photo of a {t}." for t in texts])
+    with torch.no_grad():
+        expected = backbone.encode_text(ids, mask)
+        assert torch.equal(backbone.encode_embedded(backbone.embed_tokens(ids), ids, mask), expected)
+    backbone.requires_grad_(False)
+    learner = PromptLearner(PromptSpec(texts, init="a photo of a"), backbone)
+    features = learner.class_features()
+    torch.testing.assert_close(features, torch.nn.functional.normalize(expected, dim=-1), atol=1e-5, rtol=1e-5)
+    features.sum().backward()
+    assert learner.ctx.grad is not None and learner.ctx.grad.abs().sum() > 0
+    assert all(p.grad is None for p in backbone.parameters())
+    assert [n for n, p in learner.named_parameters()] == ["ctx"]
+    assert learner.ctx.shape == (learner.n_ctx, backbone.token_embedding().embedding_dim)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_features_and_logits_have_the_expected_shapes(kind: str) -> None:
     cfg = load_config(overrides=[f"model.backbone={kind}", "train.max_steps=20"])

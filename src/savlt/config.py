@@ -419,6 +419,79 @@ class BaselinesConfig:
         _need(self.tip_beta > 0, "baselines.tip_beta must be > 0")
 
 
+# BiomedCoOp's prompt ensemble shipped with SAVLT: descriptions of the default classes in cervical
+# OCT (also at configs/prompt_ensemble_oct.yaml).
+DEFAULT_ENSEMBLE = Path(__file__).resolve().parent / "ensembles" / "cervical_oct.yaml"
+
+
+@dataclass
+class PromptsConfig:
+    """Settings of the prompt-learning methods (coop, kgcoop, cocoop, biomedcoop); the rest of each
+    method's schedule is its published one (README, "Prompt learning")."""
+
+    n_ctx: int | None = setting(
+        None,
+        help="context vectors of a context started at random; null = the method's published count (CoOp 16, "
+        "the others 4); a context started from a phrase has the phrase's token count",
+    )
+    init: str | None = setting(
+        None,
+        help="the phrase whose token embeddings start the context, or random (N(0, 0.02²)); null = the "
+        "method's published start (CoOp random, the others 'a photo of a')",
+    )
+    class_specific: bool = setting(False, help="one context per class (CoOp's CSC) instead of one shared")
+    class_text: Literal["name", "description"] = setting(
+        "name",
+        help="what follows the context in each prompt: the class name (underscores as spaces, as CoOp) or the "
+        "class description of data.classes",
+    )
+    kgcoop_weight: float = setting(8.0, help="KgCoOp's λ on 1 − mean cos(learnt, hand-written class features)")
+    sccm_weight: float = setting(1.0, help="BiomedCoOp's weight of the MSE to the ensemble's mean features")
+    kdsp_weight: float = setting(1.0, help="BiomedCoOp's weight of the KL to the ensemble's zero-shot logits")
+    tau: float = setting(1.5, help="BiomedCoOp's outlier threshold on the prompts' standardised scores")
+    ensemble: str | None = setting(
+        None,
+        help="BiomedCoOp's prompt ensemble: a YAML file mapping every class name to a list of descriptions "
+        "(the same number per class); null = the cervical-OCT ensemble shipped with SAVLT "
+        "(configs/prompt_ensemble_oct.yaml)",
+    )
+    cocoop_batch: int = setting(1, help="CoCoOp's batch size (published: 1; its per-image prompts are batched)")
+
+    def __post_init__(self) -> None:
+        _need(self.n_ctx is None or self.n_ctx >= 1, "prompts.n_ctx must be >= 1")
+        _need(
+            min(self.kgcoop_weight, self.sccm_weight, self.kdsp_weight) >= 0,
+            "prompts.kgcoop_weight, sccm_weight and kdsp_weight must be >= 0",
+        )
+        _need(self.tau >= 1, "prompts.tau must be >= 1 (a smaller threshold can drop every description)")
+        _need(self.cocoop_batch >= 1, "prompts.cocoop_batch must be >= 1")
+
+    def ensemble_texts(self, class_names: Sequence[str]) -> dict[str, list[str]]:
+        """The ensemble's descriptions of each class, in `class_names` order, read from its file."""
+        path = Path(self.ensemble).expanduser() if self.ensemble else DEFAULT_ENSEMBLE
+        what = f"prompts.ensemble: {path}"
+        try:
+            loaded = yaml.safe_load(read_text(path, "prompts.ensemble: the prompt ensemble", ConfigError))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{what} is not valid YAML ({' '.join(str(exc).split())})") from None
+        _need(isinstance(loaded, dict), f"{what} must map each class name to a list of descriptions")
+        texts: dict[str, list[str]] = {}
+        for name in class_names:
+            found = loaded.get(name)
+            _need(
+                isinstance(found, list) and len(found) >= 2 and all(isinstance(t, str) and t.strip() for t in found),
+                f"{what} has no list of at least two descriptions for class {name!r}; add one (the file names "
+                f"{', '.join(map(str, loaded)) or 'no class'})",
+            )
+            texts[name] = found
+        counts = {name: len(found) for name, found in texts.items()}
+        _need(
+            len(set(counts.values())) == 1,
+            f"{what} must give every class the same number of descriptions (it gives {counts})",
+        )
+        return texts
+
+
 @dataclass
 class SegConfig:
     """Tissue-segmenter training (``savlt seg train``)."""
@@ -539,6 +612,9 @@ class Config:
         help="the feature-based baselines (tip_adapter, clip_adapter, lp_pp, clap, ss_text)",
         factory=BaselinesConfig,
     )
+    prompts: PromptsConfig = setting(
+        help="the prompt-learning methods (coop, kgcoop, cocoop, biomedcoop)", factory=PromptsConfig
+    )
     seg: SegConfig = setting(
         help="tissue-segmenter training (savlt seg train); not part of a classification run's identity",
         factory=SegConfig,
@@ -559,11 +635,33 @@ class Config:
             f"model.roi_masking={self.model.roi_masking} needs ROI or CLS pooling (model.pooling=roi or cls), "
             "not attention pooling over every patch",
         )
+        if self.method_spec.prompt is not None:
+            phrase = self.prompt_init
+            _need(
+                self.prompts.n_ctx is None or not phrase,
+                f"prompts.n_ctx={self.prompts.n_ctx} does not apply to a context started from the phrase "
+                f"{phrase!r} (the context is its tokens): set prompts.init=random for {self.prompts.n_ctx} "
+                "random context vectors, or leave prompts.n_ctx unset",
+            )
 
     @property
     def method_spec(self) -> Method:
         """The entry of ``savlt.methods.METHODS`` this run uses."""
         return METHODS[self.method]
+
+    @property
+    def prompt_init(self) -> str:
+        """The phrase starting a prompt-learning method's context ("" = random): prompts.init, else
+        the method's published start."""
+        style = self.method_spec.prompt
+        init = self.prompts.init if self.prompts.init is not None else (style.init if style else "")
+        return "" if init == "random" else init
+
+    @property
+    def prompt_n_ctx(self) -> int:
+        """Context vectors of a randomly started context: prompts.n_ctx, else the method's count."""
+        style = self.method_spec.prompt
+        return self.prompts.n_ctx or (style.n_ctx if style else 16)
 
     @property
     def frozen_image_features(self) -> bool:

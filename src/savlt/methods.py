@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 Pooling = Literal["roi", "attn", "cls"]
 RoiMasking = Literal["pool", "every_block", "isolated"]
-Head = Literal["alignment", "linear", "tip_adapter", "clip_adapter"]
+Head = Literal["alignment", "linear", "tip_adapter", "clip_adapter", "prompt"]
 Fit = Literal[
     "gradient",
     "closed_form",
@@ -25,8 +25,23 @@ Fit = Literal[
     "lp_pp",
     "clap",
     "ss_text",
+    "coop",
+    "kgcoop",
+    "cocoop",
+    "biomedcoop",
 ]
-Family = Literal["savlt", "zero-shot", "adapter fine-tuning", "feature-based"]
+Family = Literal["savlt", "zero-shot", "adapter fine-tuning", "feature-based", "prompt learning"]
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    """A prompt-learning method's published context: `n_ctx` vectors when started at random,
+    started from the phrase `init` ("" = at random; with a phrase the context is its tokens), and
+    CoCoOp's image-conditioned meta-net."""
+
+    n_ctx: int
+    init: str
+    meta: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,6 +60,7 @@ class Method:
     family: Family = "savlt"
     trains: str = "LoRA adapters, visual projection, pooling, prototypes"  # for the methods table
     source: str = ""  # the published reference: paper and code
+    prompt: PromptStyle | None = None  # prompt learning: the learnt context of the text prompts
 
     def fixed(self) -> dict[str, Any]:
         """The configuration values this method sets (dotted keys)."""
@@ -64,6 +80,15 @@ _FROZEN: dict[str, Any] = {
     "adapters": False,
     "family": "feature-based",
 }
+
+# What every prompt-learning method fixes: the frozen image side of the feature-based methods and
+# the prompt head; only the context (and CoCoOp's meta-net) is trained.
+_PROMPTS: dict[str, Any] = {
+    **_FROZEN,
+    "family": "prompt learning",
+    "head": "prompt",
+}
+_CONTEXT = "context vectors (n_ctx × W, the text tower's width; C × n_ctx × W with prompts.class_specific)"
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -153,6 +178,42 @@ METHODS: dict[str, Method] = {
             fit="ss_text",
             trains="nothing (closed form)",
             source="Silva-Rodríguez et al., MICCAI 2025 (github.com/jusiro/SS-Text)",
+        ),
+        Method(
+            "coop",
+            "CoOp: 16 learnt context vectors before each class name in the text prompt",
+            **_PROMPTS,
+            fit="coop",
+            trains=_CONTEXT,
+            prompt=PromptStyle(16, ""),
+            source="Zhou et al., IJCV 2022 (github.com/KaiyangZhou/CoOp)",
+        ),
+        Method(
+            "kgcoop",
+            "KgCoOp: CoOp kept close to the hand-written prompt 'a photo of a <class>.' (λ = 8)",
+            **_PROMPTS,
+            fit="kgcoop",
+            trains=_CONTEXT,
+            prompt=PromptStyle(4, "a photo of a"),
+            source="Yao et al., CVPR 2023 (github.com/htyao89/KgCoOp)",
+        ),
+        Method(
+            "cocoop",
+            "CoCoOp: CoOp's context plus a bias from each image's feature (a small meta-net)",
+            **_PROMPTS,
+            fit="cocoop",
+            prompt=PromptStyle(4, "a photo of a", meta=True),
+            trains="context vectors (n_ctx × W) and a meta-net (E → E/16 → W)",
+            source="Zhou et al., CVPR 2022 (github.com/KaiyangZhou/CoOp)",
+        ),
+        Method(
+            "biomedcoop",
+            "BiomedCoOp: CoOp guided by a prompt ensemble (mean-feature MSE, KL to its zero-shot logits)",
+            **_PROMPTS,
+            fit="biomedcoop",
+            trains=_CONTEXT,
+            prompt=PromptStyle(4, "a photo of a"),
+            source="Koleilat et al., CVPR 2025 (github.com/HealthX-Lab/BiomedCoOp)",
         ),
         Method(
             "savlt_no_roi",

@@ -2,7 +2,8 @@
 
 A method (``savlt.methods``) names its fit: ``gradient`` (the adapters, pooling and head trained
 with AdamW), ``closed_form`` (the linear probe: logistic regression on frozen features),
-``none`` (zero-shot) or one of the feature-based baselines (``savlt.engine.baselines``). Every
+``none`` (zero-shot), one of the feature-based baselines (``savlt.engine.baselines``) or one of
+the prompt-learning baselines (``savlt.engine.prompting``). Every
 fit takes the same arguments and reports into the run's history.
 
 Gradient training runs on ``accelerate``. One optimiser step = ``grad_accum`` micro-batches of ``batch_size`` scans. The global batches
@@ -28,7 +29,7 @@ from savlt.data.dataset import OCTDataset
 from savlt.data.discover import ImageRecord
 from savlt.data.masks import MaskStore, TissueMasks
 from savlt.data.transforms import train_transform
-from savlt.engine import baselines
+from savlt.engine import baselines, prompting
 from savlt.engine.features import FeatureCache
 from savlt.engine.inference import loader_for, run_inference
 from savlt.engine.inputs import StepBatches
@@ -297,4 +298,8 @@ FITS: dict[str, Callable[[FitJob], None]] = {
     "lp_pp": baselines.fit_lp_pp,
     "clap": baselines.fit_clap,
     "ss_text": baselines.fit_ss_text,
+    "coop": prompting.fit_coop,
+    "kgcoop": prompting.fit_kgcoop,
+    "cocoop": prompting.fit_cocoop,
+    "biomedcoop": prompting.fit_biomedcoop,
 }

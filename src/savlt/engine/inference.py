@@ -160,10 +160,11 @@ def _from_features(
     """The Inference of a frozen model from its (N, E) image features (the whole image is its ROI)."""
     was_training = model.training
     model.eval()
-    logits = [
-        model.logits_of(torch.from_numpy(chunk).to(accelerator.device)).float().cpu().numpy()
-        for chunk in np.array_split(features, max(1, -(-len(features) // 4096)))
-    ]
+    with torch.no_grad():
+        logits = [
+            model.logits_of(torch.from_numpy(chunk).to(accelerator.device)).float().cpu().numpy()
+            for chunk in np.array_split(features, max(1, -(-len(features) // 4096)))
+        ]
     model.train(was_training)
     index = {name: i for i, name in enumerate(cfg.class_names)}
     n = len(records)

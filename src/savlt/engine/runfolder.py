@@ -76,6 +76,7 @@ PATH_KEYS = (
     "roi.segmenter",
     "model.weights",
     "pretrain.pairs",
+    "prompts.ensemble",
 )
 
 
@@ -111,10 +112,12 @@ OTHER_COMMANDS = ("seg", "pretrain")
 
 def run_identity(cfg: Config, leave_out: tuple[str, ...] = OTHER_COMMANDS) -> dict[str, Any]:
     """What defines a run (``Config.defining``: no worker counts, cache folders or other
-    commands' sections), with ``data.normalize`` as the mean and std it stands for, so a run saved
+    commands' sections, no ``prompts`` section for a method that has no prompts), with ``data.normalize`` as the mean and std it stands for, so a run saved
     with ``clip`` (the default before backbones brought their own) equals the same run with
     ``backbone`` on a CLIP backbone."""
     tree = cfg.defining(leave_out)
+    if cfg.method_spec.prompt is None:
+        tree.pop("prompts", None)  # read by the prompt-learning methods only
     stats = normalization(cfg.data.normalize, resolve(cfg.model.backbone).stats())
     tree["data"]["normalize"] = [list(part) for part in stats]
     return tree

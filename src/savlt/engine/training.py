@@ -43,6 +43,7 @@ from savlt.engine.runtime import (
 from savlt.engine.scoring import Scoring, run_header, score_sets, write_predictions, write_run_report
 from savlt.io import append_line, write_json
 from savlt.models.adapters import parameter_counts
+from savlt.models.savlt import check_prompts
 from savlt.models.vision_language import VisionLanguage
 
 log = logging.getLogger("savlt")
@@ -111,6 +112,7 @@ def train(
     accelerator = make_accelerator(cfg)
     start_loader_workers(cfg, OCTDataset)
     backbone = backbone_for(cfg)  # first: a backbone that cannot be loaded leaves no folder behind
+    check_prompts(cfg, backbone)
     claim = claim_run_folder(paths, cfg, overwrite, inputs)
     with ExitStack() as hold:  # the main process holds the folder's lock for the whole run
         on_main(accelerator, lambda: hold.enter_context(claim))

@@ -15,23 +15,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from savlt.models.prompts import PromptLearner, PromptSpec
+from savlt.models.vision_language import VisionLanguage
+
 Scores = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
 class HeadShape:
     """What every head is built from: the classes, the feature width, the prototype weight alpha
-    (alignment head), the logit scale at prediction, and CLIP-Adapter's residual ratio."""
+    (alignment head), the logit scale at prediction, CLIP-Adapter's residual ratio and the
+    prompts of a prompt-learning head."""
 
     n_classes: int
     embed: int
     alpha: float = 0.5
     inference_scale: float = 100.0
     adapter_ratio: float = 0.2
+    prompts: PromptSpec | None = None
 
 
 class Head(nn.Module):
     """The interface of a head (see the module's docstring)."""
+
+    @classmethod
+    def build(cls, shape: HeadShape, backbone: VisionLanguage) -> Head:
+        """The head for `shape` on `backbone` (only a prompt-learning head uses the backbone)."""
+        return cls(shape)
 
     def scores(self, features: torch.Tensor, text: Callable[[], torch.Tensor]) -> Scores:
         raise NotImplementedError
@@ -163,9 +173,57 @@ class ClipAdapterHead(Head):
         return self.inference_scale * scores["text"]
 
 
+class PromptHead(Head):
+    """Prompt learning (CoOp, KgCoOp, CoCoOp, BiomedCoOp): logits s·f·Gᵀ with G the normalised
+    text features of the learnt prompts (``savlt.models.prompts``), per image with CoCoOp's
+    meta-net. G is recomputed at every training step and once per evaluation otherwise."""
+
+    def __init__(self, shape: HeadShape, learner: PromptLearner) -> None:
+        super().__init__()
+        self.inference_scale = shape.inference_scale
+        self.prompts = learner
+        self._eval_text: torch.Tensor | None = None
+        self._eval_state: tuple[int, torch.device] | None = None
+
+    @classmethod
+    def build(cls, shape: HeadShape, backbone: VisionLanguage) -> Head:
+        if shape.prompts is None:
+            raise ValueError("a prompt-learning head needs its prompts (HeadShape.prompts)")
+        return cls(shape, PromptLearner(shape.prompts, backbone))
+
+    def train(self, mode: bool = True) -> PromptHead:
+        self._eval_text = None  # the context may change: recompute after training
+        return super().train(mode)
+
+    def class_features(self) -> torch.Tensor:
+        """(C, E) normalised features of the learnt class prompts (outside training computed once
+        per state of the context: any in-place change, e.g. a loaded checkpoint, or a move to
+        another device computes them again)."""
+        if self.training:
+            return self.prompts.class_features()
+        ctx = self.prompts.ctx
+        state = (ctx._version, ctx.device)
+        if self._eval_text is None or self._eval_state != state:
+            with torch.no_grad():
+                self._eval_text = self.prompts.class_features()
+            self._eval_state = state
+        return self._eval_text
+
+    def scores(self, features: torch.Tensor, text: Callable[[], torch.Tensor]) -> Scores:
+        features = features.float()
+        if self.prompts.meta_net is None:
+            return {"text": features @ self.class_features().T}
+        per_image = self.prompts.image_features(features)  # (B, C, E)
+        return {"text": torch.einsum("be,bce->bc", features, per_image)}
+
+    def logits(self, scores: Scores) -> torch.Tensor:
+        return self.inference_scale * scores["text"]
+
+
 HEADS: dict[str, type[Head]] = {
     "alignment": AlignmentHead,
     "linear": LinearHead,
     "tip_adapter": TipAdapterHead,
     "clip_adapter": ClipAdapterHead,
+    "prompt": PromptHead,
 }

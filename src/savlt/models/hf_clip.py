@@ -82,6 +82,9 @@ class HFClip(nn.Module, VisionLanguage):
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.text_projection(self.text_model(input_ids=ids, attention_mask=mask).pooler_output)
 
+    def token_embedding(self) -> nn.Embedding:
+        return self.text_model.embeddings.token_embedding
+
     def forward(
         self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,7 +118,7 @@ class HFClip(nn.Module, VisionLanguage):
         for tensor in (
             self.vision_model.embeddings.patch_embedding.weight,
             self.vision_model.embeddings.class_embedding,
-            self.text_model.embeddings.token_embedding.weight[:256],
+            self.token_embedding().weight[:256],
         ):
             digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]

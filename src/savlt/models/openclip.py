@@ -152,6 +152,11 @@ class OpenClip(nn.Module, VisionLanguage):
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.clip.encode_text(ids)  # each text tower derives its own mask from the ids
 
+    def token_embedding(self) -> nn.Embedding:
+        if self.hf_text:
+            return self.clip.text.transformer.get_input_embeddings()
+        return self.clip.token_embedding
+
     # ------------------------------------------------------------------ tuning and identity
     def adapter_targets(self, first_layer: int, text: bool) -> tuple[str, str | None]:
         layers = "|".join(str(i) for i in range(first_layer, self.vision_layers))
@@ -184,12 +189,7 @@ class OpenClip(nn.Module, VisionLanguage):
             vision = (visual.trunk.patch_embed.proj.weight, visual.trunk.cls_token)
         else:
             vision = (visual.conv1.weight, visual.class_embedding)
-        words = (
-            self.clip.text.transformer.get_input_embeddings().weight
-            if self.hf_text
-            else self.clip.token_embedding.weight
-        )
-        for tensor in (*vision, words[:256]):
+        for tensor in (*vision, self.token_embedding().weight[:256]):
             digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
 

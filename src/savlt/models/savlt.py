@@ -26,6 +26,7 @@ from savlt.methods import Head, Pooling, RoiMasking
 from savlt.models.adapters import add_adapters
 from savlt.models.heads import HEADS, HeadShape, Scores
 from savlt.models.pooling import RoiAttentionPool
+from savlt.models.prompts import PromptSpec, prompt_layout
 from savlt.models.roi import patches_in_boxes, roi_boxes
 from savlt.models.vision_language import VisionLanguage
 
@@ -50,7 +51,8 @@ class SavltModel(nn.Module):
     roi_masking: pool (the ROI acts in the pooling only) | every_block | isolated (see
     ``VisionLanguage.vision_tokens``); adapters: the peft set-up, or None to keep the whole backbone
     frozen (total_steps is the schedule length AdaLoRA needs); inference_scale: the logit scale at
-    prediction; adapter_ratio: CLIP-Adapter's residual ratio.
+    prediction; adapter_ratio: CLIP-Adapter's residual ratio; prompts: the learnt prompts of a
+    prompt-learning head.
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class SavltModel(nn.Module):
         total_steps: int = 1,
         inference_scale: float = 100.0,
         adapter_ratio: float = 0.2,
+        prompts: PromptSpec | None = None,
     ) -> None:
         super().__init__()
         self.pooling = pooling
@@ -82,8 +85,9 @@ class SavltModel(nn.Module):
         self.clip: nn.Module = backbone if adapters is None else add_adapters(backbone, adapters, total_steps)
 
         self.pool = RoiAttentionPool(backbone.width, heads, pool_init) if pooling in ("roi", "attn") else None
-        self.head = HEADS[head](
-            HeadShape(len(class_texts), backbone.embed_dim, alpha, inference_scale, adapter_ratio)
+        self.head = HEADS[head].build(
+            HeadShape(len(class_texts), backbone.embed_dim, alpha, inference_scale, adapter_ratio, prompts),
+            backbone,
         )
 
         ids, mask = backbone.tokenize(class_texts)
@@ -121,6 +125,13 @@ class SavltModel(nn.Module):
     def compute_text_features(self) -> torch.Tensor:
         """(C, E) normalised text features of the class descriptions, through the text encoder."""
         return F.normalize(self.clip_model.encode_text(self.text_ids, self.text_mask).float(), dim=-1)
+
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """(T, E) normalised features of `texts` through the frozen text encoder."""
+        clip = self.clip_model
+        ids, mask = clip.tokenize(texts)
+        device = self.text_ids.device
+        return F.normalize(clip.encode_text(ids.to(device), mask.to(device)).float(), dim=-1)
 
     def text_features(self) -> torch.Tensor:
         """Cached when the text encoder is frozen; with text adapters, recomputed while training
@@ -170,6 +181,32 @@ class SavltModel(nn.Module):
         return self.head.loss(out.scores, labels, self.clip_model.logit_scale.exp().float())
 
 
+def prompt_spec(cfg: Config) -> PromptSpec | None:
+    """The learnt prompts of a prompt-learning method (None for the others): each class's name
+    (underscores as spaces, as CoOp) or description after the context."""
+    style = cfg.method_spec.prompt
+    if style is None:
+        return None
+    by_name = cfg.prompts.class_text == "name"
+    return PromptSpec(
+        tuple(c.name.replace("_", " ") if by_name else c.description for c in cfg.data.classes),
+        n_ctx=cfg.prompt_n_ctx,
+        init=cfg.prompt_init,
+        class_specific=cfg.prompts.class_specific,
+        meta=style.meta,
+    )
+
+
+def check_prompts(cfg: Config, backbone: VisionLanguage) -> None:
+    """Before a run starts: a prompt-learning method's prompts fit the backbone's tokenizer, and
+    BiomedCoOp's ensemble file covers every class (each a one-line error naming what to change)."""
+    spec = prompt_spec(cfg)
+    if spec is not None:
+        prompt_layout(spec, backbone)
+    if cfg.method_spec.fit == "biomedcoop":
+        cfg.prompts.ensemble_texts(cfg.class_names)
+
+
 def model_from_config(cfg: Config, backbone: VisionLanguage) -> SavltModel:
     """The model of a run: the method's switches (``cfg.method_spec``) and the configured sizes."""
     method = cfg.method_spec
@@ -188,4 +225,5 @@ def model_from_config(cfg: Config, backbone: VisionLanguage) -> SavltModel:
         total_steps=cfg.train.total_steps,
         inference_scale=cfg.model.inference_scale,
         adapter_ratio=cfg.baselines.clip_adapter_ratio,
+        prompts=prompt_spec(cfg),
     )

@@ -10,10 +10,16 @@ Vision side: ``vision_tokens`` runs the ViT block by block and returns the last 
 tokens after every block (the published BiomedCLIP variant; CLS kept), and with ``isolate`` also
 before the first block, so that no pixel outside the ROI reaches the ROI or CLS tokens. Both are
 one multiplication per block on the whole batch.
+
+Text side: ``encode_text`` runs the tower on token ids; ``encode_embedded`` runs it on token
+embeddings given by the caller (learnt prompt context in place of some of them, ``savlt.models.prompts``)
+through the tower's own forward, with positions, attention masks and pooling from the ids, so the
+result equals ``encode_text`` whenever the embeddings are the ids' own.
 """
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -21,6 +27,10 @@ import torch
 from torch import nn
 
 from savlt.normalization import Stats
+
+# encode_embedded swaps a tower's token-embedding output through a hook: one call at a time, so
+# threads sharing a model (Run.predict from several threads) never see each other's embeddings.
+_EMBEDDED = threading.Lock()
 
 
 class VisionLanguage(ABC):
@@ -100,6 +110,26 @@ class VisionLanguage(ABC):
     @abstractmethod
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(T, E) projected, not normalised, text features."""
+
+    @abstractmethod
+    def token_embedding(self) -> nn.Embedding:
+        """The text tower's token (word) embedding table, before positions are added."""
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """(T, L) token ids -> (T, L, W) their token embeddings."""
+        return self.token_embedding()(ids)
+
+    def encode_embedded(self, embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(T, E) projected text features of (T, L, W) token embeddings `embeds`, laid out as the
+        tokens `ids` (T, L) with attention mask `mask`: the tower's own ``encode_text`` with its token
+        embedding's output replaced by `embeds`, so each tower keeps its positions, masks and pooling."""
+        table = self.token_embedding()
+        with _EMBEDDED:
+            handle = table.register_forward_hook(lambda module, args, out: embeds.to(out.dtype))
+            try:
+                return self.encode_text(ids, mask)
+            finally:
+                handle.remove()
 
     # ------------------------------------------------------------------ tuning and identity
     @abstractmethod
