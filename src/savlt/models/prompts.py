@@ -28,7 +28,7 @@ from savlt.models.vision_language import VisionLanguage
 
 PLACEHOLDER = "X"  # CoOp's placeholder word for a randomly started context
 INIT_STD = 0.02
-ENCODE_CHUNK = 512  # sequences per text-tower call when no gradient is needed (CoCoOp at evaluation)
+ENCODE_CHUNK = 512  # at most this many prompts per text-tower call without a gradient (CoCoOp's evaluation)
 
 
 @dataclass(frozen=True)
@@ -125,12 +125,7 @@ class PromptLearner(nn.Module):
         """(S, L, W) embeddings of S prompts (the C class prompts, repeated) -> (S, E) normalised."""
         repeat = len(embeds) // len(self.ids)
         ids, mask = self.ids.repeat(repeat, 1), self.mask.repeat(repeat, 1)
-        step = len(embeds) if torch.is_grad_enabled() else ENCODE_CHUNK
-        parts = [
-            self.backbone.encode_embedded(embeds[i : i + step], ids[i : i + step], mask[i : i + step])
-            for i in range(0, len(embeds), step)
-        ]
-        return F.normalize(torch.cat(parts).float(), dim=-1)
+        return F.normalize(self.backbone.encode_embedded(embeds, ids, mask).float(), dim=-1)
 
     def class_features(self) -> torch.Tensor:
         """(C, E) normalised text features of the learnt prompts."""
