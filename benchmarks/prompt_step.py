@@ -15,45 +15,22 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 from common import batch_for, model_for, parse, side_by_side
+from train_step import step_fn
 
 from savlt.config import load_config
 from savlt.engine import prompting
-from savlt.models.savlt import prompt_spec
-
-
-def lora_step(args):
-    model = model_for("clip_lora", args.preset, args.device).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    pixels, _, labels = batch_for(args.batch, args.device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.bf16 else nullcontext()
-
-    def step() -> None:
-        with autocast:
-            loss = model.loss(model(pixels), labels) / args.batch
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
 
 
 def prompt_step(method: str, args, with_images: bool):
     model = model_for(method, args.preset, args.device).train()
-    head = model.head
-    optimizer = torch.optim.SGD(head.parameters(), lr=2e-3, momentum=0.9, weight_decay=5e-4)
+    cfg = load_config(overrides=[f"method={method}", f"model.backbone={args.preset}"])
+    loss_of = prompting.prompt_loss(model, cfg)  # the loss `savlt train` trains on
+    optimizer = torch.optim.SGD(model.head.parameters(), lr=2e-3, momentum=0.9, weight_decay=5e-4)
     pixels, _, labels = batch_for(args.batch, args.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.bf16 else nullcontext()
-    cfg = load_config(overrides=[f"method={method}", f"model.backbone={args.preset}"])
     with torch.no_grad():
         cached = model(pixels).features  # what the feature cache holds
-        hand = model.encode_texts([prompting.KGCOOP_TEMPLATE.format(t) for t in prompt_spec(cfg).texts])
-    if method == "biomedcoop":
-        texts = cfg.prompts.ensemble_texts(cfg.class_names)
-        with torch.no_grad():
-            flat = [t for name in cfg.class_names for t in texts[name]]
-            ensemble = model.encode_texts(flat).view(len(texts), -1, model.clip_model.embed_dim)
 
     def step() -> None:
         with autocast:
@@ -62,19 +39,7 @@ def prompt_step(method: str, args, with_images: bool):
                     features = model(pixels).features
             else:
                 features = cached
-            if head.prompts.meta_net is not None:
-                loss = F.cross_entropy(model.logits_of(features), labels)
-            else:
-                learnt = head.class_features()
-                logits = 100.0 * features.float() @ learnt.T
-                loss = F.cross_entropy(logits, labels)
-                if method == "kgcoop":
-                    loss = loss + 8.0 * prompting.kgcoop_penalty(learnt, hand)
-                if method == "biomedcoop":
-                    sccm, kdsp = prompting.biomedcoop_terms(
-                        features.float(), learnt, logits, ensemble, 100.0, 1.5
-                    )
-                    loss = loss + sccm + kdsp
+            loss = loss_of(features, labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -84,7 +49,7 @@ def prompt_step(method: str, args, with_images: bool):
 
 def main() -> None:
     args = parse(__doc__, batch=32)
-    steps = {"clip_lora": lora_step(args)}
+    steps = {"clip_lora": step_fn("clip_lora", args)}
     for method in ("coop", "kgcoop", "cocoop", "biomedcoop"):
         steps[method] = prompt_step(method, args, with_images=False)
         steps[f"{method} + frozen image forward"] = prompt_step(method, args, with_images=True)

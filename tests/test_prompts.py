@@ -242,3 +242,18 @@ def test_prompt_settings_define_only_the_prompt_methods_runs() -> None:
         plain = load_config(overrides=[f"method={method}"])
         described = load_config(overrides=[f"method={method}", "prompts.class_text=description"])
         assert same_run(plain, described) is not defines
+
+
+def test_evaluation_text_follows_any_change_of_the_context() -> None:
+    """Outside training the learnt prompts are encoded once, and again after the context changes in
+    place (as loading a checkpoint does)."""
+    model = tiny_model("method=coop").eval()
+    features = F.normalize(torch.randn(3, model.clip_model.embed_dim), dim=-1)
+    with torch.no_grad():
+        before = model.logits_of(features)
+        assert torch.equal(model.logits_of(features), before)
+        model.head.prompts.ctx.copy_(torch.randn_like(model.head.prompts.ctx))
+        after = model.logits_of(features)
+        expected = 100 * features @ model.head.prompts.class_features().T
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, expected)

@@ -298,8 +298,5 @@ FITS: dict[str, Callable[[FitJob], None]] = {
     "lp_pp": baselines.fit_lp_pp,
     "clap": baselines.fit_clap,
     "ss_text": baselines.fit_ss_text,
-    "coop": prompting.fit_coop,
-    "kgcoop": prompting.fit_kgcoop,
-    "cocoop": prompting.fit_cocoop,
-    "biomedcoop": prompting.fit_biomedcoop,
+    **dict.fromkeys(prompting.SCHEDULES, prompting.fit_prompts),
 }

@@ -23,6 +23,7 @@ decay 5e-4, one warm-up epoch at 1e-5, then cosine per epoch, the last epoch kep
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,38 +44,46 @@ def coop_epochs(shots: int) -> int:
     return 50 if shots <= 1 else 100 if shots <= 4 else 200
 
 
-def _head(job) -> PromptHead:
-    head = job.model.head
+def prompt_loss(model, cfg) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training loss of `cfg.method` on a batch of (features, labels): CE of s·f·Gᵀ (CoCoOp: of
+    each image's own prompts) plus KgCoOp's or BiomedCoOp's term; `model` holds the prompt head."""
+    head = model.head
     if not isinstance(head, PromptHead):
-        raise TypeError(f"method {job.cfg.method} needs the prompt head")
-    return head
-
-
-def _train_prompts(job, lr: float, epochs: int, batch: int, extra: Extra | None = None) -> None:
-    """Train the context (and meta-net) on the draw's cached features with CE plus `extra`(f, G,
-    logits) on each batch."""
-    data = support(job)
-    head = _head(job)
-    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    schedule = Epochs(data, job, epochs=epochs, batch=batch)
+        raise TypeError(f"method {cfg.method} needs the prompt head")
+    if head.prompts.meta_net is not None:
+        return lambda features, labels: F.cross_entropy(model.logits_of(features), labels)
+    scale = cfg.model.inference_scale
+    extra = {"kgcoop": _kgcoop_term, "biomedcoop": _biomedcoop_term}.get(cfg.method_spec.fit)
+    term = extra(model, cfg) if extra is not None else None
 
     def loss(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if head.prompts.meta_net is not None:
-            return F.cross_entropy(job.model.logits_of(features), labels)
         learnt = head.class_features()
-        logits = data.scale * features @ learnt.T
+        logits = scale * features @ learnt.T
         total = F.cross_entropy(logits, labels)
-        return total if extra is None else total + extra(features, learnt, logits)
+        return total if term is None else total + term(features, learnt, logits)
 
+    return loss
+
+
+# The published schedule of each method: (learning rate, epochs, batch size) for a configuration.
+SCHEDULES: dict[str, Callable[[Any], tuple[float, int, int]]] = {
+    "coop": lambda cfg: (0.002, coop_epochs(cfg.train.shots), 32),
+    "kgcoop": lambda cfg: (0.002, 100, 128),
+    "cocoop": lambda cfg: (0.002, 10, cfg.prompts.cocoop_batch),
+    "biomedcoop": lambda cfg: (0.0025, 100, 4),
+}
+
+
+def fit_prompts(job) -> None:
+    """Train the context (and meta-net) on the draw's cached features with the method's loss and
+    published schedule."""
+    lr, epochs, batch = SCHEDULES[job.cfg.method_spec.fit](job.cfg)
+    data = support(job)
+    head = job.model.head
+    loss = prompt_loss(job.model, job.cfg)
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    schedule = Epochs(data, job, epochs=epochs, batch=batch)
     train_head(job, optimizer, schedule, loss, warm_cosine(lr, schedule))
-
-
-def fit_coop(job) -> None:
-    _train_prompts(job, 0.002, coop_epochs(job.cfg.train.shots), 32)
-
-
-def fit_cocoop(job) -> None:
-    _train_prompts(job, 0.002, 10, job.cfg.prompts.cocoop_batch)
 
 
 # ------------------------------------------------------------------ KgCoOp
@@ -86,16 +95,12 @@ def kgcoop_penalty(learnt: torch.Tensor, hand: torch.Tensor) -> torch.Tensor:
     return 1 - F.cosine_similarity(learnt, hand, dim=-1, eps=1e-7).mean()
 
 
-def fit_kgcoop(job) -> None:
-    weight = job.cfg.prompts.kgcoop_weight
-    texts = [KGCOOP_TEMPLATE.format(text) for text in prompt_spec(job.cfg).texts]
+def _kgcoop_term(model, cfg) -> Extra:
+    weight = cfg.prompts.kgcoop_weight
+    texts = [KGCOOP_TEMPLATE.format(text) for text in prompt_spec(cfg).texts]
     with torch.no_grad():
-        hand = job.model.encode_texts(texts)
-
-    def extra(features: torch.Tensor, learnt: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return weight * kgcoop_penalty(learnt, hand)
-
-    _train_prompts(job, 0.002, 100, 128, extra)
+        hand = model.encode_texts(texts)
+    return lambda features, learnt, logits: weight * kgcoop_penalty(learnt, hand)
 
 
 # ------------------------------------------------------------------ BiomedCoOp
@@ -156,16 +161,15 @@ def biomedcoop_terms(
     return sccm, kdsp
 
 
-def fit_biomedcoop(job) -> None:
-    cfg = job.cfg
+def _biomedcoop_term(model, cfg) -> Extra:
     texts = cfg.prompts.ensemble_texts(cfg.class_names)
     flat = [text for name in cfg.class_names for text in texts[name]]
     with torch.no_grad():
-        ensemble = job.model.encode_texts(flat).view(len(texts), -1, job.model.clip_model.embed_dim)
+        ensemble = model.encode_texts(flat).view(len(texts), -1, model.clip_model.embed_dim)
     scale, p = cfg.model.inference_scale, cfg.prompts
 
-    def extra(features: torch.Tensor, learnt: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def term(features: torch.Tensor, learnt: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         sccm, kdsp = biomedcoop_terms(features, learnt, logits, ensemble, scale, p.tau)
         return p.sccm_weight * sccm + p.kdsp_weight * kdsp
 
-    _train_prompts(job, 0.0025, 100, 4, extra)
+    return term
