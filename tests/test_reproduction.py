@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import FAST, fast_config, tiny_model
+from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from savlt.cli import main
@@ -22,6 +23,7 @@ from savlt.engine.fit import _update_again
 from savlt.engine.inputs import StepBatches, prepare_inputs
 from savlt.engine.metrics import center_metrics, risk_scores
 from savlt.engine.training import train
+from savlt.errors import SavltError
 from savlt.models.adapters import adapter_config
 from savlt.models.backbone import build_random
 from savlt.models.pooling import RoiAttentionPool
@@ -85,6 +87,56 @@ def test_imagenet_normalisation_of_pixels() -> None:
     )
 
 
+def test_evaluation_with_the_training_transform_is_the_published_one_seeded_per_scan(
+    synth_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import albumentations as A
+    import cv2
+    from accelerate import Accelerator
+    from albumentations.pytorch import ToTensorV2
+    from PIL import Image
+
+    from savlt.engine.inference import run_inference, view_seed
+    from savlt.models.savlt import model_from_config
+
+    cfg = load_config(
+        overrides=[
+            "eval.transform=train",
+            "data.normalize=imagenet",
+            "data.num_workers=0",
+            "model.pooling=cls",
+        ]
+    )
+    records = scan_dataset(synth_root, cfg.class_map(), ["huaxi"]).center("huaxi").records[:5]
+    model = model_from_config(cfg, build_random())
+    seen: list[torch.Tensor] = []
+    forward = model.forward
+    monkeypatch.setattr(
+        model, "forward", lambda pixels, masks=None: (seen.append(pixels), forward(pixels, masks))[1]
+    )
+    first = run_inference(model, records, cfg, Accelerator(cpu=True), None, progress=False)
+    again = run_inference(model, records, cfg, Accelerator(cpu=True), None, progress=False)
+    assert np.array_equal(first.logits, again.logits)  # seeded per scan: an evaluation is repeatable
+    published = A.Compose(  # the published main.py's transform, which its test loaders use too
+        [
+            A.RandomResizedCrop(size=(224, 224), scale=(0.75, 1.0), interpolation=cv2.INTER_CUBIC),
+            A.HorizontalFlip(p=0.5),
+            A.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+            ToTensorV2(),
+        ]
+    )
+    expected = []
+    for record in records:
+        published.set_random_seed(view_seed(record, 0))
+        expected.append(published(image=np.array(Image.open(record.path).convert("RGB")))["image"])
+    assert torch.allclose(seen[0], torch.stack(expected), atol=1e-6)
+    deterministic = load_config(
+        overrides=["data.normalize=imagenet", "data.num_workers=0", "model.pooling=cls"]
+    )
+    resized = run_inference(model, records, deterministic, Accelerator(cpu=True), None, progress=False)
+    assert not np.allclose(resized.logits, first.logits)
+
+
 # ------------------------------------------------------------------ the AUC score
 
 
@@ -111,6 +163,58 @@ def test_confident_scans_do_not_tie() -> None:
     assert scores[0] > scores[1] > scores[2]
     m = center_metrics([3, 4, 1], logits, CLASSES, ["hsil", "cancer"], resamples=0)
     assert m["binary"]["auc"] == 1.0
+
+
+def published_auc(labels: np.ndarray, logits: np.ndarray) -> float:
+    """The published evaluation's AUC, transcribed (labels are the sorted class folders: cancer 0,
+    cyst 1, ectropion 2, HSIL 3, mild inflammation 4; the high-risk ones are 0 and 3)."""
+    all_logits = torch.from_numpy(logits.astype(np.float32))
+    pos_score = all_logits[:, [0, 3]].sum(dim=1)
+    neg_score = all_logits[:, [1, 2, 4]].sum(dim=1)
+    binary_probs = torch.stack([neg_score, pos_score], dim=1)
+    binary_softmax = torch.softmax(binary_probs, dim=1)[:, 1]
+    binary_labels = [1 if label in [0, 3] else 0 for label in labels]
+    return roc_auc_score(binary_labels, binary_softmax.numpy())
+
+
+def test_float32_logit_sum_auc_saturates_as_published() -> None:
+    rng = np.random.default_rng(3)
+    published_order = ["cancer", "cyst", "ectropion", "hsil", "inflammation"]
+    labels = rng.integers(0, 5, 400)
+    positive = np.isin(labels, [0, 3])
+    # the sums differ by more than 16.6 on many scans (common at scale 100), where float32's softmax
+    # reaches 1.0: confident positives and confident false positives tie
+    margin = np.where(positive, rng.uniform(5, 60, 400), rng.uniform(-40, 25, 400))
+    logits = rng.normal(25, 2, (400, 5))
+    logits[:, 4] = (
+        logits[:, 0] + logits[:, 3] - logits[:, 1] - logits[:, 2] - margin
+    )  # Σ high − Σ other = margin
+    logits = logits.astype(np.float32)
+    m = center_metrics(
+        labels, logits, published_order, ["cancer", "hsil"], resamples=0, screen_score="logit_sum_float32"
+    )
+    expected = published_auc(labels, logits)
+    assert m["binary"]["auc"] == pytest.approx(expected, abs=1e-12)
+    in_float64 = center_metrics(
+        labels, logits, published_order, ["cancer", "hsil"], resamples=0, screen_score="logit_sum"
+    )
+    assert in_float64["binary"]["auc"] > expected + 0.005  # the ties cost the published AUC points
+    scores = risk_scores(logits, np.array([True, False, False, True, False]), "logit_sum_float32")
+    assert (scores == 1.0).sum() > 20  # saturated, and so tied
+
+
+def test_the_float32_score_ignores_the_temperature() -> None:
+    from savlt.engine.calibration import delivered_logits, screen_scores
+
+    class Scaled:  # a calibration's temperature, the only part the scores read
+        temperature = 4.0
+
+    logits = np.array([[0, 0, 0, 20.0, 0], [0, 0, 0, 10.0, 0]], dtype=np.float32)
+    raw = screen_scores(Scaled(), logits, RISK, "logit_sum_float32")
+    assert np.array_equal(raw, risk_scores(logits, RISK, "logit_sum_float32"))
+    assert raw[0] == 1.0 and raw[1] < 1.0  # the published code has no temperature: 20 saturates
+    calibrated = screen_scores(Scaled(), logits, RISK, "probability")
+    assert np.array_equal(calibrated, risk_scores(delivered_logits(Scaled(), logits), RISK))
 
 
 # ------------------------------------------------------------------ training quirks
@@ -209,19 +313,139 @@ def test_roi_start_row_is_the_published_floor() -> None:
     assert boxes[0, 1].item() == pytest.approx(22 / 224) and not fallback[0]
 
 
+def published_patch_rows(y: int, height: int, grid: int) -> list[int]:
+    """The published ROI pooling's patch test, transcribed: the box (0.0, y / h, 1.0, 1.0) from its
+    ROI extractor, every patch compared exactly in Python floats; the rows of the kept patches."""
+    x_min, y_min, x_max, y_max = (0.0, y / height, 1.0, 1.0)
+    step = 1.0 / grid
+    rows = set()
+    for r in range(int(y_min / step), min(int(y_max / step) + 1, grid)):
+        for x in range(int(x_min / step), min(int(x_max / step) + 1, grid)):
+            if (
+                x_min <= x * step
+                and (x + 1) * step <= x_max
+                and y_min <= r * step
+                and (r + 1) * step <= y_max
+            ):
+                rows.add(r)
+    return sorted(rows)
+
+
 def test_patch_selection_differs_from_exact_float_comparison_at_four_heights() -> None:
     """The published code compares floats exactly; ours allows 1e-6 (docs/method.md, the reproduction table)."""
-    grid, step = 14, 1.0 / 14
+    grid = 14
     differ = []
     for y in range(224):
-        published = [r for r in range(grid) if y / 224 <= r * step and (r + 1) * step <= 1.0]
         box = torch.tensor([[0.0, y / 224, 1.0, 1.0]])
-        ours = sorted({i // grid for i in patches_in_boxes(box, grid)[0].nonzero().flatten().tolist()})
-        if published != ours:
-            differ.append((y, bool(published)))
+        keep, _ = patches_in_boxes(box, grid)
+        ours = sorted({i // grid for i in keep[0].nonzero().flatten().tolist()})
+        if published_patch_rows(y, 224, grid) != ours:
+            differ.append((y, bool(published_patch_rows(y, 224, grid))))
     # the edge patch row is dropped at three heights; from 208 on no whole patch is left, where
     # the published code stops with an error and ours pools over every patch
     assert differ == [(80, True), (144, True), (160, True), *((y, False) for y in range(208, 224))]
+
+
+@pytest.mark.parametrize(("height", "grid"), [(224, 14), (224, 7), (336, 24), (96, 6)])
+def test_the_published_patch_rule_is_the_exact_comparison(height: int, grid: int) -> None:
+    masks = torch.zeros(height, height, height, dtype=torch.uint8)
+    for y in range(height):  # mask y: tissue from row y down, so its ROI starts at y (or falls back)
+        masks[y, y:] = 1
+    boxes, no_row = roi_boxes(masks, 0.0)
+    keep, no_patch = patches_in_boxes(boxes, grid, "published", height)
+    for y in range(height):
+        published = published_patch_rows(y, height, grid)
+        rows = sorted({i // grid for i in keep[y].nonzero().flatten().tolist()})
+        assert rows == (published or list(range(grid))), y  # the published crash: the whole image
+        assert bool(no_patch[y]) == (not published), y
+    assert not no_row.any()
+
+
+def test_a_box_without_a_whole_patch_is_a_counted_fallback() -> None:
+    model = tiny_model("roi.patch_rule=published").eval()
+    masks = torch.zeros(3, 224, 224, dtype=torch.uint8)
+    masks[0, 40:], masks[1, 210:], masks[2, 144:] = 1, 1, 1
+    with torch.no_grad():
+        out = model(torch.randn(3, 3, 224, 224), masks)
+    assert out.fallback.tolist() == [False, True, False]
+    default = tiny_model().eval()
+    with torch.no_grad():
+        assert default(torch.randn(3, 3, 224, 224), masks).fallback.tolist() == [False, True, False]
+
+
+class Brightness(torch.nn.Module):
+    """A stand-in segmentation network: tissue where the input is brighter than a level."""
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels.mean(1, keepdim=True) + 0.6) * 25  # (B, 1, H, W) logits
+
+
+def published_boxes(network: torch.nn.Module, images: torch.Tensor) -> list:
+    """The published ROI extractor, transcribed: the network (sigmoid output) on the model's input
+    batch, > 0.5, then the first all-tissue row at or below int(0.1 · h) per mask (None: none)."""
+
+    def find_largest_foreground_bbox(mask, min_y_ratio=0.1):
+        h, w = mask.shape
+        min_y = int(h * min_y_ratio)
+        for y in range(min_y, h):
+            if np.all(mask[y, :] == 1):
+                return (0.0, y / h, 1.0, 1.0)
+        return None
+
+    with torch.no_grad():
+        masks = torch.sigmoid(network(images))
+        pred_masks = (masks.squeeze(1).cpu().numpy() > 0.5).astype(np.uint8)
+    return [find_largest_foreground_bbox(mask) for mask in pred_masks]
+
+
+def test_crop_timing_segments_each_model_input_as_published(synth_root: Path) -> None:
+    from functools import partial
+
+    from savlt.data.transforms import train_transform
+    from savlt.seg import SegmenterSpec, TissueSegmenter
+
+    segmenter = TissueSegmenter(Brightness(), SegmenterSpec("unet", "resnet18", (64, 64)), device="cpu")
+    model = tiny_model("data.normalize=imagenet").eval()
+    model.input_masks = partial(segmenter.masks_of_inputs, stats=NORMALIZATION["imagenet"])
+    records = scan_dataset(synth_root, load_config().class_map(), ["huaxi"]).center("huaxi").records
+    transform = train_transform(224, (0.75, 1.0), True, NORMALIZATION["imagenet"])
+    pixels = []
+    for seed, record in enumerate(records):
+        transform.set_random_seed(seed)
+        pixels.append(transform(image=np.array(Image.open(record.path).convert("RGB")))["image"])
+    batch = torch.stack(pixels)
+    with torch.no_grad():
+        out = model(
+            batch, torch.ones(len(records), 224, 224, dtype=torch.uint8)
+        )  # the masks handed in are unused
+    expected = published_boxes(Brightness(), batch)
+    assert any(box is not None and box[1] > 0.15 for box in expected) and any(box is None for box in expected)
+    for box, ours, fallback in zip(expected, out.boxes.tolist(), out.fallback.tolist(), strict=True):
+        assert fallback == (box is None)  # the published code crashes there; here the whole image
+        assert ours == (pytest.approx([0.0, 0.0, 1.0, 1.0]) if box is None else pytest.approx(box, abs=1e-7))
+
+
+def test_crop_timing_trains_evaluates_and_predicts_with_a_saved_segmenter(
+    synth_root: Path, tmp_path: Path, one_thread
+) -> None:
+    from savlt.engine.loaded import load_run
+    from savlt.seg import SegmenterSpec, TissueSegmenter, save_segmenter
+
+    torch.manual_seed(0)
+    save_segmenter(
+        TissueSegmenter(build_model("unet", "resnet18"), SegmenterSpec("unet", "resnet18", (64, 64))),
+        tmp_path / "seg",
+    )
+    cfg = fast_config(
+        synth_root, f"roi.segmenter={tmp_path / 'seg'}", "roi.mask_timing=crop", "data.test_centers=[]"
+    )
+    metrics = train(cfg, tmp_path / "run", progress=False)
+    assert metrics["structure_prior"]["mask_timing"] == "crop" and metrics["centers"]["mixed"]["n"] == 15
+    run = load_run(tmp_path / "run")
+    assert run.model.input_masks is not None and run.evaluate(progress=False)["centers"] == metrics["centers"]
+    assert len(run.predict([np.full((80, 90, 3), 90, np.uint8)])) == 1
+    with pytest.raises(SavltError, match="roi.mask_timing=crop runs the segmenter on each model input"):
+        load_config(overrides=["roi.mask_timing=crop"])
 
 
 # ------------------------------------------------------------------ published artefacts
@@ -324,6 +548,61 @@ def test_the_segmenter_learns_from_the_training_center_only_and_runs_record_it(
     )
     assert files["structure_prior"]["annotated_masks_at_test_time"] == ["mixed", "xiangya"]
     assert "annotated tissue masks were used at test time" in (tmp_path / "files" / "report.md").read_text()
+
+
+# The published prompt file's "prompt B" (keys are the published class folders).
+PROMPT_B = {
+    "mild_inflammation": "A scan of inflamed cervical tissue showing a textured surface layer, and deeper layers "
+    "with a clear dividing line leading into the stroma.",
+    "cyst": "A cervical tissue scan shows a clearly textured surface layer. In the middle or lower part of the "
+    "image, a distinct dark elliptical or curved region is visible, which is characteristic of a cyst.",
+    "ectropion": "A cervical tissue scan featuring distinct clusters of protruding structures, representing the "
+    "hallmark appearance of columnar epithelium eversion.",
+    "high-grade_squamous_intraepithelial_lesion": "The image features alternating light and dark vertical "
+    "streaks resembling icy peak formations, indicating significant structural disruption.",
+    "cancer": "The image contains irregular structures and potential clusters resembling cancer nests, with "
+    "significant disruption in the normal tissue architecture.",
+}
+
+
+def test_the_biomedclip_profile_is_the_published_variant(
+    synth_root: Path, tmp_path: Path, one_thread
+) -> None:
+    overrides = [*FAST, "roi.mask_source=classical", "data.test_centers=[]"]
+    values = {"data.root": synth_root, "data.cache_dir": tmp_path / "cache"}
+    reference = load_config(CONFIGS / "paper_reference.yaml", overrides, values)
+    cfg = load_config(
+        CONFIGS / "paper_reference_biomedclip.yaml", [*overrides, "model.backbone=tiny-openclip"], values
+    )
+    assert {c.name: c.description for c in cfg.data.classes} == PROMPT_B
+    assert cfg.method_spec.roi_masking == "every_block" and cfg.model.inference_scale is None
+    assert not cfg.train.double_adapter_update
+    differ = {
+        key
+        for section in ("model", "peft", "roi", "data", "train", "eval")
+        for key, value in vars(getattr(reference, section)).items()
+        if getattr(getattr(cfg, section), key) != value
+    }  # every other setting is the reference profile's
+    assert differ == {"backbone", "roi_masking", "inference_scale", "classes", "double_adapter_update"}
+    metrics = train(cfg, tmp_path / "run", progress=False)
+    assert metrics["complete"] and metrics["centers"]["mixed"]["n"] == 15
+
+
+def test_predictions_at_the_learned_logit_scale() -> None:
+    from savlt.models.savlt import model_from_config
+
+    pixels, masks = torch.randn(2, 3, 224, 224), torch.ones(2, 224, 224, dtype=torch.uint8)
+    logits = {}
+    for scale in ("null", "100"):
+        backbone = build_random()
+        with torch.no_grad():
+            backbone.logit_scale.fill_(math.log(30.0))
+        torch.manual_seed(0)
+        model = model_from_config(load_config(overrides=[f"model.inference_scale={scale}"]), backbone).eval()
+        assert model.inference_scale == pytest.approx(30.0 if scale == "null" else 100.0)
+        with torch.no_grad():
+            logits[scale] = model.logits(model(pixels, masks))
+    assert torch.allclose(logits["null"] * 100 / 30, logits["100"], atol=1e-4)
 
 
 def test_the_reference_profile_trains_end_to_end(synth_root: Path, tmp_path: Path, one_thread) -> None:

@@ -46,7 +46,9 @@ def test_patches_inside_a_box_are_the_whole_ones() -> None:
     boxes = torch.tensor(
         [[0.0, 0.0, 1.0, 1.0], [0.0, 0.5, 1.0, 1.0], [0.0, 0.51, 1.0, 1.0], [0.0, 0.99, 1.0, 1.0]]
     )
-    keep = patches_in_boxes(boxes, grid=4).reshape(4, 4, 4)
+    keep, empty = patches_in_boxes(boxes, grid=4)
+    keep = keep.reshape(4, 4, 4)
+    assert empty.tolist() == [False, False, False, True]
     assert keep[0].all()
     assert keep[1, 2:].all() and not keep[1, :2].any()  # rows 2 and 3 lie wholly below y = 0.5
     assert keep[2, 3].all() and not keep[2, :3].any()  # row 2 starts at 0.5 < 0.51: not whole
@@ -61,7 +63,7 @@ def test_batched_pooling_equals_the_naive_loop() -> None:
         pool.queries.normal_(0, 1.0)
     tokens = torch.randn(5, 16, 32)
     boxes = torch.tensor([[0, y, 1, 1] for y in (0.0, 0.25, 0.5, 0.75, 0.9)], dtype=torch.float32)
-    keep = patches_in_boxes(boxes, grid=4)
+    keep, _ = patches_in_boxes(boxes, grid=4)
     fast, weights = pool(tokens, keep)
     assert torch.allclose(fast, roi_pool_reference(pool, tokens, keep), atol=1e-5)
     assert torch.allclose(weights.sum(-1), torch.ones(5, 4))

@@ -16,7 +16,7 @@ from savlt.config import add_config_arguments, config_from_args
 from savlt.errors import SavltError
 from savlt.io import NO_SPACE, PlainTextFormatter, no_space_message, plain_json, plain_text
 from savlt.methods import METHODS
-from savlt.processes import stop_signals
+from savlt.processes import refuse_in_a_starting_worker, stop_signals
 
 # ------------------------------------------------------------------------------ commands
 
@@ -480,6 +480,7 @@ def console_handler(level: int, rank: str) -> logging.Handler:
 
 
 def main(argv: list[str] | None = None) -> int:
+    refuse_in_a_starting_worker()  # a worker importing an unguarded script: one line, before anything runs
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, handlers=[console_handler(level, os.environ.get("RANK", "0"))])
@@ -506,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"savlt: error: {plain_text(no_space_message(where))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("savlt: interrupted", file=sys.stderr)
+        sys.stderr.write("savlt: interrupted\n")  # one write: a line of its own beside other processes'
         return 130
 
 

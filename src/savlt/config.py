@@ -179,12 +179,31 @@ class RoiConfig:
     top_fraction: float = setting(
         0.1, help="the ROI starts at the first all-tissue row at or below this fraction of the height"
     )
+    mask_timing: Literal["scan", "crop"] = setting(
+        "scan",
+        help="when the tissue mask is made: once per scan, then cropped and flipped with it (scan), or by the "
+        "segmenter on each model input, the normalised and augmented crop, in training and evaluation (crop: "
+        "the published code's way; needs the segmenter mask source)",
+    )
+    patch_rule: Literal["savlt", "published"] = setting(
+        "savlt",
+        help="a patch is in the ROI when wholly inside its box, compared with a 1e-6 tolerance (savlt) or "
+        "exactly in float64 as the published code does (published: drops the patch row on the box edge at "
+        "a few heights); a box without a whole patch uses the whole image, counted as a fallback",
+    )
 
     def __post_init__(self) -> None:
         _need(0 <= self.top_fraction < 1, "roi.top_fraction must lie in [0, 1)")
         _need(
             self.mask_source != "segmenter" or self.segmenter is not None,
             "roi.mask_source=segmenter needs roi.segmenter (a segmenter checkpoint folder, e.g. --segmenter seg/fold0)",
+        )
+        _need(
+            self.mask_timing == "scan"
+            or (self.mask_source in ("segmenter", "auto") and self.segmenter is not None),
+            f"roi.mask_timing=crop runs the segmenter on each model input, but roi.mask_source={self.mask_source} "
+            f"{'has no segmenter' if self.mask_source in ('segmenter', 'auto') else 'is not the segmenter'}: give "
+            "one with --segmenter DIR (and roi.mask_source segmenter or auto), or set roi.mask_timing=scan",
         )
 
 
@@ -249,7 +268,11 @@ class ModelConfig:
     alpha: float = setting(
         0.5, help="weight of the prototype branch: 0 = text anchors only, 1 = prototypes only"
     )
-    inference_scale: float = setting(100.0, help="logit scale of the cosine similarities at inference")
+    inference_scale: float | None = setting(
+        100.0,
+        help="logit scale of the cosine similarities at inference; null = the backbone's learned logit scale "
+        "(what the published BiomedCLIP variant evaluates with)",
+    )
     allow_download: bool = setting(
         False,
         help="weights are read offline; only with this set may a missing checkpoint be fetched",
@@ -331,11 +354,18 @@ class EvalConfig:
         "always get Wilson intervals",
     )
     ci_level: float = setting(0.95, help="level of every confidence interval")
-    auc_score: Literal["probability", "logit_sum"] = setting(
+    auc_score: Literal["probability", "logit_sum", "logit_sum_float32"] = setting(
         "probability",
         help="score of the high-risk screen's AUC: probability = the probability mass on the high-risk "
         "classes (as float64 log-odds, so confident scans do not tie); logit_sum = the published "
-        "sigmoid(Σ high-risk logits − Σ other logits)",
+        "sigmoid(Σ high-risk logits − Σ other logits), ranked in float64; logit_sum_float32 = the published "
+        "score exactly, a float32 softmax of the model's logits that ties confident scans at 1.0",
+    )
+    transform: Literal["deterministic", "train"] = setting(
+        "deterministic",
+        help="the evaluation's input: a deterministic resize, or the random training crop and flip seeded per "
+        "scan (train: what the published code evaluates with; repeatable, but each scan sees a random crop); "
+        "savlt predict and the service always use the resize",
     )
     unassessable: Literal["exclude", "include"] = setting(
         "exclude",
@@ -445,7 +475,9 @@ class PromptsConfig:
         help="what follows the context in each prompt: the class name (underscores as spaces, as CoOp) or the "
         "class description of data.classes",
     )
-    kgcoop_weight: float = setting(8.0, help="KgCoOp's λ on 1 − mean cos(learnt, hand-written class features)")
+    kgcoop_weight: float = setting(
+        8.0, help="KgCoOp's λ on 1 − mean cos(learnt, hand-written class features)"
+    )
     sccm_weight: float = setting(1.0, help="BiomedCoOp's weight of the MSE to the ensemble's mean features")
     kdsp_weight: float = setting(1.0, help="BiomedCoOp's weight of the KL to the ensemble's zero-shot logits")
     tau: float = setting(1.5, help="BiomedCoOp's outlier threshold on the prompts' standardised scores")
@@ -455,7 +487,9 @@ class PromptsConfig:
         "(the same number per class); null = the cervical-OCT ensemble shipped with SAVLT "
         "(configs/prompt_ensemble_oct.yaml)",
     )
-    cocoop_batch: int = setting(1, help="CoCoOp's batch size (published: 1; its per-image prompts are batched)")
+    cocoop_batch: int = setting(
+        1, help="CoCoOp's batch size (published: 1; its per-image prompts are batched)"
+    )
 
     def __post_init__(self) -> None:
         _need(self.n_ctx is None or self.n_ctx >= 1, "prompts.n_ctx must be >= 1")
@@ -479,7 +513,9 @@ class PromptsConfig:
         for name in class_names:
             found = loaded.get(name)
             _need(
-                isinstance(found, list) and len(found) >= 2 and all(isinstance(t, str) and t.strip() for t in found),
+                isinstance(found, list)
+                and len(found) >= 2
+                and all(isinstance(t, str) and t.strip() for t in found),
                 f"{what} has no list of at least two descriptions for class {name!r}; add one (the file names "
                 f"{', '.join(map(str, loaded)) or 'no class'})",
             )

@@ -264,7 +264,9 @@ def is_scratch(name: str) -> bool:
 def folder_entries(folder: str | Path) -> list[str]:
     """The names in `folder`, SAVLT's bookkeeping (manifest, lock, set-aside files) and scratch
     files left out."""
-    return sorted(p.name for p in Path(folder).iterdir() if p.name not in BOOKKEEPING and not is_scratch(p.name))
+    return sorted(
+        p.name for p in Path(folder).iterdir() if p.name not in BOOKKEEPING and not is_scratch(p.name)
+    )
 
 
 def shown_entries(folder: str | Path, shown: int = 6) -> str:
@@ -282,9 +284,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and isinstance(data.get("kind"), str) else None
 
 
-def write_manifest(
-    folder: str | Path, kind: str, files: Sequence[str] | None = None, **record: Any
-) -> None:
+def write_manifest(folder: str | Path, kind: str, files: Sequence[str] | None = None, **record: Any) -> None:
     """FOLDER's manifest: `kind`, the SAVLT version, `record` and, once the command has finished,
     the `files` it wrote (relative POSIX paths)."""
     data: dict[str, Any] = {"kind": kind, "savlt": savlt_version(), **record}

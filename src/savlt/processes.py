@@ -36,7 +36,9 @@ if TYPE_CHECKING:  # imported where used: the CLI imports this module and starts
 # Seconds a stopped process gets to end by itself before it is killed.
 GRACE = 10.0
 # What stops a command: Ctrl-C, `kill`, a closed terminal (there is no SIGHUP on Windows).
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
 _PR_SET_PDEATHSIG = 1
 _preload: set[str] = set()
 

@@ -93,7 +93,9 @@ class CheckReport:
         else:
             parts.append(f"{len(self.problems)} problem(s):")
             parts += [f"  [{p.kind}] {p.message}" for p in self.problems]
-        return "\n".join(map(plain_text, parts))  # file names that are not UTF-8: docs/data.md, "File names that are not UTF-8"
+        return "\n".join(
+            map(plain_text, parts)
+        )  # file names that are not UTF-8: docs/data.md, "File names that are not UTF-8"
 
 
 def check_dataset(

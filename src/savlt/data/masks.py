@@ -99,21 +99,28 @@ def compute_masks(
 
 class TissueMasks:
     """A run's mask source (``roi.mask_source`` resolved: files, classical or segmenter), holding
-    the segmenter, when there is one, for the whole run."""
+    the segmenter, when there is one, for the whole run. `per_input` (``roi.mask_timing=crop``):
+    the model segments each of its inputs itself, so no scan gets a mask here (None, or masks of
+    ones that the model replaces)."""
 
-    def __init__(self, kind: str, segmenter: MaskPredictor | None = None) -> None:
+    def __init__(self, kind: str, segmenter: MaskPredictor | None = None, per_input: bool = False) -> None:
         if kind == "segmenter" and segmenter is None:
             raise ValueError("the segmenter mask source needs a loaded segmenter")
         self.kind = kind
         self.segmenter = segmenter
+        self.per_input = per_input
 
     def masks_for(
         self, records: Iterable[ImageRecord], store: MaskStore | None = None, progress: bool = True
-    ) -> MaskStore:
+    ) -> MaskStore | None:
+        if self.per_input:
+            return None
         return compute_masks(records, self.kind, self.segmenter, store=store, progress=progress)
 
     def masks_for_images(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Masks of loose images (prediction): mask files do not exist there, so the classical mask stands in."""
+        if self.per_input:
+            return [np.ones(image.shape[:2], dtype=bool) for image in images]
         if self.segmenter is not None:
             return self.segmenter.predict_masks(images)
         return [classical_tissue_mask(image) for image in images]

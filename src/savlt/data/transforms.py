@@ -1,7 +1,8 @@
 """Image + mask transforms (albumentations): the same geometry is applied to both.
 
 Training: RandomResizedCrop (bicubic for the image, nearest for the mask) + horizontal flip +
-normalisation. Evaluation: a deterministic resize + normalisation, never a random crop.
+normalisation. Evaluation: a deterministic resize + normalisation (``eval.transform=train``
+evaluates with the training transform instead, seeded per scan, as the published code does).
 Normalisation uses the backbone's own statistics by default, or CLIP's or ImageNet's
 (``data.normalize``; ``savlt.normalization`` turns the setting into a mean and std).
 """

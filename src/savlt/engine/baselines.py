@@ -98,7 +98,7 @@ def support(job: FitJob, augmented: bool = True) -> Support:
         torch.tensor([index[r.label] for r in train], device=device),
         text,
         val,
-        job.cfg.model.inference_scale,
+        job.model.inference_scale,
     )
 
 

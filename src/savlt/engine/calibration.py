@@ -54,6 +54,7 @@ from savlt.engine.metrics import (
     probabilities,
     proportion_interval,
     referred,
+    risk_scores,
     scan_patients,
     screen_intervals,
     screen_metrics,
@@ -181,6 +182,17 @@ def delivered_logits(calibration: Calibration | None, logits: np.ndarray) -> np.
     `calibration`, the model's own without one (a run made before calibration existed)."""
     logits = np.asarray(logits, dtype=np.float64)
     return logits if calibration is None else logits / calibration.temperature
+
+
+def screen_scores(
+    calibration: Calibration | None, logits: np.ndarray, high_risk: np.ndarray, kind: str
+) -> np.ndarray:
+    """(N,) the score the high-risk AUC ranks (``eval.auc_score``): of the delivered logits, except
+    the published float32 score, which saturates and so depends on the scale: it is taken from the
+    model's own logits, as the published code (which has no temperature) takes it."""
+    return risk_scores(
+        logits if kind == "logit_sum_float32" else delivered_logits(calibration, logits), high_risk, kind
+    )
 
 
 def referrals(calibration: Calibration | None, probs: np.ndarray, high_risk: np.ndarray) -> np.ndarray:

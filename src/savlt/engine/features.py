@@ -3,7 +3,8 @@ method that keeps the backbone frozen (zero-shot, the linear probe and the featu
 of ``savlt.methods``), whatever its seed, shot count or protocol.
 
 A feature is the backbone's L2-normalised, projected CLS feature of one view of one scan. View 0 is
-the evaluation view (the deterministic resize); views 1..N are augmented training views (the
+the evaluation view (the deterministic resize, or the seeded training transform under
+``eval.transform=train``, cached under its own key); views 1..N are augmented training views (the
 training transform, seeded by the scan's path and the view number, so a view is the same in every
 run and process). Files live under the data cache (``data.cache_dir``, else ``<root>/.savlt``)::
 
@@ -68,7 +69,10 @@ class FeatureCache:
             "precision": accelerator.mixed_precision,
         }
         augmented = {**identity, "crop_scale": list(cfg.train.crop_scale), "hflip": cfg.train.hflip}
-        self.keys = {False: _digest(identity), True: _digest(augmented)}
+        evaluation = (
+            identity if cfg.eval.transform == "deterministic" else {**augmented, "eval_transform": "train"}
+        )
+        self.keys = {False: _digest(evaluation), True: _digest(augmented)}
         self.folder = folder / "features" if folder is not None else None
         self.memory: dict[tuple[str, int], dict[str, np.ndarray]] = {}
         self.computed = 0  # scans × views computed by this object (the rest came from the cache)

@@ -102,8 +102,9 @@ def run_inference(
     view: int = 0,
     features: FeatureSource | None = None,
 ) -> Inference:
-    """Score `records` at `view` (0: the evaluation view; 1, 2, …: seeded training views, see
-    ``view_seed``). A frozen model (``SavltModel.frozen_features``) given a feature source is scored
+    """Score `records` at `view` (0: the evaluation view, the deterministic resize, or with
+    ``eval.transform=train`` the training transform seeded by ``view_seed(record, 0)`` as the
+    published evaluation; 1, 2, …: seeded training views, see ``view_seed``). A frozen model (``SavltModel.frozen_features``) given a feature source is scored
     from its features, without a forward pass through the backbone."""
     records = list(records)
     if features is not None and model.frozen_features:
@@ -111,17 +112,18 @@ def run_inference(
     shards = np.array_split(np.arange(len(records)), accelerator.num_processes)
     mine = shards[accelerator.process_index].tolist()
     stats = normalization(cfg.data.normalize, model.clip_model.normalization)
+    augmented = view > 0 or cfg.eval.transform == "train"
     transform = (
-        eval_transform(cfg.data.image_size, stats)
-        if view == 0
-        else train_transform(cfg.data.image_size, cfg.train.crop_scale, cfg.train.hflip, stats)
+        train_transform(cfg.data.image_size, cfg.train.crop_scale, cfg.train.hflip, stats)
+        if augmented
+        else eval_transform(cfg.data.image_size, stats)
     )
     dataset = OCTDataset([records[i] for i in mine], cfg.class_names, transform, masks)
     was_training = model.training
     model.eval()
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("logits", "features", "boxes", "fallback")}
     show = progress and accelerator.is_main_process
-    order = {"shuffle": False} if view == 0 else {"sampler": _ViewSeeds(dataset.records, view)}
+    order = {"sampler": _ViewSeeds(dataset.records, view)} if augmented else {"shuffle": False}
     loader = loader_for(dataset, cfg, cfg.eval.batch_size, accelerator.device, **order)
     for pixels, mask, _, _ in tqdm(loader, desc=desc, unit="batch", disable=not show, leave=False):
         pixels = pixels.to(accelerator.device, non_blocking=True)

@@ -112,7 +112,7 @@ class Run:
         self.model.eval()
         # None: a run made before calibration existed; a calibrated run's missing file is an error
         self.calibration = load_calibration(self.paths.calibration, calibration_required(self.paths))
-        self.masks = tissue_masks(self.cfg, self.accelerator.device)
+        self.masks = tissue_masks(self.cfg, self.model)
         stats = normalization(self.cfg.data.normalize, self.model.clip_model.normalization)
         self.transform = eval_transform(self.cfg.data.image_size, stats)
         self.thresholds = Thresholds.of(self.cfg)

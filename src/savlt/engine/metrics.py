@@ -4,7 +4,8 @@
 Binary high-risk screen (positive classes chosen by name): a scan screens positive when its
 predicted class is high-risk; the AUC ranks scans by ``risk_scores``: the probability mass on the
 high-risk classes (as float64 log-odds, so that confident scans do not tie at 1.0) or, as the
-published code, Σ high-risk logits − Σ other logits (``eval.auc_score``).
+published code, Σ high-risk logits − Σ other logits (ranked in float64, or through the published
+float32 softmax that ties confident scans: ``eval.auc_score``).
 Sensitivity, specificity, PPV and NPV are None when their denominator is empty, AUC when only
 one binary class is present.
 
@@ -69,11 +70,22 @@ def risk_scores(logits: np.ndarray, high_risk: np.ndarray, kind: str = "probabil
 
     "probability": log p(high-risk) − log p(other), which orders scans exactly as the probability
     mass on the high-risk classes does but does not saturate at 1.0; "logit_sum": Σ high-risk
-    logits − Σ other logits, the published score before its sigmoid (same ranking, same AUC).
+    logits − Σ other logits, the published score before its sigmoid (same ranking, same AUC);
+    "logit_sum_float32": the published score itself, PyTorch's float32 softmax over [Σ other
+    logits, Σ high-risk logits], which saturates at 1.0 (and ties) once the sums differ by more
+    than about 16.6.
     """
     z = np.asarray(logits, dtype=np.float64)
     if not high_risk.any() or high_risk.all():  # no binary screen: every score is the same
         return np.zeros(len(z))
+    if kind == "logit_sum_float32":
+        import torch  # the published score is torch's float32 softmax: computed by it, it rounds alike
+
+        z32 = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
+        sums = torch.stack(
+            [z32[:, torch.from_numpy(~high_risk)].sum(1), z32[:, torch.from_numpy(high_risk)].sum(1)], 1
+        )
+        return torch.softmax(sums, dim=1)[:, 1].double().numpy()
     if kind == "logit_sum":
         return z[:, high_risk].sum(axis=1) - z[:, ~high_risk].sum(axis=1)
     return logsumexp(z[:, high_risk], axis=1) - logsumexp(z[:, ~high_risk], axis=1)
@@ -342,19 +354,21 @@ def center_metrics(
     seed: int = 0,
     screen_score: str = "probability",
     groups: Sequence[str] | np.ndarray | None = None,
+    score: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Every metric of one center from its class logits (N, C), in the metrics.json layout
     (fractions in [0, 1]), with intervals (``metric_intervals``) that take the patients into
     account when `groups` (a patient id per scan) puts some scans together. The logits are those
     whose softmax is delivered (calibrated ones, logits / T, for a calibrated run), so every metric
-    can be recomputed from the delivered probabilities."""
+    can be recomputed from the delivered probabilities; the AUC ranks `score` when given (see
+    ``savlt.engine.calibration.screen_scores``), else ``risk_scores`` of them."""
     labels = np.asarray(labels, dtype=np.int64)
     if len(labels) == 0:
         raise ValueError("no predictions to score")
     probs = probabilities(logits)
     n_classes = len(class_names)
     risk = high_risk_mask(class_names, high_risk)
-    score = risk_scores(logits, risk, screen_score)
+    score = risk_scores(logits, risk, screen_score) if score is None else score
     confusion = np.bincount(labels * n_classes + probs.argmax(1), minlength=n_classes**2).reshape(
         n_classes, n_classes
     )

@@ -52,7 +52,7 @@ def prompt_loss(model, cfg) -> Callable[[torch.Tensor, torch.Tensor], torch.Tens
         raise TypeError(f"method {cfg.method} needs the prompt head")
     if head.prompts.meta_net is not None:
         return lambda features, labels: F.cross_entropy(model.logits_of(features), labels)
-    scale = cfg.model.inference_scale
+    scale = model.inference_scale
     extra = {"kgcoop": _kgcoop_term, "biomedcoop": _biomedcoop_term}.get(cfg.method_spec.fit)
     term = extra(model, cfg) if extra is not None else None
 
@@ -166,7 +166,7 @@ def _biomedcoop_term(model, cfg) -> Extra:
     flat = [text for name in cfg.class_names for text in texts[name]]
     with torch.no_grad():
         ensemble = model.encode_texts(flat).view(len(texts), -1, model.clip_model.embed_dim)
-    scale, p = cfg.model.inference_scale, cfg.prompts
+    scale, p = model.inference_scale, cfg.prompts
 
     def term(features: torch.Tensor, learnt: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         sccm, kdsp = biomedcoop_terms(features, learnt, logits, ensemble, scale, p.tau)

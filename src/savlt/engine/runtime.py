@@ -11,6 +11,7 @@ import os
 import random
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,6 +29,7 @@ from savlt.io import PlainTextFormatter
 from savlt.models.backbone import load_backbone
 from savlt.models.savlt import SavltModel, model_from_config
 from savlt.models.vision_language import VisionLanguage
+from savlt.normalization import normalization
 from savlt.processes import refuse_in_a_starting_worker
 
 log = logging.getLogger("savlt")
@@ -165,9 +167,11 @@ def build_model(
     return model_from_config(cfg, backbone).to(device), backbone.source
 
 
-def tissue_masks(cfg: Config, device: torch.device) -> TissueMasks:
+def tissue_masks(cfg: Config, model: SavltModel) -> TissueMasks:
     """The run's mask source: ``roi.mask_source``, where ``auto`` is the segmenter when one is
-    given and the classical mask otherwise; a segmenter is loaded once, here."""
+    given and the classical mask otherwise; a segmenter is loaded once, here, on `model`'s device.
+    With ``roi.mask_timing=crop`` `model` segments each of its inputs with it (as the published
+    code does) instead of taking each scan's mask cropped with the scan."""
     kind = cfg.roi.mask_source
     if kind == "auto":
         kind = "segmenter" if cfg.roi.segmenter else "classical"
@@ -175,4 +179,9 @@ def tissue_masks(cfg: Config, device: torch.device) -> TissueMasks:
         return TissueMasks(kind)
     from savlt.seg import load_segmenter  # the segmenter stack is imported only when used
 
-    return TissueMasks(kind, load_segmenter(cfg.roi.segmenter, device=str(device)))
+    segmenter = load_segmenter(cfg.roi.segmenter, device=str(next(model.parameters()).device))
+    per_input = cfg.roi.mask_timing == "crop"
+    if per_input:
+        stats = normalization(cfg.data.normalize, model.clip_model.normalization)
+        model.input_masks = partial(segmenter.masks_of_inputs, stats=stats)
+    return TissueMasks(kind, segmenter, per_input)

@@ -25,6 +25,7 @@ from savlt.engine.calibration import (
     decision_blocks,
     delivered_logits,
     referrals,
+    screen_scores,
 )
 from savlt.engine.inference import FeatureSource, Inference, run_inference
 from savlt.engine.inputs import RunInputs
@@ -33,7 +34,6 @@ from savlt.engine.metrics import (
     high_risk_mask,
     probabilities,
     reliability_bins,
-    risk_scores,
 )
 from savlt.engine.runfolder import RunPaths
 from savlt.io import write_csv, write_json
@@ -49,6 +49,7 @@ def structure_prior(cfg: Config, masks: TissueMasks, centers: Sequence[str]) -> 
     test time (``roi.mask_source=files``), is recorded, never silent."""
     record: dict[str, Any] = {"mask_source": masks.kind}
     if masks.kind == "segmenter":
+        record["mask_timing"] = cfg.roi.mask_timing
         trained = getattr(getattr(masks.segmenter, "spec", None), "trained", {}) or {}
         seen = trained.get("centers")
         record["segmenter"] = str(cfg.roi.segmenter)
@@ -119,6 +120,7 @@ def score_sets(
         "centers": {},
     }
     results: dict[str, Inference] = {}
+    risk_classes = high_risk_mask(cfg.class_names, cfg.data.high_risk)
     for center, records in sets.items():
         if not records:
             log.warning("center %s has no test images: skipped", center)
@@ -156,8 +158,8 @@ def score_sets(
             resamples=cfg.eval.bootstrap,
             level=cfg.eval.ci_level,
             seed=cfg.train.seed,
-            screen_score=cfg.eval.auc_score,
             groups=groups,
+            score=screen_scores(calibration, result.logits, risk_classes, cfg.eval.auc_score),
         )
         source = patient_sources.get(center)
         scored.update(
@@ -202,7 +204,7 @@ def write_predictions(
     probs = probabilities(delivered)
     refer = referrals(calibration, probs, risk)
     sets = None if calibration is None else calibration.prediction_sets(result.logits)
-    score = risk_scores(delivered, risk, cfg.eval.auc_score)
+    score = screen_scores(calibration, result.logits, risk, cfg.eval.auc_score)
     flagged = unassessable or {}
     extra = list(dict.fromkeys(key for record in result.records for key, _ in record.metadata))
     header = [
@@ -281,7 +283,7 @@ def write_run_report(
     scores = {
         c: (
             risk[r.labels],
-            risk_scores(delivered_logits(calibration, r.logits), risk, cfg.eval.auc_score),
+            screen_scores(calibration, r.logits, risk, cfg.eval.auc_score),
         )
         for c, r in results.items()
     }

@@ -147,7 +147,7 @@ def _train(
             f"{total:,}",
             100 * trainable / total,
         )
-        masks = tissue_masks(cfg, accelerator.device)
+        masks = tissue_masks(cfg, model)
         features = (
             FeatureCache(model, cfg, accelerator, cache_folder(cfg.data.root, cfg.data.cache_dir))
             if model.frozen_features

@@ -4,9 +4,10 @@ ROI rule (the published code's): the ROI is the horizontal band from the first r
 int(top_fraction · H) whose pixels are all tissue, down to the bottom, i.e. the box (0, y/H, 1, 1)
 in normalised x0, y0, x1, y1. When no row qualifies the ROI is the whole image (the published code
 crashes there). A patch is in the ROI when it lies wholly inside the box, compared with a 1e-6
-tolerance; the published code compares floats exactly and so drops the patch row that starts
-exactly on the box edge at a few heights (at 224 pixels: y = 80, 144 and 160; from y = 208 on it
-finds no patch and stops with an error, where this falls back to every patch).
+tolerance (``roi.patch_rule=savlt``); the published code compares float64 values exactly and so
+drops the patch row that starts exactly on the box edge at a few heights (at 224 pixels: y = 80,
+144 and 160; from y = 208 on it finds no patch and stops with an error): ``published`` reproduces
+that comparison. Either way a box without a whole patch falls back to every patch, and is flagged.
 Everything here works on whole batches; there is no loop over samples or rows.
 """
 
@@ -33,16 +34,31 @@ def roi_boxes(masks: torch.Tensor, top_fraction: float = 0.1) -> tuple[torch.Ten
     return boxes, ~found
 
 
-def patches_in_boxes(boxes: torch.Tensor, grid: int) -> torch.Tensor:
-    """(B, grid*grid) bool: patches lying wholly inside each box, row-major like ViT tokens.
+def patches_in_boxes(
+    boxes: torch.Tensor, grid: int, rule: str = "savlt", height: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, grid*grid) bool: patches lying wholly inside each box, row-major like ViT tokens, and
+    (B,) bool: the box holds no whole patch, so every patch is kept (a whole-image fallback).
 
-    A box that holds no whole patch falls back to all patches.
+    rule "savlt" compares with a 1e-6 tolerance; "published" compares as the published code does,
+    exactly, in float64, the box's top y0 = row / height (the row recovered from the float32 box of
+    a `height`-pixel mask) with patch edges r · (1 / grid) and (r + 1) · (1 / grid).
     """
-    eps = 1e-6
-    edges = torch.arange(grid, device=boxes.device, dtype=torch.float32) / grid  # (g,) patch starts
-    x0, y0, x1, y1 = (boxes[:, i, None] for i in range(4))  # each (B, 1)
-    cols = (edges >= x0 - eps) & (edges + 1 / grid <= x1 + eps)  # (B, g)
-    rows = (edges >= y0 - eps) & (edges + 1 / grid <= y1 + eps)  # (B, g)
+    if rule == "published":
+        step = 1.0 / grid
+        index = torch.arange(grid, device=boxes.device, dtype=torch.float64)
+        starts, ends = index * step, (index + 1) * step  # (g,) as the published loop computes them
+        exact = boxes.double()
+        exact[:, 1] = torch.round(exact[:, 1] * height) / height
+        x0, y0, x1, y1 = (exact[:, i, None] for i in range(4))  # each (B, 1)
+        cols = (x0 <= starts) & (ends <= x1)  # (B, g)
+        rows = (y0 <= starts) & (ends <= y1)  # (B, g)
+    else:
+        eps = 1e-6
+        edges = torch.arange(grid, device=boxes.device, dtype=torch.float32) / grid  # (g,) patch starts
+        x0, y0, x1, y1 = (boxes[:, i, None] for i in range(4))  # each (B, 1)
+        cols = (edges >= x0 - eps) & (edges + 1 / grid <= x1 + eps)  # (B, g)
+        rows = (edges >= y0 - eps) & (edges + 1 / grid <= y1 + eps)  # (B, g)
     inside = (rows[:, :, None] & cols[:, None, :]).flatten(1)  # (B, g*g)
-    empty = ~inside.any(dim=1, keepdim=True)
-    return inside | empty
+    empty = ~inside.any(dim=1)
+    return inside | empty[:, None], empty

@@ -13,7 +13,7 @@ open_clip). Every method of ``savlt.methods`` is this model with its switches se
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +37,9 @@ class Output:
     scores: Scores  # the head's named (B, C) score sets, e.g. {"text": …, "proto": …}
     attention: torch.Tensor | None  # (B, H, N) pooling weights over the patch grid
     boxes: torch.Tensor  # (B, 4) ROI boxes, normalised x0, y0, x1, y1
-    fallback: torch.Tensor  # (B,) bool: no all-tissue row, the whole image was used
+    fallback: (
+        torch.Tensor
+    )  # (B,) bool: no all-tissue row, or no whole patch in the ROI: the whole image was used
 
 
 class SavltModel(nn.Module):
@@ -46,12 +48,13 @@ class SavltModel(nn.Module):
     backbone: a ``VisionLanguage`` (it carries its tokenizer); class_texts: one description per class, in label order;
     pooling: roi | attn | cls; alpha: prototype weight of the alignment head; heads: attention
     heads of the pooling; head: a key of ``HEADS``; top_fraction: where the ROI band may start;
+    patch_rule: which patches are inside the ROI (``patches_in_boxes``);
     token_layernorm: pool patch tokens after (true) or before (false, as published) the vision
     tower's final LayerNorm; pool_init: identity | reference (see ``RoiAttentionPool``);
     roi_masking: pool (the ROI acts in the pooling only) | every_block | isolated (see
     ``VisionLanguage.vision_tokens``); adapters: the peft set-up, or None to keep the whole backbone
     frozen (total_steps is the schedule length AdaLoRA needs); inference_scale: the logit scale at
-    prediction; adapter_ratio: CLIP-Adapter's residual ratio; prompts: the learnt prompts of a
+    prediction (None: the backbone's learned one); adapter_ratio: CLIP-Adapter's residual ratio; prompts: the learnt prompts of a
     prompt-learning head.
     """
 
@@ -65,12 +68,13 @@ class SavltModel(nn.Module):
         heads: int = 4,
         head: Head = "alignment",
         top_fraction: float = 0.1,
+        patch_rule: str = "savlt",
         token_layernorm: bool = True,
         pool_init: str = "identity",
         roi_masking: RoiMasking = "pool",
         adapters: PeftConfig | None = None,
         total_steps: int = 1,
-        inference_scale: float = 100.0,
+        inference_scale: float | None = 100.0,
         adapter_ratio: float = 0.2,
         prompts: PromptSpec | None = None,
     ) -> None:
@@ -78,6 +82,7 @@ class SavltModel(nn.Module):
         self.pooling = pooling
         self.roi_masking = roi_masking
         self.top_fraction = top_fraction
+        self.patch_rule = patch_rule
         self.token_layernorm = token_layernorm
         self.grid = backbone.patch_grid
         backbone.requires_grad_(False)
@@ -85,6 +90,9 @@ class SavltModel(nn.Module):
         self.clip: nn.Module = backbone if adapters is None else add_adapters(backbone, adapters, total_steps)
 
         self.pool = RoiAttentionPool(backbone.width, heads, pool_init) if pooling in ("roi", "attn") else None
+        if inference_scale is None:  # the backbone's learned scale (frozen, so fixed for the run)
+            inference_scale = float(backbone.logit_scale.detach().exp())
+        self.inference_scale = inference_scale
         self.head = HEADS[head].build(
             HeadShape(len(class_texts), backbone.embed_dim, alpha, inference_scale, adapter_ratio, prompts),
             backbone,
@@ -96,6 +104,9 @@ class SavltModel(nn.Module):
         with torch.no_grad():
             self.register_buffer("text_cache", self.compute_text_features(), persistent=False)  # (C, E)
         self._eval_text: torch.Tensor | None = None
+        # roi.mask_timing=crop: the tissue masks of each input batch (B, 3, S, S) -> (B, S, S), made
+        # by the run's segmenter instead of the masks handed in (not part of the model's state)
+        self.input_masks: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ backbone access
     @property
@@ -147,17 +158,23 @@ class SavltModel(nn.Module):
 
     # ------------------------------------------------------------------ image side
     def forward(self, pixels: torch.Tensor, masks: torch.Tensor | None = None) -> Output:
-        """pixels (B, 3, S, S) normalised; masks (B, S, S) tissue masks (needed for ROI pooling)."""
+        """pixels (B, 3, S, S) normalised; masks (B, S, S) tissue masks (needed for ROI pooling,
+        unless the model segments its inputs itself: ``input_masks``)."""
         clip = self.clip_model
         batch = pixels.shape[0]
         boxes = pixels.new_tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float32).expand(batch, 4)
         fallback = torch.zeros(batch, dtype=torch.bool, device=pixels.device)
         keep = None
         if self.uses_masks:
+            if self.input_masks is not None:
+                masks = self.input_masks(pixels)
             if masks is None:
                 raise ValueError("ROI pooling and ROI masking need tissue masks")
-            boxes, fallback = roi_boxes(masks, self.top_fraction)
-            keep = patches_in_boxes(boxes, self.grid)  # (B, N)
+            boxes, no_row = roi_boxes(masks, self.top_fraction)
+            keep, no_patch = patches_in_boxes(
+                boxes, self.grid, self.patch_rule, masks.shape[1]
+            )  # (B, N), (B,)
+            fallback = no_row | no_patch
         inside = None if self.roi_masking == "pool" else keep
         tokens = clip.vision_tokens(pixels, inside, isolate=self.roi_masking == "isolated")  # (B, 1+N, D)
         attention = None
@@ -218,6 +235,7 @@ def model_from_config(cfg: Config, backbone: VisionLanguage) -> SavltModel:
         heads=cfg.model.heads,
         head=method.head,
         top_fraction=cfg.roi.top_fraction,
+        patch_rule=cfg.roi.patch_rule,
         token_layernorm=cfg.model.token_layernorm,
         pool_init=cfg.model.pool_init,
         roi_masking=cfg.model.roi_masking,

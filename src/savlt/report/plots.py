@@ -107,7 +107,12 @@ def reliability_png(before: Bins, after: Bins, title: str, path: Path) -> None:
             left[filled], accuracy[filled], width, align="edge", color=colour, alpha=0.75, edgecolor="white"
         )
         ax.hlines(
-            confidence[filled], left[filled], left[filled] + width, color="black", lw=1.5, label="mean confidence"
+            confidence[filled],
+            left[filled],
+            left[filled] + width,
+            color="black",
+            lw=1.5,
+            label="mean confidence",
         )
         for x, acc, n in zip(left[filled], accuracy[filled], counts[filled], strict=True):
             ax.text(x + width / 2, min(acc, 0.93) + 0.015, str(int(n)), ha="center", va="bottom", fontsize=7)

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from savlt.config import SegConfig
 from savlt.errors import SavltError
 from savlt.io import OutputError, atomic_path, state_mismatch, write_json
-from savlt.normalization import NORMALIZATION
+from savlt.normalization import NORMALIZATION, Stats
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,20 @@ class TissueSegmenter:
                     )
                     out.append(full[0, 0].float().cpu().numpy())  # (H, W)
         return out
+
+    def masks_of_inputs(self, pixels: torch.Tensor, stats: Stats) -> torch.Tensor:
+        """(B, H, W) bool tissue masks of model inputs `pixels` (B, 3, H, W), normalised with
+        `stats`, at their own size, as the published code's ROI extractor makes them: the network
+        runs on the inputs as they are (re-normalised first only when `stats` are not its own) and
+        a pixel is tissue when its sigmoid probability exceeds the threshold."""
+        batch = pixels.float()
+        if (tuple(stats[0]), tuple(stats[1])) != (tuple(self.spec.mean), tuple(self.spec.std)):
+            mean, std = (torch.tensor(part, device=pixels.device).view(1, 3, 1, 1) for part in stats)
+            batch = normalise(batch * std + mean, self.spec)
+        self.model.eval()
+        with torch.no_grad():
+            probs = torch.sigmoid(self.model(batch.to(self.device)))  # (B, 1, H, W)
+        return (probs[:, 0] > self.spec.threshold).to(pixels.device)
 
     def predict_masks(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Bool H×W tissue masks, one per input image, each of that image's own size."""

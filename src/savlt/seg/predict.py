@@ -75,7 +75,11 @@ def _written_before(out: Path) -> dict[str, str]:
         files = json.loads((out / RECORD_FILE).read_text(encoding="utf-8")).get("files")
     except (OSError, ValueError, AttributeError):
         return {}
-    return {name_from_text(k): v for k, v in files.items() if isinstance(v, str)} if isinstance(files, dict) else {}
+    return (
+        {name_from_text(k): v for k, v in files.items() if isinstance(v, str)}
+        if isinstance(files, dict)
+        else {}
+    )
 
 
 def _is_ours(path: Path, out: Path, written: dict[str, str]) -> bool:

@@ -392,7 +392,9 @@ def train_segmenter(
             )
             results.append(result)
             histories.append(history)
-        summary = TrainSummary(out, results, images=n, skipped=total - n, seconds=time.perf_counter() - started)
+        summary = TrainSummary(
+            out, results, images=n, skipped=total - n, seconds=time.perf_counter() - started
+        )
         write_json(out / "summary.json", summary.to_json())
         plot_curves(histories, out / "curves.png")
         _write_report(cfg, summary, list(scan.centers))

@@ -206,8 +206,9 @@ class Service:
                 except NoSpaceError as exc:
                     log.error("%s", exc)
                     raise ApiError(
-                        507, f"the upload {upload.name} cannot be kept (--keep-uploads): no space left on the "
-                        "server's disk; nothing was diagnosed"
+                        507,
+                        f"the upload {upload.name} cannot be kept (--keep-uploads): no space left on the "
+                        "server's disk; nothing was diagnosed",
                     ) from None
         prepared = []
         for position, scan in enumerate(scans):

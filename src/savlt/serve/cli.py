@@ -128,7 +128,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
     )
-    p.add_argument("--port", type=_port, default=8000, help="port, 0 to 65535 (default 8000; 0: any free port)")
+    p.add_argument(
+        "--port", type=_port, default=8000, help="port, 0 to 65535 (default 8000; 0: any free port)"
+    )
     p.add_argument(
         "--device",
         choices=["cpu", "cuda"],

@@ -139,7 +139,9 @@ class _Collector:
             raise ApiError(400, f"unexpected form field {name!r}: send the scans in the field {FIELD!r}")
         raw_name = options.get(b"filename", b"").decode("utf-8", "surrogateescape")
         name = PurePosixPath(raw_name.replace("\\", "/")).name
-        part.name = plain_text(name) if name else f"upload-{len(self.parts)}"  # a name as `savlt predict` writes it
+        part.name = (
+            plain_text(name) if name else f"upload-{len(self.parts)}"
+        )  # a name as `savlt predict` writes it
         if len(self.parts) > self.limits.max_files:
             raise ApiError(
                 413,

@@ -204,10 +204,14 @@ def generate_dataset(
             for center in centers:
                 rows = []
                 for class_index in range(len(DEFAULT_CLASSES)):
-                    for patient, indices in enumerate(np.array_split(np.arange(per_class), patients_per_class)):
+                    for patient, indices in enumerate(
+                        np.array_split(np.arange(per_class), patients_per_class)
+                    ):
                         as_volume = _is_volume(patient, volume_fraction)
                         scans = indices.tolist()
-                        rows += _write_patient(out, seed, center, class_index, patient, scans, size, as_volume)
+                        rows += _write_patient(
+                            out, seed, center, class_index, patient, scans, size, as_volume
+                        )
                         patients, volumes = patients + 1, volumes + as_volume
                         bar.update(len(scans))
                 write_csv(out / center / "metadata.csv", METADATA_COLUMNS, rows)
