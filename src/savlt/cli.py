@@ -96,6 +96,23 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0 if report.clean else 1
 
 
+def cmd_fewshot_import(args: argparse.Namespace) -> int:
+    from savlt.data.discover import scan_data
+    from savlt.data.published import import_published_few_shot, save_few_shot
+
+    cfg = config_from_args(args, {"data.root": args.data, "data.train_center": args.center})
+    class_map = cfg.class_map()
+    scan = scan_data(cfg.data.root, class_map, [cfg.data.train_center])
+    few = import_published_few_shot(args.file, scan.center(cfg.data.train_center), class_map, args.seed)
+    save_few_shot(args.out, few, cfg.data.root)
+    print(
+        f"wrote {few.shots}-shot lists of center {few.center} ({len(few.train)} training, {len(few.val)} "
+        f"validation scans, protocol {few.protocol}) to {args.out}; train on them with "
+        f"--set data.fewshot_file={args.out} and the authors' split as data.split_file"
+    )
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
@@ -384,6 +401,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_config_arguments(p)
     p.set_defaults(func=cmd_data_check)
+    fewshot = sub.add_parser("fewshot", help="few-shot draws").add_subparsers(
+        dest="fewshot_command", required=True
+    )
+    p = fewshot.add_parser(
+        "import",
+        help="turn the published code's few-shot pickle (split_fewshot/shot_K-seed_S.pkl) into a few-shot "
+        "JSON for data.fewshot_file; nothing in the pickle is run",
+    )
+    p.add_argument("file", type=Path, help="the published few-shot pickle")
+    p.add_argument("--data", type=Path, help="data root holding the scans it lists (data.root)")
+    p.add_argument(
+        "--center", help="the training center it was drawn from (data.train_center, default mixed)"
+    )
+    p.add_argument(
+        "--seed", type=int, help="the draw's seed to record (default: from the name shot_K-seed_S.pkl)"
+    )
+    p.add_argument("--out", type=Path, required=True, help="the few-shot JSON to write")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_fewshot_import)
+
     p = sub.add_parser("train", help="train SAVLT (or a baseline) on K shots and evaluate every center")
     p.add_argument("--data", type=Path, help="data root (data.root)")
     p.add_argument("--shots", type=int, help="images per class (train.shots)")

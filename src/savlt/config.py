@@ -101,6 +101,18 @@ class DataConfig:
         help="seed of the few-shot draw; null = train.seed (every seed draws its own shots); the published "
         "code fixes one draw (42) for every training seed",
     )
+    fewshot_sampler: Literal["savlt", "published"] = setting(
+        "savlt",
+        help="how the shots are drawn: savlt = K per class spread over patients (numpy, seeded); published = "
+        "the published code's draw, per image (Dassl's generate_fewshot_dataset: Python's random seeded "
+        "with the draw seed, random.sample per class in the split's order, random.choices with repeats "
+        "for a class with fewer than K)",
+    )
+    fewshot_file: str | None = setting(
+        None,
+        help="a few-shot JSON to use instead of drawing one (savlt fewshot import's, or a run's "
+        "fewshot.json): drawn from the run's split, with K = train.shots; the draw settings are then unused",
+    )
     num_workers: int = setting(
         2,
         help="data-loader worker processes (a scan's augmentation is seeded by the sampler, so the numbers "
@@ -665,6 +677,11 @@ class Config:
         _need(
             self.data.shot_imbalance is None or self.protocol == "realistic",
             "data.shot_imbalance applies to protocol=realistic only (the other protocols draw K per class)",
+        )
+        _need(
+            self.data.fewshot_sampler == "savlt" or self.protocol != "realistic",
+            "data.fewshot_sampler=published draws K scans per class: use protocol standard or coop, or "
+            "data.fewshot_sampler=savlt",
         )
         _need(
             self.model.roi_masking == "pool" or self.model.pooling != "attn",

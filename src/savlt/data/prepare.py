@@ -7,7 +7,12 @@ gets its own copy too, so a run never depends on the cache.
 With ``split_by="patient"`` (the default) a split never puts one patient in two parts: one read from
 a file (the user's, or a cached one made before the patients were known) that does is refused,
 naming the patient; with ``"image"`` it is accepted with a warning. When patients group scans, the
-cache names end in ``_patients``, so a split by image is never taken for one by patient.
+cache names end in ``_patients``, so a split by image is never taken for one by patient; a draw of
+the published sampler ends in ``_published``, so the two samplers' draws are never mixed either.
+
+A given few-shot file (``data.fewshot_file``: ``savlt fewshot import``'s, or a run's
+``fewshot.json``) replaces the draw; it must have been drawn from this split (its training and
+validation scans in the split's train and val parts), with K = ``train.shots`` and the run's protocol.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 from savlt.data.discover import CenterData, DataError
 from savlt.data.splits import (
     ACCEPT,
+    PARTS,
     FewShot,
     Split,
     check_patients,
@@ -30,6 +36,7 @@ from savlt.data.splits import (
     ratio_split,
     record_patients,
     sample_few_shot,
+    sample_published,
 )
 from savlt.io import OutputError, writable_folder, write_json
 
@@ -103,6 +110,35 @@ def resolve_split(
     return split
 
 
+def given_few_shot(file: str | Path, split: Split, center: CenterData, shots: int, protocol: str) -> FewShot:
+    """The few-shot file `file` (``data.fewshot_file``), checked against the run: K, the protocol,
+    and every scan in the part of `split` it is drawn from (a training shot in the test part would
+    be scored as unseen)."""
+    few = load_few_shot(Path(file), center)
+    if few.shots != shots:
+        raise DataError(
+            f"few-shot file {file} holds a {few.shots}-shot draw but train.shots is {shots}: "
+            f"run with --shots {few.shots}"
+        )
+    if few.protocol != protocol:
+        raise DataError(
+            f"few-shot file {file} was drawn for protocol {few.protocol} but the run's protocol is "
+            f"{protocol}: set protocol={few.protocol}"
+        )
+    for part, rels in (("train", few.train), ("val", few.val)):
+        allowed = set(split.part(part))
+        outside = [rel for rel in rels if rel not in allowed]
+        if outside:
+            found = next((p for p in PARTS if outside[0] in split.part(p)), None)
+            where = f"in the split's {found!r} part" if found else "in no part of the split"
+            raise DataError(
+                f"few-shot file {file}: {outside[0]} in {part!r} is {where} ({split.source}), "
+                f"not in its {part!r} part ({len(set(outside))} such scan(s)): give the split it was "
+                "drawn from as data.split_file"
+            )
+    return few
+
+
 def resolve_few_shot(
     split: Split,
     center: CenterData,
@@ -112,12 +148,18 @@ def resolve_few_shot(
     split_by: str = "patient",
     protocol: str = "standard",
     imbalance: float | None = None,
+    sampler: str = "savlt",
+    fewshot_file: str | Path | None = None,
 ) -> FewShot:
-    """The seeded K-shot draw of `protocol` from `split` (spread over patients unless
-    ``split_by="image"``), read from the cache when it was drawn before."""
+    """The given few-shot file (`fewshot_file`, checked by ``given_few_shot``), else the seeded
+    K-shot draw of `protocol` from `split` by `sampler` (``savlt``: spread over patients unless
+    ``split_by="image"``; ``published``: ``sample_published``), read from the cache when it was
+    drawn before."""
+    if fewshot_file:
+        return given_few_shot(fewshot_file, split, center, shots, protocol)
     drawn = (
         "" if protocol == "standard" else f"_{protocol}" + ("" if imbalance is None else f"_r{imbalance:g}")
-    )
+    ) + ("" if sampler == "savlt" else f"_{sampler}")
     name = (
         f"fewshot_{center.name}_{_digest(split)}_k{shots}_seed{seed}{drawn}{_suffix(center, split_by)}.json"
     )
@@ -127,7 +169,11 @@ def resolve_few_shot(
             return load_few_shot(cached, center)
         except DataError as exc:  # the draw is a function of the split and the seed: draw it again
             log.warning("%s; drawing it again", exc)
-    few = sample_few_shot(split, center, shots, seed, split_by == "patient", protocol, imbalance)
+    few = (
+        sample_published(split, center, shots, seed, protocol)
+        if sampler == "published"
+        else sample_few_shot(split, center, shots, seed, split_by == "patient", protocol, imbalance)
+    )
     if cached is not None:
         write_json(cached, few.to_json())
     return few

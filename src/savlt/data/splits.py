@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -90,9 +91,11 @@ class FewShot:
     train: list[str]  # may repeat a path when a class has fewer than `shots` images
     val: list[str]
     protocol: str = "standard"  # a key of PROTOCOLS
+    # Where the lists came from when not SAVLT's own draw (the published sampler, an imported file).
+    source: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "center": self.center,
             "shots": self.shots,
             "seed": self.seed,
@@ -100,6 +103,7 @@ class FewShot:
             "train": self.train,
             "val": self.val,
         }
+        return data if self.source is None else {**data, "source": self.source}
 
 
 def _by_class(records: list[ImageRecord]) -> dict[str, list[str]]:
@@ -355,6 +359,42 @@ def sample_few_shot(
     return FewShot(center.name, shots, seed, train, val, protocol)
 
 
+def sample_published(
+    split: Split, center: CenterData, shots: int, seed: int, protocol: str = "standard"
+) -> FewShot:
+    """The published code's draw (Dassl's ``generate_fewshot_dataset``), per image: Python's
+    ``random`` seeded with `seed`; the split's training scans in the split's order, grouped by class
+    in the order the classes first appear; per class ``sample(scans, K)``, or ``choices(scans, k=K)``
+    (repeats) when the class has fewer than K; then the validation scans the same way with
+    min(K, the protocol's cap), from the same random state. A balanced protocol only (checked by
+    the configuration)."""
+    rng = random.Random(seed)
+    records = center.by_rel()
+
+    def draw(rels: list[str], k: int, part: str) -> list[str]:
+        groups: dict[str, list[str]] = defaultdict(list)
+        for rel in rels:
+            groups[records[rel].label].append(rel)
+        drawn: list[str] = []
+        for label, scans in groups.items():
+            if len(scans) < k:
+                log.warning(
+                    "class %s of center %s has %d %s images, fewer than %d: drawing with repeats",
+                    label,
+                    center.name,
+                    len(scans),
+                    part,
+                    k,
+                )
+            drawn += rng.sample(scans, k) if len(scans) >= k else rng.choices(scans, k=k)
+        return drawn
+
+    train = draw(split.train, shots, "training")
+    val = draw(split.val, min(shots, PROTOCOLS[protocol].val_cap), "validation")
+    source = f"published sampler (Dassl's generate_fewshot_dataset, Python's random) seed {seed}"
+    return FewShot(center.name, shots, seed, train, val, protocol, source)
+
+
 def _imbalanced_counts(
     rng: np.random.Generator, sizes: dict[str, int], shots: int, imbalance: float | None
 ) -> dict[str, int]:
@@ -388,6 +428,7 @@ def load_few_shot(file: Path, center: CenterData) -> FewShot:
         entries = {p: list(data[p]) for p in ("train", "val")}
         shots, seed = int(data["shots"]), int(data["seed"])
         protocol = str(data.get("protocol", "standard"))  # files written before protocols existed
+        source = data.get("source")
     except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not a few-shot list
         raise DataError(f"few-shot file {file} is corrupt ({type(exc).__name__}: {exc})") from None
     known = center.by_rel()
@@ -396,4 +437,6 @@ def load_few_shot(file: Path, center: CenterData) -> FewShot:
         raise DataError(
             f"few-shot file {file} names protocol {protocol!r}, not one of {', '.join(PROTOCOLS)}"
         )
-    return FewShot(center.name, shots, seed, lists["train"], lists["val"], protocol)
+    if source is not None and not isinstance(source, str):
+        raise DataError(f"few-shot file {file}: 'source' must be a text, not {source!r}")
+    return FewShot(center.name, shots, seed, lists["train"], lists["val"], protocol, source)

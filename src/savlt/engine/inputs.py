@@ -144,6 +144,8 @@ def prepare_inputs(cfg: Config) -> RunInputs:
         data.split_by,
         cfg.protocol,
         data.shot_imbalance,
+        data.fewshot_sampler,
+        data.fewshot_file,
     )
     inputs = RunInputs(scan, split, few, tests, data.split_by, patients_across_parts(split, train_center))
     _log_patients(inputs)

@@ -73,6 +73,7 @@ PATH_KEYS = (
     "data.root",
     "data.cache_dir",
     "data.split_file",
+    "data.fewshot_file",
     "roi.segmenter",
     "model.weights",
     "pretrain.pairs",
