@@ -568,7 +568,7 @@ PROMPT_B = {
 def test_the_biomedclip_profile_is_the_published_variant(
     synth_root: Path, tmp_path: Path, one_thread
 ) -> None:
-    overrides = [*FAST, "roi.mask_source=classical", "data.test_centers=[]"]
+    overrides = [*FAST, "roi.mask_source=classical", "roi.mask_timing=scan", "data.test_centers=[]"]
     values = {"data.root": synth_root, "data.cache_dir": tmp_path / "cache"}
     reference = load_config(CONFIGS / "paper_reference.yaml", overrides, values)
     cfg = load_config(
@@ -606,12 +606,18 @@ def test_predictions_at_the_learned_logit_scale() -> None:
 
 
 def test_the_reference_profile_trains_end_to_end(synth_root: Path, tmp_path: Path, one_thread) -> None:
+    from savlt.seg import SegmenterSpec, TissueSegmenter, save_segmenter
+
+    torch.manual_seed(0)
+    network = build_model("unet", "resnet18")
+    save_segmenter(TissueSegmenter(network, SegmenterSpec("unet", "resnet18", (64, 64))), tmp_path / "seg")
     cfg = load_config(
         CONFIGS / "paper_reference.yaml",
-        [*FAST, "roi.mask_source=classical", "data.test_centers=[]"],
-        {"data.root": synth_root, "data.cache_dir": tmp_path / "cache"},
+        [*FAST, "data.test_centers=[]"],
+        {"data.root": synth_root, "data.cache_dir": tmp_path / "cache", "roi.segmenter": tmp_path / "seg"},
     )
     metrics = train(cfg, tmp_path / "run", progress=False)
     assert metrics["complete"] and metrics["centers"]["mixed"]["n"] == 15
+    assert metrics["structure_prior"]["mask_timing"] == "crop"
     few = json.loads((tmp_path / "run" / "fewshot.json").read_text())
     assert few["seed"] == 42
