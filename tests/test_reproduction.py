@@ -425,29 +425,6 @@ def test_crop_timing_segments_each_model_input_as_published(synth_root: Path) ->
         assert ours == (pytest.approx([0.0, 0.0, 1.0, 1.0]) if box is None else pytest.approx(box, abs=1e-7))
 
 
-def test_crop_timing_trains_evaluates_and_predicts_with_a_saved_segmenter(
-    synth_root: Path, tmp_path: Path, one_thread
-) -> None:
-    from savlt.engine.loaded import load_run
-    from savlt.seg import SegmenterSpec, TissueSegmenter, save_segmenter
-
-    torch.manual_seed(0)
-    save_segmenter(
-        TissueSegmenter(build_model("unet", "resnet18"), SegmenterSpec("unet", "resnet18", (64, 64))),
-        tmp_path / "seg",
-    )
-    cfg = fast_config(
-        synth_root, f"roi.segmenter={tmp_path / 'seg'}", "roi.mask_timing=crop", "data.test_centers=[]"
-    )
-    metrics = train(cfg, tmp_path / "run", progress=False)
-    assert metrics["structure_prior"]["mask_timing"] == "crop" and metrics["centers"]["mixed"]["n"] == 15
-    run = load_run(tmp_path / "run")
-    assert run.model.input_masks is not None and run.evaluate(progress=False)["centers"] == metrics["centers"]
-    assert len(run.predict([np.full((80, 90, 3), 90, np.uint8)])) == 1
-    with pytest.raises(SavltError, match="roi.mask_timing=crop runs the segmenter on each model input"):
-        load_config(overrides=["roi.mask_timing=crop"])
-
-
 # ------------------------------------------------------------------ published artefacts
 
 
@@ -606,6 +583,7 @@ def test_predictions_at_the_learned_logit_scale() -> None:
 
 
 def test_the_reference_profile_trains_end_to_end(synth_root: Path, tmp_path: Path, one_thread) -> None:
+    from savlt.engine.loaded import load_run
     from savlt.seg import SegmenterSpec, TissueSegmenter, save_segmenter
 
     torch.manual_seed(0)
@@ -618,6 +596,11 @@ def test_the_reference_profile_trains_end_to_end(synth_root: Path, tmp_path: Pat
     )
     metrics = train(cfg, tmp_path / "run", progress=False)
     assert metrics["complete"] and metrics["centers"]["mixed"]["n"] == 15
-    assert metrics["structure_prior"]["mask_timing"] == "crop"
+    assert metrics["structure_prior"]["mask_timing"] == "crop"  # the segmenter on each model input
+    run = load_run(tmp_path / "run")
+    assert run.model.input_masks is not None and run.evaluate(progress=False)["centers"] == metrics["centers"]
+    assert len(run.predict([np.full((80, 90, 3), 90, np.uint8)])) == 1
+    with pytest.raises(SavltError, match="roi.mask_timing=crop runs the segmenter on each model input"):
+        load_config(overrides=["roi.mask_timing=crop"])
     few = json.loads((tmp_path / "run" / "fewshot.json").read_text())
     assert few["seed"] == 42
